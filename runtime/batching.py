@@ -1,0 +1,51 @@
+"""Pack one step's work into the padded arrays an executable takes (numpy only).
+
+A step is, per DP group, a list of chunks: some new tokens of one sequence starting at a position,
+with the pages that sequence owns. Prefill is a long chunk at position 0, decode a one-token chunk,
+chunked prefill a chunk in the middle. Padding tokens are marked by `num_tokens`; padding
+sequences point at page 0, which is never allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    tokens: tuple[int, ...]
+    start: int  # position of tokens[0] in its sequence
+    pages: tuple[int, ...]  # the sequence's pages, in order
+
+
+def pack(groups: list[list[Chunk]], tokens: int, seqs: int, pages_per_seq: int) -> dict[str, np.ndarray]:
+    """Arrays for one step. Logits row [g, j] belongs to groups[g][j]."""
+    dp = len(groups)
+    out = {
+        "tokens": np.zeros((dp, tokens), np.int32),
+        "positions": np.zeros((dp, tokens), np.int32),
+        "seq_index": np.zeros((dp, tokens), np.int32),
+        "num_tokens": np.zeros((dp,), np.int32),
+        "page_table": np.zeros((dp, seqs, pages_per_seq), np.int32),
+        "last_index": np.zeros((dp, seqs), np.int32),
+    }
+    for g, chunks in enumerate(groups):
+        if len(chunks) > seqs:
+            raise ValueError(f"group {g} has {len(chunks)} sequences, bucket holds {seqs}")
+        n = 0
+        for j, c in enumerate(chunks):
+            k = len(c.tokens)
+            if n + k > tokens:
+                raise ValueError(f"group {g} has more than {tokens} tokens, the bucket's limit")
+            if len(c.pages) > pages_per_seq:
+                raise ValueError(f"a sequence holds {len(c.pages)} pages, at most {pages_per_seq} fit")
+            out["tokens"][g, n:n + k] = c.tokens
+            out["positions"][g, n:n + k] = np.arange(c.start, c.start + k)
+            out["seq_index"][g, n:n + k] = j
+            out["page_table"][g, j, :len(c.pages)] = c.pages
+            out["last_index"][g, j] = n + k - 1
+            n += k
+        out["num_tokens"][g] = n
+    return out

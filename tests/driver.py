@@ -1,0 +1,87 @@
+"""Drive the dp_attention step directly (no artifact): prefill then decode through the paged cache.
+
+Used by the model tests to check the step against Hugging Face goldens and against itself under
+other meshes and padding modes.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from dp_attention import (Bucket, CacheShape, DpPaddingMode, HFCheckpoint, Layout, init_cache, jit_step,
+                          load_hf_config, make_mesh, place, random_reader, weight_specs)
+from dp_attention.config import PRESETS
+from runtime.batching import Chunk, pack
+
+CACHE = CacheShape(num_pages=24, page_size=8, pages_per_seq=8)
+
+
+def round_up(n, m):
+    return max(m, -(-n // m) * m)
+
+
+class StepDriver:
+    def __init__(self, model, mesh_shape, dtype="float32", cache=CACHE, dense_reference=False):
+        if model in PRESETS:
+            self.cfg = PRESETS[model]
+            read = random_reader(self.cfg, seed=0)
+        else:
+            self.cfg = load_hf_config(model)
+            ckpt = HFCheckpoint(model)
+            read = ckpt.read
+        self.shape, self.cache_shape, self.dtype = mesh_shape, cache, dtype
+        self.mesh = make_mesh(mesh_shape)
+        self.specs = weight_specs(self.cfg, mesh_shape)
+        if model not in PRESETS:
+            ckpt.check(self.specs)
+        self.weights = place(self.specs, read, self.mesh, dtype)
+        self.dense_reference = dense_reference
+        self.reset()
+        self._steps = {}
+
+    def reset(self):
+        layout = Layout.for_mesh(self.cfg, self.shape)
+        self.cache = init_cache(self.cfg, layout, self.mesh, self.cache_shape, jnp.dtype(self.dtype))
+        self.next_page = [1] * self.shape.dp
+
+    def alloc(self, group, n_pages):
+        first = self.next_page[group]
+        self.next_page[group] += n_pages
+        assert self.next_page[group] <= self.cache_shape.num_pages, "test cache too small"
+        return tuple(range(first, first + n_pages))
+
+    def step(self, groups, mode=DpPaddingMode.MAX_LEN, tokens=None, seqs=None, global_len=None):
+        counts = [sum(len(c.tokens) for c in g) for g in groups]
+        T = tokens or round_up(max(counts), 8)
+        S = seqs or round_up(max(len(g) for g in groups), 2)
+        if mode is DpPaddingMode.MAX_LEN:
+            G = self.shape.dp * T
+        else:
+            G = global_len or round_up(sum(counts), 8)
+        bucket = Bucket(mode, T, S, G)
+        if bucket not in self._steps:
+            self._steps[bucket] = jit_step(self.cfg, bucket, self.mesh, self.specs, self.dense_reference)
+        batch = pack(groups, T, S, self.cache_shape.pages_per_seq)
+        logits, self.cache = self._steps[bucket](self.weights, self.cache, batch)
+        logits = np.asarray(logits)
+        return [[logits[g, j] for j in range(len(chunks))] for g, chunks in enumerate(groups)]
+
+    def generate(self, prompts_by_group, new_tokens, mode=DpPaddingMode.MAX_LEN):
+        """Greedy: one prefill step for every prompt, then decode steps. Returns (first logits, tokens)."""
+        ps = self.cache_shape.page_size
+        need = max(len(p) for g in prompts_by_group for p in g) + new_tokens
+        pages = [[self.alloc(g, -(-need // ps)) for _ in prompts] for g, prompts in enumerate(prompts_by_group)]
+        groups = [[Chunk(tuple(p), 0, pages[g][j]) for j, p in enumerate(prompts)]
+                  for g, prompts in enumerate(prompts_by_group)]
+        first = self.step(groups, mode)
+        out = [[[int(np.argmax(l))] for l in g] for g in first]
+        lengths = [[len(p) for p in prompts] for prompts in prompts_by_group]
+        for _ in range(new_tokens - 1):
+            groups = [[Chunk((out[g][j][-1],), lengths[g][j] + len(out[g][j]) - 1, pages[g][j])
+                       for j in range(len(prompts))] for g, prompts in enumerate(prompts_by_group)]
+            logits = self.step(groups, mode)
+            for g, row in enumerate(logits):
+                for j, l in enumerate(row):
+                    out[g][j].append(int(np.argmax(l)))
+        return first, out
