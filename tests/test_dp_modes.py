@@ -1,0 +1,70 @@
+"""MAX_LEN, SUM_LEN and a 1x1 mesh agree on the same requests, spread unevenly, with idle groups."""
+
+import json
+
+import numpy as np
+import pytest
+
+from dp_attention import DpPaddingMode, MeshShape, select_padding_mode
+from driver import StepDriver
+from runtime.batching import Chunk
+
+
+@pytest.fixture(scope="module")
+def prompts(golden_dir):
+    return json.loads((golden_dir / "hf-tiny-a" / "golden.json").read_text())["prompts"]
+
+
+def run(driver, placement, prompts, mode, tokens, global_len=None):
+    """placement[g] lists prompt indices for group g. Returns logits by prompt index."""
+    driver.reset()
+    groups = []
+    for g, idx in enumerate(placement):
+        groups.append([Chunk(tuple(prompts[i]), 0, driver.alloc(g, 6)) for i in idx])
+    logits = driver.step(groups, mode, tokens=tokens, seqs=2, global_len=global_len)
+    return {i: logits[g][j] for g, idx in enumerate(placement) for j, i in enumerate(idx)}
+
+
+def test_modes_and_meshes_agree(golden_dir, prompts):
+    ckpt = str(golden_dir / "hf-tiny-a")
+    dp2 = StepDriver(ckpt, MeshShape(2, 4))
+    dp4 = StepDriver(ckpt, MeshShape(4, 2))
+    single = StepDriver(ckpt, MeshShape(1, 1))
+    # Group 1 of dp2 is idle; on dp4 two groups are idle.
+    # SUM_LEN buffer of 45 rows holds 5 + 40 exactly: group 0's write ends at the buffer's last row.
+    prompts_used = [1, 3]  # lengths 5 and 40
+    ref = run(single, [prompts_used], prompts, DpPaddingMode.MAX_LEN, tokens=48)
+    cases = [
+        (dp2, [prompts_used, []], DpPaddingMode.MAX_LEN, 48, None),
+        (dp2, [prompts_used, []], DpPaddingMode.SUM_LEN, 48, 45),
+        (dp2, [[1], [3]], DpPaddingMode.SUM_LEN, 40, 45),  # group 1's 40 rows end at row 45
+        (dp4, [[], [3], [], [1]], DpPaddingMode.MAX_LEN, 40, None),
+        (dp4, [[], [3], [], [1]], DpPaddingMode.SUM_LEN, 40, 45),  # last group ends the buffer
+    ]
+    for driver, placement, mode, tokens, global_len in cases:
+        got = run(driver, placement, prompts, mode, tokens, global_len)
+        for i in prompts_used:
+            np.testing.assert_allclose(got[i], ref[i], atol=1e-5, rtol=0,
+                                       err_msg=f"{driver.shape} {mode.name} {placement}")
+
+
+def test_all_groups_idle_but_one_decode(golden_dir, prompts):
+    """Decode after prefill with an idle group gives the same next logits on both modes."""
+    ckpt = str(golden_dir / "hf-tiny-b")
+    results = []
+    for mode in (DpPaddingMode.MAX_LEN, DpPaddingMode.SUM_LEN):
+        d = StepDriver(ckpt, MeshShape(2, 4))
+        _, out = d.generate([[], [prompts[2]]], new_tokens=4, mode=mode)
+        results.append(out[1][0])
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("sum_len,max_len,dp,expected", [
+    (64, 32, 2, DpPaddingMode.MAX_LEN),   # balanced: 128 > 64
+    (33, 32, 2, DpPaddingMode.MAX_LEN),   # 66 > 64
+    (32, 32, 2, DpPaddingMode.SUM_LEN),   # 64 == 64: all-reduce of sum is no worse
+    (40, 40, 4, DpPaddingMode.SUM_LEN),   # one busy group of four
+    (100, 30, 4, DpPaddingMode.MAX_LEN),
+])
+def test_selection_rule(sum_len, max_len, dp, expected):
+    assert select_padding_mode(sum_len, max_len, dp) is expected
