@@ -1,0 +1,86 @@
+"""Buckets: the one place that maps a batch to the executable that serves it.
+
+A bucket fixes every static shape of one executable: `tokens` per group (T), `seqs` per group (S),
+and `global_len`, the rows of the MoE exchange buffer (dp*T under MAX_LEN; under SUM_LEN a bucket of
+the summed token count). The build planner lists buckets from ladders with `plan`; the runtime
+picks among those that exist with `choose`. Both live here so they can't drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Sequence
+
+MAX_LEN, SUM_LEN = "max_len", "sum_len"
+MODES = (MAX_LEN, SUM_LEN)
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Bucket:
+    mode: str
+    tokens: int
+    seqs: int
+    global_len: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.mode}-t{self.tokens}-s{self.seqs}-g{self.global_len}"
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_json(d: dict) -> "Bucket":
+        return Bucket(str(d["mode"]), int(d["tokens"]), int(d["seqs"]), int(d["global_len"]))
+
+    def fits(self, token_counts: Sequence[int], seq_counts: Sequence[int]) -> bool:
+        if max(token_counts) > self.tokens or max(seq_counts) > self.seqs:
+            return False
+        return self.mode == MAX_LEN or sum(token_counts) <= self.global_len
+
+    def exchange_rows(self, dp: int) -> int:
+        """Rows moved by the MoE exchange, all-reduce counted twice: the padding rule's cost."""
+        return self.tokens * dp if self.mode == MAX_LEN else 2 * self.global_len
+
+
+def seqs_for(tokens: int, max_seqs: int) -> int:
+    """Sequences a bucket of `tokens` per group holds: as many as tokens (decode), capped."""
+    return min(tokens, max_seqs)
+
+
+def plan(dp: int, token_ladder: Iterable[int], max_seqs: int, modes: Iterable[str] = MODES,
+         sum_ladder: Iterable[int] | None = None) -> list[Bucket]:
+    """Every (mode, bucket) to build for one mesh.
+
+    MAX_LEN: one bucket per rung T. SUM_LEN: per rung T, one bucket per sum rung G with
+    T <= G < dp*T (a larger G is never chosen over MAX_LEN's dp*T rows, and a smaller one can't
+    hold a full group). With dp == 1 the two modes coincide, so only MAX_LEN is built.
+    """
+    tokens = sorted(set(int(t) for t in token_ladder))
+    if not tokens or tokens[0] < 1:
+        raise ValueError(f"token ladder {tokens} must hold positive sizes")
+    sums = sorted(set(int(g) for g in (sum_ladder if sum_ladder is not None else tokens)))
+    out = []
+    for t in tokens:
+        s = seqs_for(t, max_seqs)
+        if MAX_LEN in modes:
+            out.append(Bucket(MAX_LEN, t, s, dp * t))
+        if SUM_LEN in modes and dp > 1:
+            out += [Bucket(SUM_LEN, t, s, g) for g in sums if t <= g < dp * t]
+    return sorted(set(out), key=lambda b: (b.mode, b.tokens, b.global_len))
+
+
+def choose(token_counts: Sequence[int], seq_counts: Sequence[int], available: Iterable[Bucket],
+           dp: int, mode: str = "auto") -> Bucket | None:
+    """The cheapest available bucket that holds the batch, or None if none does.
+
+    `auto` applies the padding rule (MAX_LEN when sum*2 > max*dp) to padded sizes, i.e. it compares
+    the buckets that exist: the smallest MAX_LEN bucket against the smallest SUM_LEN bucket.
+    """
+    fitting = [b for b in available if b.fits(token_counts, seq_counts)]
+    if mode != "auto":
+        fitting = [b for b in fitting if b.mode == mode]
+    if not fitting:
+        return None
+    # Ties go to SUM_LEN: the rule picks MAX_LEN only when it is strictly cheaper.
+    return min(fitting, key=lambda b: (b.exchange_rows(dp), b.mode != SUM_LEN, b.tokens, b.seqs))
