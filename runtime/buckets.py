@@ -84,3 +84,48 @@ def choose(token_counts: Sequence[int], seq_counts: Sequence[int], available: It
         return None
     # Ties go to SUM_LEN: the rule picks MAX_LEN only when it is strictly cheaper.
     return min(fitting, key=lambda b: (b.exchange_rows(dp), b.mode != SUM_LEN, b.tokens, b.seqs))
+
+
+def ladder_from_trace(values: Sequence[int], max_rungs: int) -> list[int]:
+    """At most `max_rungs` sizes that minimise total padding over a recorded trace of sizes.
+
+    Optimal for the trace: dynamic programming over the distinct sizes, where a rung always sits
+    on an observed size (moving it up to the next observed size only adds padding).
+    """
+    vals = sorted(v for v in values if v > 0)
+    if not vals:
+        raise ValueError("trace holds no positive sizes")
+    uniq, counts = [], []
+    for v in vals:
+        if uniq and uniq[-1] == v:
+            counts[-1] += 1
+        else:
+            uniq.append(v)
+            counts.append(1)
+    m = len(uniq)
+    prefix_n, prefix_sum = [0], [0]
+    for u, c in zip(uniq, counts):
+        prefix_n.append(prefix_n[-1] + c)
+        prefix_sum.append(prefix_sum[-1] + u * c)
+
+    def waste(i, j):  # values uniq[i..j] all padded up to uniq[j]
+        return uniq[j] * (prefix_n[j + 1] - prefix_n[i]) - (prefix_sum[j + 1] - prefix_sum[i])
+
+    inf = float("inf")
+    k_max = max(1, min(max_rungs, m))
+    best = [[inf] * m for _ in range(k_max + 1)]  # best[k][j]: k rungs, the last on uniq[j], covering 0..j
+    back = [[-1] * m for _ in range(k_max + 1)]
+    for j in range(m):
+        best[1][j] = waste(0, j)
+    for k in range(2, k_max + 1):
+        for j in range(m):
+            for i in range(j):
+                c = best[k - 1][i] + waste(i + 1, j)
+                if c < best[k][j]:
+                    best[k][j], back[k][j] = c, i
+    k = min(range(1, k_max + 1), key=lambda k: best[k][m - 1])
+    rungs, j = [], m - 1
+    while j >= 0 and k >= 1:
+        rungs.append(uniq[j])
+        j, k = back[k][j], k - 1
+    return sorted(rungs)

@@ -1,0 +1,340 @@
+"""Build an artifact: weights, one jax.export file per (mesh, mode, bucket), probes, a manifest.
+
+The build happens in a temporary directory beside the output and is renamed into place only when
+complete, so an interrupted build never leaves a directory that loads. A build whose inputs (model,
+options, versions, this package's source) hash the same as the existing artifact's is a no-op.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.compilation_cache import compilation_cache
+from jax.sharding import NamedSharding
+from safetensors.numpy import save_file
+
+from dp_attention import (Bucket as StepBucket, CacheShape, DpPaddingMode, Layout, MeshShape, abstract_mesh,
+                          batch_shapes, cache_shapes, jit_step, make_mesh, placed_numpy, weight_specs)
+from dp_attention.model import BATCH_SPECS, CACHE_SPEC
+from runtime import engine as rt_engine
+from runtime import format as fmt
+from runtime.buckets import Bucket, plan
+
+from .probes import make_probe
+from .progress import Reporter
+from .source import ModelSource, open_model
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+COLLECTIVE = re.compile(r"= \S+ (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
+
+
+class BuildError(RuntimeError):
+    """The build produced something wrong (e.g. an executable that disagrees with the reference)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+    model: str = "qwen3-moe-tiny"
+    meshes: tuple[MeshShape, ...] = (MeshShape(2, 4),)
+    out: Path | None = None
+    platforms: tuple[str, ...] = ("cpu",)
+    dtype: str | None = None  # default: the checkpoint's
+    modes: tuple[str, ...] = ("max_len", "sum_len")
+    token_ladder: tuple[int, ...] = (4, 8, 16, 32, 64)
+    sum_ladder: tuple[int, ...] | None = None
+    max_seqs: int = 8
+    page_size: int = 8
+    max_context: int = 256
+    pages_per_group: int = 160  # including the reserved page 0
+    jobs: int = 2
+    fast_load: bool = True
+
+    def cache(self) -> CacheShape:
+        return CacheShape(self.pages_per_group, self.page_size, -(-self.max_context // self.page_size))
+
+
+def default_out(model_name: str) -> Path:
+    return Path("artifacts") / model_name
+
+
+# ------------------------------------------------------------------------------------ hashing
+
+def _source_fingerprint() -> str:
+    h = hashlib.sha256()
+    for pkg in ("dp_attention", "export", "runtime"):
+        for f in sorted((PACKAGE_ROOT / pkg).glob("*.py")):
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def inputs_hash(cfg: BuildConfig, source: ModelSource) -> str:
+    d = dataclasses.asdict(cfg)
+    d.pop("out"), d.pop("jobs")
+    d["meshes"] = [str(m) for m in cfg.meshes]
+    blob = json.dumps([d, source.config.to_json(), source.fingerprint, jax.__version__, jax.lib.__version__,
+                       _source_fingerprint()], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def up_to_date(out: Path, digest: str) -> bool:
+    try:
+        manifest = fmt.read_manifest(out)
+        if manifest.get("build", {}).get("inputs_hash") != digest:
+            return False
+        fmt.verify_all(out, manifest)
+        return True
+    except fmt.ArtifactError:
+        return False
+
+
+# ------------------------------------------------------------------------------------ pieces
+
+def _write_weights(tmp: Path, source: ModelSource, shape: MeshShape, written: dict, report) -> dict:
+    """Placed weights for one mesh; identical tensors across meshes are stored once."""
+    entries = {}
+    specs = weight_specs(source.config, shape)
+    for name, array in placed_numpy(specs, source.read, source.config.dtype):
+        digest = hashlib.sha256(array.tobytes() + str(array.shape).encode()).hexdigest()
+        rel = fmt.weight_path(name, digest)
+        if rel not in written:
+            save_file({"tensor": np.ascontiguousarray(array)}, tmp / rel)
+            written[rel] = True
+        entries[name] = {"file": rel, "shape": list(array.shape), "dtype": source.config.dtype,
+                         "spec": _spec_json(specs[name].spec)}
+        report.advance_weights()
+    return entries
+
+
+def _spec_json(spec) -> list:
+    return [list(a) if isinstance(a, tuple) else a for a in spec]
+
+
+def _step_bucket(b: Bucket) -> StepBucket:
+    return StepBucket(DpPaddingMode(b.mode), b.tokens, b.seqs, b.global_len)
+
+
+def _abstract_args(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShape):
+    specs = weight_specs(cfg, shape)
+    dtype = jnp.dtype(cfg.dtype)
+    ns = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
+    weights = {k: jax.ShapeDtypeStruct(s.shape, dtype, sharding=ns(s.spec)) for k, s in specs.items()}
+    layers = cache_shapes(cfg, Layout.for_mesh(cfg, shape), shape.dp, cache, dtype)
+    kv = [{k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=ns(CACHE_SPEC)) for k, v in l.items()} for l in layers]
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=ns(BATCH_SPECS[k]))
+             for k, v in batch_shapes(shape.dp, _step_bucket(bucket), cache).items()}
+    return specs, weights, kv, batch
+
+
+def export_one(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShape, platforms) -> bytes:
+    specs, weights, kv, batch = _abstract_args(cfg, shape, mesh, bucket, cache)
+    step = jit_step(cfg, _step_bucket(bucket), mesh, specs)
+    return bytes(jax.export.export(step, platforms=platforms)(weights, kv, batch).serialize())
+
+
+def _analysis(compiled) -> dict:
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, list) else cost
+    mem = compiled.memory_analysis()
+    out = {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+           "collectives": dict(collections.Counter(COLLECTIVE.findall(compiled.as_text())))}
+    if mem is not None:
+        out |= {"argument_bytes": int(mem.argument_size_in_bytes), "output_bytes": int(mem.output_size_in_bytes),
+                "temp_bytes": int(mem.temp_size_in_bytes), "code_bytes": int(mem.generated_code_size_in_bytes)}
+    return out
+
+
+def _reference_logits(source: ModelSource, shape: MeshShape, groups, cache: CacheShape, weights, mesh):
+    """The unbucketed step: exact-fit shapes, MAX_LEN, and the all-experts MoE path."""
+    from runtime.batching import pack
+
+    T = max(1, max(sum(len(c.tokens) for c in g) for g in groups))
+    S = max(1, max(len(g) for g in groups))
+    step = jit_step(source.config, StepBucket(DpPaddingMode.MAX_LEN, T, S, shape.dp * T), mesh,
+                    weight_specs(source.config, shape), dense_reference=True)
+    from dp_attention import init_cache
+    kv = init_cache(source.config, Layout.for_mesh(source.config, shape), mesh, cache, jnp.dtype(source.config.dtype))
+    logits, _ = step(weights, kv, pack(groups, T, S, cache.pages_per_seq))
+    return np.asarray(logits, np.float32)
+
+
+def tolerance(dtype: str) -> float:
+    return 2e-5 if dtype == "float32" else 5e-2
+
+
+# ------------------------------------------------------------------------------------ the build
+
+def build(cfg: BuildConfig, report: Reporter | None = None) -> Path:
+    report = report or Reporter(quiet=True)
+    source = open_model(cfg.model, cfg.dtype)
+    model = source.config
+    out = Path(cfg.out) if cfg.out else default_out(model.name)
+    cache = cfg.cache()
+    plans = {str(s): plan(s.dp, cfg.token_ladder, cfg.max_seqs, cfg.modes, cfg.sum_ladder) for s in cfg.meshes}
+    for s in cfg.meshes:
+        Layout.for_mesh(model, s)  # fail early on heads that don't fit the mesh
+    for b in (b for bs in plans.values() for b in bs):
+        if b.tokens > cache.pages_per_seq * cache.page_size * b.seqs:
+            raise BuildError(f"bucket {b.name} holds more tokens than its sequences can (max context {cfg.max_context})")
+    report.plan(model.name, out, plans, cfg.platforms)
+
+    digest = inputs_hash(cfg, source)
+    if up_to_date(out, digest):
+        report.up_to_date(out)
+        return out
+    if source.checkpoint is not None:
+        source.checkpoint.check(weight_specs(model, cfg.meshes[0]))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        manifest = _build_into(tmp, cfg, source, cache, plans, digest, report)
+        _finish(tmp, out, manifest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report.summary(out, manifest)
+    return out
+
+
+def _build_into(tmp: Path, cfg: BuildConfig, source: ModelSource, cache: CacheShape, plans, digest, report) -> dict:
+    model = source.config
+    for sub in ("weights", "exec", "probes"):
+        (tmp / sub).mkdir()
+    local = jax.devices()
+    local_platform = local[0].platform
+    manifest = {
+        "format_version": fmt.FORMAT_VERSION,
+        "model": model.to_json(),
+        "dtype": model.dtype,
+        "platforms": list(cfg.platforms),
+        "jax_version": jax.__version__,
+        "jaxlib_version": jax.lib.__version__,
+        "cache": dataclasses.asdict(cache),
+        "meshes": [],
+        "executables": [],
+        "fastload": {},
+        "files": {},
+        "build": {"inputs_hash": digest, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                  "token_ladder": list(cfg.token_ladder), "max_seqs": cfg.max_seqs},
+    }
+    written: dict = {}
+    report.start(sum(len(b) for b in plans.values()), sum(len(weight_specs(model, s)) for s in cfg.meshes))
+    for shape in cfg.meshes:
+        here = local_platform in cfg.platforms and shape.num_devices <= len(local)
+        mesh = make_mesh(shape) if here else abstract_mesh(shape)
+        entry = {"name": str(shape), "shape": [shape.dp, shape.tp], "devices": shape.num_devices,
+                 "compiled_here": here, "axes": ["data", "tensor"],
+                 "weights": _write_weights(tmp, source, shape, written, report),
+                 "cache_spec": _spec_json(CACHE_SPEC),
+                 "cache_shape": list(cache_shapes(model, Layout.for_mesh(model, shape), shape.dp, cache, jnp.float32)[0]["k"].shape),
+                 "batch_specs": {k: _spec_json(v) for k, v in BATCH_SPECS.items()},
+                 "logits_spec": ["data", None, None]}
+        manifest["meshes"].append(entry)
+        for bucket in plans[str(shape)]:
+            t0 = time.perf_counter()
+            rel = fmt.exec_path(str(shape), bucket.name)
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(export_one(model, shape, mesh, bucket, cache, cfg.platforms))
+            manifest["executables"].append({
+                "mesh": str(shape), "mode": bucket.mode, "bucket": bucket.to_json(), "file": rel,
+                "compiled_here": here, "export_seconds": round(time.perf_counter() - t0, 3),
+                "batch_shapes": {k: list(v.shape) for k, v in batch_shapes(shape.dp, _step_bucket(bucket), cache).items()},
+            })
+            report.exported(str(shape), bucket)
+    _checksum(tmp, manifest)
+    fmt.write_json_atomic(tmp / fmt.MANIFEST, manifest)
+    for shape in cfg.meshes:
+        if manifest["meshes"][cfg.meshes.index(shape)]["compiled_here"]:
+            _compile_and_verify(tmp, manifest, shape, source, cache, cfg, report)
+    _checksum(tmp, manifest)
+    return manifest
+
+
+def _checksum(tmp: Path, manifest: dict) -> None:
+    manifest["files"] = {}
+    for f in sorted(tmp.rglob("*")):
+        if f.is_file() and f.name != fmt.MANIFEST:
+            rel = f.relative_to(tmp).as_posix()
+            manifest["files"][rel] = fmt.sha256_file(f)
+    for e in manifest["executables"]:
+        e["sha256"] = manifest["files"][e["file"]]
+
+
+def _compile_and_verify(tmp: Path, manifest: dict, shape: MeshShape, source: ModelSource, cache: CacheShape,
+                        cfg: BuildConfig, report) -> None:
+    """Compile the serialized exports exactly as the runtime will (filling the fast-load cache),
+    run each on its probe, and check it against the unbucketed reference step."""
+    platform = jax.devices()[0].platform
+    fast_dir = tmp / "fastload" / platform
+    if cfg.fast_load:
+        fast_dir.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        compilation_cache.set_cache_dir(str(fast_dir))
+        compilation_cache.reset_cache()
+    try:
+        engine = rt_engine.Engine(tmp, manifest, manifest["meshes"][cfg.meshes.index(shape)], make_mesh(shape))
+        engine._load_weights()
+        engine.cache = engine._zero_cache()
+        for bucket in engine.buckets:
+            t0 = time.perf_counter()
+            engine.compiled[bucket] = compiled = engine.compile_one(bucket)
+            entry = engine.entries[bucket]
+            entry["compile_seconds"] = round(time.perf_counter() - t0, 3)
+            entry["cost"] = _analysis(compiled)
+            _probe(tmp, engine, bucket, entry, shape, source, cache)
+            report.compiled(str(shape), bucket, entry)
+    finally:
+        if cfg.fast_load:
+            jax.config.update("jax_compilation_cache_dir", None)
+            compilation_cache.reset_cache()
+    if cfg.fast_load:
+        files = sorted(f.relative_to(tmp).as_posix() for f in fast_dir.rglob("*") if f.is_file())
+        manifest["fastload"][platform] = {"jax_version": jax.__version__, "jaxlib_version": jax.lib.__version__,
+                                          "mesh": str(shape), "files": files}
+
+
+def _probe(tmp: Path, engine, bucket: Bucket, entry: dict, shape: MeshShape, source: ModelSource, cache: CacheShape):
+    model = source.config
+    groups, batch = make_probe(bucket, shape.dp, model.vocab_size, cache.page_size, cache.pages_per_seq)
+    got = engine.run(bucket, batch).astype(np.float32)
+    ref = _reference_logits(source, shape, groups, cache, engine.weights, engine.mesh)
+    real = [(g, j) for g, chunks in enumerate(groups) for j in range(len(chunks))]
+    worst = max(float(np.abs(got[g, j] - ref[g, j]).max()) for g, j in real)
+    if worst > tolerance(model.dtype):
+        raise BuildError(f"executable {entry['file']} disagrees with the reference step on its probe: "
+                         f"max |logit difference| {worst:.3g} > {tolerance(model.dtype):.0e}")
+    rel = fmt.probe_path(entry["mesh"], bucket.name)
+    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+    num_seqs = np.array([len(chunks) for chunks in groups], np.int32)
+    save_file({**{k: np.asarray(v) for k, v in batch.items()}, "num_seqs": num_seqs, "expected_logits": got},
+              tmp / rel)
+    entry["probe"] = rel
+    entry["probe_max_error"] = worst
+
+
+def _finish(tmp: Path, out: Path, manifest: dict) -> None:
+    """Write the manifest last, then swap the directory into place."""
+    fmt.write_json_atomic(tmp / fmt.MANIFEST, manifest)
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,72 @@
+"""`build` after argument parsing: turn flags into a BuildConfig, run, map errors to one line + exit 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+
+from dp_attention import ConfigError, MeshError, WeightError, parse_mesh
+from runtime.buckets import MODES, ladder_from_trace
+
+from .build import BuildConfig, BuildError, build
+from .progress import Reporter
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _ladders(args) -> dict:
+    if args.buckets:
+        try:
+            d = json.loads(Path(args.buckets).read_text())
+            out = {"token_ladder": tuple(int(t) for t in d["tokens"])}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"--buckets {args.buckets}: expected JSON with a 'tokens' list ({e})") from None
+        if "max_seqs" in d:
+            out["max_seqs"] = int(d["max_seqs"])
+        if "sums" in d:
+            out["sum_ladder"] = tuple(int(g) for g in d["sums"])
+        return out
+    if args.plan_from:
+        try:
+            steps = json.loads(Path(args.plan_from).read_text())["steps"]
+            tokens = [max(s) for s in steps]
+            sums = [sum(s) for s in steps]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"--plan-from {args.plan_from}: expected JSON {{'steps': [[tokens per group]]}} ({e})") from None
+        return {"token_ladder": tuple(ladder_from_trace(tokens, args.max_buckets)),
+                "sum_ladder": tuple(ladder_from_trace(sums, args.max_buckets))}
+    return {}
+
+
+def _config(args, meshes) -> BuildConfig:
+    shapes = tuple(parse_mesh(m) for m in meshes)
+    modes = tuple(m.strip() for m in args.padding_modes.split(",") if m.strip())
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise UsageError(f"--padding-modes {args.padding_modes!r}: expected a comma-separated subset of {','.join(MODES)}")
+    platforms = tuple(p.strip() for p in (args.platform or jax.default_backend()).split(",") if p.strip())
+    bad = [p for p in platforms if p not in ("cpu", "tpu", "cuda", "rocm")]
+    if bad or not platforms:
+        raise UsageError(f"--platform {args.platform!r}: expected a comma-separated subset of cpu,tpu,cuda,rocm")
+    for name in ("max_context", "page_size", "pages_per_group", "jobs"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    return BuildConfig(model=args.model, meshes=shapes, out=Path(args.out) if args.out else None,
+                       platforms=platforms, dtype=args.dtype, modes=modes, page_size=args.page_size,
+                       max_context=args.max_context, pages_per_group=args.pages_per_group, jobs=args.jobs,
+                       fast_load=not args.no_fast_load, **_ladders(args))
+
+
+def run_build(args, meshes) -> int:
+    try:
+        cfg = _config(args, meshes)
+        build(cfg, Reporter(quiet=args.quiet))
+    except (UsageError, MeshError, ConfigError, WeightError, BuildError) as e:
+        print(f"python -m export build: error: {e}", file=sys.stderr)
+        return 2
+    return 0

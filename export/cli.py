@@ -1,0 +1,69 @@
+"""Command line for `python -m export build|inspect`.
+
+Arguments are parsed before jax is imported: on a CPU machine the virtual device count must be set
+in XLA_FLAGS first, and it depends on the meshes asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+DEVICE_FLAG = "--xla_force_host_platform_device_count"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear line, exit code 2
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m export", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    b = sub.add_parser("build", help="build an artifact")
+    b.add_argument("--mesh", action="append", default=None, metavar="DxT",
+                   help="D data-parallel attention groups of T devices; repeat for several (default 2x4)")
+    b.add_argument("--model", default="qwen3-moe-tiny", help="a preset name or a Hugging Face checkpoint directory")
+    b.add_argument("--out", default=None, help="output directory (default artifacts/<model-name>)")
+    b.add_argument("--platform", default=None, help="comma-separated: cpu, tpu, cuda (default: this machine's)")
+    b.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    b.add_argument("--padding-modes", default="max_len,sum_len")
+    g = b.add_mutually_exclusive_group()
+    g.add_argument("--buckets", default=None, metavar="FILE",
+                   help='JSON {"tokens": [..], "max_seqs": N, "sums": [..]} (sums optional)')
+    g.add_argument("--plan-from", default=None, metavar="TRACE",
+                   help='a recorded trace, JSON {"steps": [[tokens per group, ...], ...]}')
+    b.add_argument("--max-buckets", type=int, default=8, help="token rungs to derive from a trace")
+    b.add_argument("--max-context", type=int, default=256)
+    b.add_argument("--page-size", type=int, default=8)
+    b.add_argument("--pages-per-group", type=int, default=160)
+    b.add_argument("--jobs", type=int, default=2)
+    b.add_argument("--no-fast-load", action="store_true", help="skip the fast-load compilation cache")
+    b.add_argument("--quiet", action="store_true")
+    i = sub.add_parser("inspect", help="describe an artifact")
+    i.add_argument("dir")
+    i.add_argument("--json", action="store_true")
+    return p
+
+
+def _set_device_count(meshes: list[str]) -> None:
+    """Enough virtual CPU devices for the largest mesh (at least 8), unless the user chose."""
+    if DEVICE_FLAG in os.environ.get("XLA_FLAGS", ""):
+        return
+    need = max([8] + [int(d) * int(t) for m in meshes for d, t in re.findall(r"(\d+)\s*x\s*(\d+)", m)])
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {DEVICE_FLAG}={min(need, 256)}").strip()
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "inspect":
+        from .inspect import inspect_main
+        return inspect_main(args.dir, args.json)
+    meshes = args.mesh or ["2x4"]
+    _set_device_count(meshes)
+    from .build_cli import run_build
+    return run_build(args, meshes)

@@ -1,0 +1,227 @@
+"""Load an artifact and make every executable ready; afterwards serving compiles nothing.
+
+Load order: manifest (format version) -> checksums of every file -> platform and device count ->
+weights into their shardings -> executables (fast-load cache when it was built for exactly this
+platform and jax version, else compile the portable exports, several at a time) -> zeroed KV cache.
+A `jax.monitoring` listener counts backend compilations; `compiles_after_load` is reported with
+every run and should always be 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.experimental.compilation_cache import compilation_cache
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from safetensors import safe_open
+
+from . import format as fmt
+from .buckets import Bucket
+
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+class _CompileCounter:
+    """Process-wide count of backend compilations (including persistent-cache hits)."""
+
+    def __init__(self):
+        self.count = 0
+        self._lock = threading.Lock()
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event, duration, **kwargs):
+        if event == BACKEND_COMPILE_EVENT:
+            with self._lock:
+                self.count += 1
+
+
+_counter: _CompileCounter | None = None
+
+
+def compile_count() -> int:
+    global _counter
+    if _counter is None:
+        _counter = _CompileCounter()
+    return _counter.count
+
+
+def spec_of(entry) -> P:
+    return P(*[tuple(a) if isinstance(a, list) else a for a in entry])
+
+
+@dataclasses.dataclass
+class LoadInfo:
+    mesh: str
+    executables: int
+    fast_load: bool
+    seconds: float
+    fast_load_note: str = ""
+
+
+class Engine:
+    """A loaded artifact on this machine's devices: weights, ready executables, the KV cache."""
+
+    def __init__(self, root: Path, manifest: dict, mesh_entry: dict, mesh: Mesh):
+        self.root, self.manifest, self.mesh_entry, self.mesh = root, manifest, mesh_entry, mesh
+        model = manifest["model"]
+        cache = manifest["cache"]
+        self.dp = mesh_entry["shape"][0]
+        self.vocab_size = model["vocab_size"]
+        self.page_size, self.num_pages, self.pages_per_seq = cache["page_size"], cache["num_pages"], cache["pages_per_seq"]
+        self.entries = {Bucket.from_json(e["bucket"]): e for e in manifest["executables"]
+                        if e["mesh"] == mesh_entry["name"]}
+        self.buckets = sorted(self.entries)
+        self._batch_shardings = {k: NamedSharding(mesh, spec_of(v)) for k, v in mesh_entry["batch_specs"].items()}
+        self.compiled: dict[Bucket, jax.stages.Compiled] = {}
+        self.weights = None
+        self.cache = None
+        self.load_info: LoadInfo | None = None
+        self._compiles_at_ready = 0
+
+    # ---------------------------------------------------------------- serving
+
+    @property
+    def compiles_after_load(self) -> int:
+        return compile_count() - self._compiles_at_ready
+
+    def run(self, bucket: Bucket, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """One step on a ready executable: logits [dp, seqs, vocab] as numpy. The cache is donated."""
+        args = {k: jax.device_put(v, self._batch_shardings[k]) for k, v in batch.items()}
+        logits, self.cache = self.compiled[bucket](self.weights, self.cache, args)
+        return np.asarray(logits)
+
+    def generate(self, prompts, max_new_tokens, padding_mode="auto", sampling=None):
+        from .scheduler import generate
+
+        outputs, stats = generate(self, prompts, max_new_tokens, padding_mode=padding_mode, sampling=sampling)
+        stats["compiles_after_load"] = self.compiles_after_load
+        return outputs, stats
+
+    def reset_cache(self) -> None:
+        """Zero the KV cache (between independent runs)."""
+        self.cache = self._zero_cache()
+
+    # ---------------------------------------------------------------- loading
+
+    def _zero_cache(self):
+        sharding = NamedSharding(self.mesh, spec_of(self.mesh_entry["cache_spec"]))
+        shape, dtype = tuple(self.mesh_entry["cache_shape"]), jax.numpy.dtype(self.manifest["dtype"])
+        zeros = lambda: jax.device_put(np.zeros(shape, dtype), sharding)  # noqa: E731
+        return [{"k": zeros(), "v": zeros()} for _ in range(self.manifest["model"]["num_layers"])]
+
+    def _load_weights(self):
+        weights = {}
+        for name, w in self.mesh_entry["weights"].items():
+            path = fmt.resolve(self.root, w["file"])
+            sharding = NamedSharding(self.mesh, spec_of(w["spec"]))
+            with safe_open(path, "numpy") as f:
+                tensor = f.get_slice("tensor")
+                if list(tensor.get_shape()) != list(w["shape"]):
+                    raise fmt.ArtifactError(f"{path}: tensor shape {tensor.get_shape()}, manifest says {w['shape']}")
+                weights[name] = jax.make_array_from_callback(tuple(w["shape"]), sharding, lambda idx: tensor[idx])
+        self.weights = weights
+
+    def _abstract_args(self, bucket: Bucket):
+        sds = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)  # noqa: E731
+        weights = {k: sds(v.shape, v.dtype, v.sharding) for k, v in self.weights.items()}
+        cache = [{k: sds(v.shape, v.dtype, v.sharding) for k, v in layer.items()} for layer in self.cache]
+        shapes = self.entries[bucket]["batch_shapes"]
+        batch = {k: sds(shapes[k], np.int32, s) for k, s in self._batch_shardings.items()}
+        return weights, cache, batch
+
+    def compile_one(self, bucket: Bucket) -> jax.stages.Compiled:
+        """Deserialize one portable export and compile it for these devices (the cache donated)."""
+        entry = self.entries[bucket]
+        path = fmt.resolve(self.root, entry["file"])
+        try:
+            exported = jax.export.deserialize(bytearray(path.read_bytes()))
+        except Exception as e:  # a corrupted file that still matched its checksum, or a newer jax format
+            raise fmt.ArtifactError(f"{path}: cannot deserialize with jax {jax.__version__} ({e})") from None
+        return jax.jit(exported.call, donate_argnums=(1,)).lower(*self._abstract_args(bucket)).compile()
+
+    def _compile_all(self, jobs: int):
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            for bucket, compiled in zip(self.buckets, pool.map(self.compile_one, self.buckets)):
+                self.compiled[bucket] = compiled
+
+
+def _pick_mesh(root: Path, manifest: dict, devices, mesh: str | None) -> dict:
+    meshes = manifest["meshes"]
+    names = ", ".join(f"{m['name']} ({m['devices']} devices)" for m in meshes)
+    if mesh is not None:
+        found = [m for m in meshes if m["name"] == mesh]
+        if not found:
+            raise fmt.ArtifactError(f"{root}: no mesh {mesh} in this artifact; it has {names}")
+        chosen = found[0]
+    else:
+        fitting = [m for m in meshes if m["devices"] <= len(devices)]
+        if not fitting:
+            raise fmt.ArtifactError(
+                f"{root}: built for meshes {names}; this machine has {len(devices)} "
+                f"{devices[0].platform} devices")
+        chosen = max(fitting, key=lambda m: m["devices"])
+    if chosen["devices"] > len(devices):
+        raise fmt.ArtifactError(f"{root}: mesh {chosen['name']} needs {chosen['devices']} devices, "
+                                f"this machine has {len(devices)} {devices[0].platform} devices")
+    return chosen
+
+
+def _fast_load_dir(root: Path, manifest: dict, platform: str) -> tuple[Path | None, str]:
+    """A private copy of the fast-load cache if it matches this platform and jax exactly."""
+    section = (manifest.get("fastload") or {}).get(platform)
+    if not section:
+        return None, f"no fast-load section for {platform}"
+    if section["jax_version"] != jax.__version__ or section["jaxlib_version"] != jax.lib.__version__:
+        return None, (f"fast-load built with jax {section['jax_version']}, this is {jax.__version__}; "
+                      f"compiling the portable exports instead")
+    private = Path(tempfile.mkdtemp(prefix="aot-fastload-"))
+    for rel in section["files"]:
+        # verified by checksum in load() before we get here; copy so serving never writes there
+        shutil.copy(fmt.resolve(root, rel), private / Path(rel).name)
+    return private, "fast-load cache matched"
+
+
+def load(path: str | Path, *, mesh: str | None = None, devices=None, jobs: int = 4,
+         fast_load: bool = True) -> Engine:
+    """Read, verify and make ready an artifact. Raises ArtifactError naming the file at fault."""
+    t0 = time.perf_counter()
+    compile_count()  # start counting before anything compiles
+    root = Path(path)
+    manifest = fmt.read_manifest(root)
+    fmt.verify_all(root, manifest)
+    devices = list(jax.devices() if devices is None else devices)
+    platform = devices[0].platform
+    if platform not in manifest["platforms"]:
+        raise fmt.ArtifactError(f"{root}: built for platforms {manifest['platforms']}, this machine is {platform}")
+    chosen = _pick_mesh(root, manifest, devices, mesh)
+    dp, tp = chosen["shape"]
+    grid = np.array(devices[: dp * tp]).reshape(dp, tp)
+    engine = Engine(root, manifest, chosen, Mesh(grid, ("data", "tensor")))
+    if not engine.buckets:
+        raise fmt.ArtifactError(f"{root}: mesh {chosen['name']} has no executables")
+    engine._load_weights()
+    engine.cache = engine._zero_cache()
+
+    cache_dir, note = _fast_load_dir(root, manifest, platform) if fast_load else (None, "fast-load disabled")
+    if cache_dir is not None:
+        compilation_cache.set_cache_dir(str(cache_dir))
+        compilation_cache.reset_cache()
+    try:
+        engine._compile_all(jobs)
+    finally:
+        if cache_dir is not None:
+            jax.config.update("jax_compilation_cache_dir", None)
+            compilation_cache.reset_cache()
+            shutil.rmtree(cache_dir, ignore_errors=True)
+    engine._compiles_at_ready = compile_count()
+    engine.load_info = LoadInfo(chosen["name"], len(engine.buckets), cache_dir is not None,
+                                time.perf_counter() - t0, note)
+    return engine

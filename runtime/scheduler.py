@@ -1,0 +1,325 @@
+"""Continuous batching over DP groups (numpy + stdlib; drives an abstract executor).
+
+Each step: admit waiting requests into groups that have free KV pages, give every group a list of
+chunks (decode sequences feed their last token, prefilling ones the next piece of their prompt),
+map the step to a ready executable with `buckets.choose`, pack, run, unpad, sample. The executor
+is anything with the `Executor` shape below, so this runs and is tested without an artifact.
+
+Policies, all chosen for being simple and obviously correct rather than clever:
+- A request's pages (prompt + max_new_tokens - 1 positions: the last token is never fed back) are
+  all allocated when it is admitted and freed when it finishes, so a running request can never
+  run out of cache mid-way and no preemption is needed.
+- Admission is FIFO: the head of the queue waits until some group can hold it, later requests
+  wait behind it, so a large request can't be starved by small ones.
+- Groups are balanced by committed pages (fewest first, ties to the lowest index).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from runtime.batching import Chunk, pack
+from runtime.buckets import MAX_LEN, MODES, SUM_LEN, Bucket, choose
+from runtime.sampling import Sampler, SamplingParams
+
+PADDING_MODES = ("auto",) + MODES
+
+
+class RequestError(ValueError):
+    """A request (or the call that carries it) the runtime can never serve."""
+
+
+class Executor(Protocol):
+    dp: int
+    page_size: int
+    num_pages: int  # per group, including the reserved page 0
+    pages_per_seq: int
+    vocab_size: int
+    buckets: list[Bucket]
+
+    def run(self, bucket: Bucket, batch: dict[str, np.ndarray]) -> np.ndarray: ...
+
+
+@dataclasses.dataclass(eq=False)  # identity: requests are removed from lists by object
+class _Request:
+    index: int  # position in the caller's prompt list
+    prompt: tuple[int, ...]
+    max_new: int
+    num_pages: int
+    group: int = -1
+    pages: tuple[int, ...] = ()
+    prefilled: int = 0  # prompt tokens already written to the cache
+    generated: list[int] = dataclasses.field(default_factory=list)
+    last_step: int = -1  # last step that served it: decoders are rotated by this
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.prompt)
+
+    def next_chunk(self, max_tokens: int) -> Chunk:
+        """The tokens this request feeds next, at most max_tokens of them."""
+        if self.decoding:
+            return Chunk((self.generated[-1],), len(self.prompt) + len(self.generated) - 1, self.pages)
+        end = min(len(self.prompt), self.prefilled + max_tokens)
+        return Chunk(self.prompt[self.prefilled:end], self.prefilled, self.pages)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Limits:
+    """What one step may hold: per group tokens and sequences, and tokens over all groups."""
+
+    tokens: int
+    seqs: int
+    total: int
+
+
+class Scheduler:
+    """Serves lists of prompts on one executor. Holds the per-group page allocators."""
+
+    def __init__(self, executor: Executor, *, padding_mode: str = "auto",
+                 sampling: SamplingParams | None = None, eos_token_id: int | None = None):
+        self.ex = executor
+        self.dp = int(executor.dp)
+        self.mode = padding_mode
+        self.sampling = sampling or SamplingParams()
+        self.eos_token_id = eos_token_id
+        self._check_executor()
+        # Pages are handed out lowest first; freed pages are reused first (LIFO), never page 0.
+        self.free_pages = [list(range(executor.num_pages - 1, 0, -1)) for _ in range(self.dp)]
+        self.committed = [0] * self.dp
+
+    # ---- validation -------------------------------------------------------------------------
+
+    def _check_executor(self):
+        """Reject a padding mode or bucket set that can't serve even one token."""
+        if self.mode not in PADDING_MODES:
+            raise RequestError(f"padding_mode {self.mode!r} is not one of {PADDING_MODES}")
+        if self.ex.num_pages < 2:
+            raise RequestError(f"the cache has {self.ex.num_pages} pages per group; page 0 is "
+                               "reserved, so at least 2 are needed")
+        one = [1] + [0] * (self.dp - 1)
+        if choose(one, one, self.ex.buckets, self.dp, self.mode) is None:
+            raise RequestError(f"no {self.mode} bucket can serve a single token; buckets: "
+                               f"{sorted(b.name for b in self.ex.buckets)}")
+        if self.eos_token_id is not None and not 0 <= self.eos_token_id < self.ex.vocab_size:
+            raise RequestError(f"eos_token_id {self.eos_token_id} is outside [0, {self.ex.vocab_size})")
+
+    @property
+    def max_context(self) -> int:
+        return self.ex.pages_per_seq * self.ex.page_size
+
+    def _make_requests(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[_Request]:
+        """Validate every request up front, so a bad one fails the call before any work is done."""
+        if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) \
+                or max_new_tokens < 1:
+            raise RequestError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if len(prompts) == 0:
+            raise RequestError("the prompt list is empty; pass at least one non-empty prompt")
+        return [self._make_request(i, p, int(max_new_tokens)) for i, p in enumerate(prompts)]
+
+    def _make_request(self, i: int, prompt: Sequence[int], max_new: int) -> _Request:
+        ids = np.asarray(prompt)
+        if ids.ndim != 1 or ids.size == 0:
+            raise RequestError(f"prompt {i} is empty or not a flat list of token ids; "
+                               "each prompt needs at least one token")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise RequestError(f"prompt {i} holds non-integer token ids ({ids.dtype})")
+        vocab = self.ex.vocab_size
+        bad = ids[(ids < 0) | (ids >= vocab)]
+        if bad.size:
+            raise RequestError(f"prompt {i} has token id {int(bad[0])} outside [0, {vocab})")
+        if ids.size + max_new > self.max_context:
+            raise RequestError(f"prompt {i}: {ids.size} prompt tokens + {max_new} new tokens exceed "
+                               f"the max context of {self.max_context} "
+                               f"({self.ex.pages_per_seq} pages x {self.ex.page_size})")
+        # The last generated token is never fed back, so it takes no cache slot.
+        pages = math.ceil((ids.size + max_new - 1) / self.ex.page_size)
+        if pages > self.ex.num_pages - 1:
+            raise RequestError(f"prompt {i} needs {pages} KV pages but a group's cache has only "
+                               f"{self.ex.num_pages - 1} allocatable pages (page 0 is reserved)")
+        return _Request(i, tuple(int(t) for t in ids), max_new, pages)
+
+    # ---- limits -----------------------------------------------------------------------------
+
+    def _allowed_buckets(self) -> list[Bucket]:
+        return [b for b in self.ex.buckets if self.mode == "auto" or b.mode == self.mode]
+
+    def _limits(self) -> list[_Limits]:
+        """Step limits to try, in order: the largest bucket's per-group sizes first, then, should
+        no bucket hold that step (forced mode, SUM_LEN row cap, ragged ladders), each allowed
+        bucket's own limits, which hold it by construction."""
+        allowed = self._allowed_buckets()
+        first = _Limits(max(b.tokens for b in allowed), max(b.seqs for b in allowed), math.inf)
+        return [first] + [_Limits(b.tokens, b.seqs, b.global_len if b.mode == SUM_LEN else math.inf)
+                          for b in allowed]
+
+    # ---- admission and pages ----------------------------------------------------------------
+
+    def _admit(self, queue: list[_Request], active: list[list[_Request]]) -> None:
+        """Move requests from the head of the queue into groups while some group holds them.
+
+        A group takes at most as many requests as the largest bucket has sequences: more would
+        hold pages without being able to run, starving requests that could.
+        """
+        max_seqs = max(b.seqs for b in self._allowed_buckets())
+        while queue:
+            r = queue[0]
+            fits = [g for g in range(self.dp)
+                    if len(self.free_pages[g]) >= r.num_pages and len(active[g]) < max_seqs]
+            if not fits:
+                return
+            g = min(fits, key=lambda g: (self.committed[g], g))
+            r.group = g
+            r.pages = tuple(self.free_pages[g].pop() for _ in range(r.num_pages))
+            self.committed[g] += r.num_pages
+            active[g].append(queue.pop(0))
+
+    def _release(self, r: _Request) -> None:
+        self.free_pages[r.group].extend(reversed(r.pages))
+        self.committed[r.group] -= r.num_pages
+
+    # ---- one step ---------------------------------------------------------------------------
+
+    def _plan(self, active: list[list[_Request]], lim: _Limits, step: int) -> list[list[_Work]]:
+        """What each group serves this step, within `lim`.
+
+        Decoders go first (one token each, least recently served first, so all progress when a
+        forced bucket holds fewer sequences); prefills then fill the remaining token budget in
+        arrival order. The group order rotates by step so a shared SUM_LEN row cap is fair.
+        """
+        plan: list[list[_Work]] = [[] for _ in range(self.dp)]
+        used = [0] * self.dp
+        budget = lim.total
+        order = [(step + k) % self.dp for k in range(self.dp)]
+        for g in order:
+            for r in sorted((r for r in active[g] if r.decoding), key=lambda r: (r.last_step, r.index)):
+                if len(plan[g]) >= lim.seqs or used[g] >= lim.tokens or budget < 1:
+                    break
+                plan[g].append(_Work(r, r.next_chunk(1)))
+                used[g] += 1
+                budget -= 1
+        for g in order:
+            for r in (r for r in active[g] if not r.decoding):
+                room = min(lim.tokens - used[g], budget)
+                if len(plan[g]) >= lim.seqs or room < 1:
+                    break
+                work = _Work(r, r.next_chunk(room))
+                plan[g].append(work)
+                used[g] += len(work.chunk.tokens)
+                budget -= len(work.chunk.tokens)
+        return plan
+
+    def _build(self, active: list[list[_Request]], step: int) -> tuple[Bucket, list[list[_Work]]]:
+        """The step's work and the bucket that serves it, shrinking the step if need be."""
+        for lim in self._limits():
+            plan = self._plan(active, lim, step)
+            tokens = [sum(len(w.chunk.tokens) for w in ws) for ws in plan]
+            if sum(tokens) == 0:
+                continue
+            bucket = choose(tokens, [len(ws) for ws in plan], self.ex.buckets, self.dp, self.mode)
+            if bucket is not None:
+                return bucket, plan
+        # Unreachable: __init__ checked one token fits, and each bucket's own limits fit it.
+        raise RuntimeError("no bucket can serve any pending work")
+
+    def _run(self, bucket: Bucket, plan: list[list[_Work]]) -> np.ndarray:
+        """Pack, call the executable, and check the logits' shape before trusting any row."""
+        groups = [[w.chunk for w in ws] for ws in plan]
+        batch = pack(groups, bucket.tokens, bucket.seqs, self.ex.pages_per_seq)
+        logits = np.asarray(self.ex.run(bucket, batch))
+        want = (self.dp, bucket.seqs, self.ex.vocab_size)
+        if logits.shape != want:
+            raise RuntimeError(f"executor returned logits of shape {logits.shape} for {bucket.name}, "
+                               f"expected {want}")
+        return logits
+
+    def _advance(self, plan: list[list[_Work]], logits: np.ndarray, sampler: Sampler,
+                 step: int) -> list[_Request]:
+        """Unpad: credit each real chunk, sample where a token is due. Returns finished requests."""
+        done = []
+        for g, ws in enumerate(plan):
+            for j, w in enumerate(ws):
+                r = w.request
+                r.last_step = step
+                if not r.decoding:
+                    r.prefilled += len(w.chunk.tokens)
+                    if not r.decoding:
+                        continue  # mid-prompt chunk: its logits predict a token we already know
+                r.generated.append(sampler.sample(logits[g, j], r.index))
+                if len(r.generated) == r.max_new or r.generated[-1] == self.eos_token_id:
+                    done.append(r)
+        return done
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int
+                 ) -> tuple[list[list[int]], dict]:
+        """Generate for every prompt; outputs in prompt order, plus the run's stats."""
+        requests = self._make_requests(prompts, max_new_tokens)
+        sampler = Sampler(self.sampling, len(requests))
+        queue = list(requests)
+        active: list[list[_Request]] = [[] for _ in range(self.dp)]
+        stats = _Stats()
+        while queue or any(active):
+            step = stats.steps
+            self._admit(queue, active)
+            stats.max_queue = max(stats.max_queue, len(queue))
+            bucket, plan = self._build(active, step)
+            logits = self._run(bucket, plan)
+            stats.record(bucket, plan, self.dp)
+            for r in self._advance(plan, logits, sampler, step):
+                active[r.group].remove(r)
+                self._release(r)
+        stats.generated_tokens = sum(len(r.generated) for r in requests)
+        return [list(r.generated) for r in requests], stats.as_dict()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Work:
+    request: _Request
+    chunk: Chunk
+
+
+@dataclasses.dataclass
+class _Stats:
+    steps: int = 0
+    buckets: dict = dataclasses.field(default_factory=dict)
+    modes: dict = dataclasses.field(default_factory=lambda: {MAX_LEN: 0, SUM_LEN: 0})
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    exchange_rows: int = 0
+    prefill_chunks: int = 0
+    max_queue: int = 0
+    generated_tokens: int = 0
+
+    def record(self, bucket: Bucket, plan: list[list[_Work]], dp: int) -> None:
+        """Account one step; called before the step's requests advance."""
+        self.steps += 1
+        self.buckets[bucket.name] = self.buckets.get(bucket.name, 0) + 1
+        self.modes[bucket.mode] += 1
+        self.real_tokens += sum(len(w.chunk.tokens) for ws in plan for w in ws)
+        self.padded_tokens += dp * bucket.tokens
+        self.exchange_rows += bucket.exchange_rows(dp)
+        self.prefill_chunks += sum(not w.request.decoding for ws in plan for w in ws)
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["padding_efficiency"] = self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
+        return d
+
+
+def generate(executor: Executor, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+             padding_mode: str = "auto", sampling: SamplingParams | None = None,
+             eos_token_id: int | None = None) -> tuple[list[list[int]], dict]:
+    """Serve `prompts` on `executor`: outputs (list of new-token lists, in prompt order), stats.
+
+    Stats: steps, buckets {name: count}, modes {max_len, sum_len}, real_tokens, padded_tokens
+    (dp * bucket.tokens per step), padding_efficiency, exchange_rows, prefill_chunks, max_queue,
+    generated_tokens.
+    """
+    sched = Scheduler(executor, padding_mode=padding_mode, sampling=sampling, eos_token_id=eos_token_id)
+    return sched.generate(prompts, max_new_tokens)

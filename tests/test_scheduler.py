@@ -1,0 +1,284 @@
+"""Continuous-batching scheduler against a fake executor that behaves like a paged KV cache.
+
+The fake writes each real token into its (group, page, slot) through the page table, exactly as a
+paged cache would, and computes each row's logits from the tokens stored at positions 0..pos of
+that sequence. Its "model" is a pure function of the full history, so any wrong position, page,
+page reuse, chunk boundary or unpad order changes the tokens, and outputs must equal an unbatched
+reference that feeds each prompt alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from runtime.buckets import MAX_LEN, SUM_LEN, Bucket, plan
+from runtime.sampling import Sampler, SamplingParams, filtered_probs
+from runtime.scheduler import RequestError, Scheduler, generate
+
+VOCAB = 61
+
+
+@functools.lru_cache(maxsize=None)
+def toy_logits(history: tuple[int, ...]) -> np.ndarray:
+    """The toy model: logits that depend on every token of the history and its order."""
+    seed = zlib.crc32(np.asarray(history, np.int64).tobytes())
+    return (np.random.default_rng(seed).standard_normal(VOCAB) * 3).astype(np.float32)
+
+
+def reference(prompts, max_new, sampling=None, eos=None):
+    """Each prompt alone, token by token, through the same toy model and sampler."""
+    sampler = Sampler(sampling, len(prompts))
+    outs = []
+    for i, p in enumerate(prompts):
+        hist, out = list(p), []
+        for _ in range(max_new):
+            out.append(sampler.sample(toy_logits(tuple(hist)), i))
+            hist.append(out[-1])
+            if out[-1] == eos:
+                break
+        outs.append(out)
+    return outs
+
+
+class FakeExecutor:
+    """An executor whose logits come from what a paged KV cache would hold."""
+
+    def __init__(self, dp=4, page_size=4, num_pages=64, pages_per_seq=16, ladder=(4, 8, 16),
+                 max_seqs=4, sum_ladder=None, buckets=None, vocab_size=VOCAB):
+        self.dp, self.page_size, self.num_pages = dp, page_size, num_pages
+        self.pages_per_seq, self.vocab_size = pages_per_seq, vocab_size
+        self.buckets = buckets if buckets is not None else plan(dp, ladder, max_seqs, sum_ladder=sum_ladder)
+        self.cache = np.full((dp, num_pages, page_size), -1, np.int64)
+        self.batches = []
+
+    def run(self, bucket: Bucket, batch: dict) -> np.ndarray:
+        assert bucket in self.buckets
+        assert batch["tokens"].shape == (self.dp, bucket.tokens)
+        assert batch["page_table"].shape == (self.dp, bucket.seqs, self.pages_per_seq)
+        if bucket.mode == SUM_LEN:
+            assert batch["num_tokens"].sum() <= bucket.global_len
+        self.batches.append(batch)
+        logits = np.zeros((self.dp, bucket.seqs, self.vocab_size), np.float32)
+        logits[:, :, -1] = 100.0  # padding rows: a token that unpad bugs would leak
+        for g in range(self.dp):
+            for j, hist in self._group(g, batch).items():
+                logits[g, j] = toy_logits(hist)
+        return logits
+
+    def _group(self, g, batch) -> dict[int, tuple[int, ...]]:
+        """Write group g's real tokens into the cache; return each real row's history."""
+        n, ps = batch["num_tokens"][g], self.page_size
+        seq, pos, table = batch["seq_index"][g, :n], batch["positions"][g, :n], batch["page_table"][g]
+        for t, j, p in zip(batch["tokens"][g, :n], seq, pos):
+            page = table[j, p // ps]
+            assert page != 0, "a real token was written to the reserved page 0"
+            self.cache[g, page, p % ps] = t
+        rows = int(seq.max()) + 1 if n else 0
+        owned = [set(table[j][table[j] != 0]) for j in range(rows)]
+        assert sum(map(len, owned)) == len(set().union(*owned)), "two live sequences share a page"
+        out = {}
+        for j in range(rows):
+            li = batch["last_index"][g, j]
+            assert seq[li] == j
+            hist = tuple(int(self.cache[g, table[j, p // ps], p % ps]) for p in range(pos[li] + 1))
+            assert -1 not in hist, "a position was read before it was written"
+            out[j] = hist
+        return out
+
+
+def random_prompts(rng, n, lo, hi):
+    return [rng.integers(0, VOCAB - 1, rng.integers(lo, hi + 1)).tolist() for _ in range(n)]
+
+
+def check_stats(stats, outs, ex):
+    assert stats["generated_tokens"] == sum(map(len, outs))
+    assert sum(stats["buckets"].values()) == stats["steps"] == sum(stats["modes"].values())
+    assert stats["steps"] == len(ex.batches)
+    assert stats["real_tokens"] == sum(int(b["num_tokens"].sum()) for b in ex.batches)
+    assert stats["padded_tokens"] == sum(b["tokens"].size for b in ex.batches)
+    assert stats["padding_efficiency"] == pytest.approx(stats["real_tokens"] / stats["padded_tokens"])
+    assert 0 < stats["padding_efficiency"] <= 1
+
+
+def test_many_prompts_uneven_over_groups():
+    rng = np.random.default_rng(0)
+    prompts = random_prompts(rng, 23, 1, 30)
+    ex = FakeExecutor()
+    sched = Scheduler(ex)
+    outs, stats = sched.generate(prompts, 6)
+    assert outs == reference(prompts, 6)
+    check_stats(stats, outs, ex)
+    assert stats["generated_tokens"] == 23 * 6
+    # Every page came back, and page 0 was never among them.
+    assert all(sorted(f) == list(range(1, ex.num_pages)) for f in sched.free_pages)
+    assert sched.committed == [0] * ex.dp
+
+
+def test_balanced_assignment_in_arrival_order():
+    prompts = [[1, 2, 3]] * 4 + [[4] * 9]
+    ex = FakeExecutor(dp=4)
+    generate(ex, prompts, 2)
+    # Four equal requests land one per group; the fifth goes to the lowest-index group.
+    assert ex.batches[0]["num_tokens"].tolist() == [12, 3, 3, 3]
+
+
+def test_chunked_prefill_longer_than_largest_bucket():
+    prompt = np.random.default_rng(1).integers(0, VOCAB, 60).tolist()
+    ex = FakeExecutor(dp=2, ladder=(4, 16), pages_per_seq=20)
+    outs, stats = generate(ex, [prompt, [5, 6]], 5)
+    assert outs == reference([prompt, [5, 6]], 5)
+    assert stats["prefill_chunks"] >= 1 + 4  # the short prompt, then 60 tokens in chunks of <= 16
+    assert max(int(b["num_tokens"].max()) for b in ex.batches) <= 16
+
+
+def test_small_cache_queues_and_completes_everything():
+    rng = np.random.default_rng(2)
+    prompts = random_prompts(rng, 12, 10, 20)
+    # 20 + 4 - 1 positions = 6 pages of 4: a group of 6 allocatable pages holds one request at a time.
+    ex = FakeExecutor(dp=2, num_pages=7)
+    sched = Scheduler(ex)
+    outs, stats = sched.generate(prompts, 4)
+    assert outs == reference(prompts, 4)
+    assert stats["max_queue"] >= 8
+    assert all(len(o) == 4 for o in outs)
+    assert all(sorted(f) == list(range(1, 7)) for f in sched.free_pages)
+
+
+@pytest.mark.parametrize("mode", ["auto", MAX_LEN, SUM_LEN])
+def test_padding_modes_and_meshes_agree(mode):
+    rng = np.random.default_rng(3)
+    prompts = random_prompts(rng, 9, 1, 40)
+    want = reference(prompts, 5)
+    # SUM_LEN rungs stop below the biggest T, so forced SUM_LEN must shrink steps to 12 tokens.
+    ex = FakeExecutor(dp=4, sum_ladder=(4, 8, 12), pages_per_seq=12)
+    outs, stats = generate(ex, prompts, 5, padding_mode=mode)
+    assert outs == want
+    check_stats(stats, outs, ex)
+    if mode != "auto":
+        other = SUM_LEN if mode == MAX_LEN else MAX_LEN
+        assert stats["modes"][other] == 0 and stats["modes"][mode] == stats["steps"]
+    if mode == SUM_LEN:
+        assert max(int(b["num_tokens"].sum()) for b in ex.batches) <= 12
+    # A 1x1 mesh gives the same tokens.
+    assert generate(FakeExecutor(dp=1, pages_per_seq=12), prompts, 5)[0] == want
+
+
+def test_forced_mode_with_smaller_ladder_shrinks_steps():
+    """MAX_LEN exists only up to 4 tokens per group while SUM_LEN goes to 16: forced MAX_LEN
+    must serve in small steps, and a bucket mix whose largest T and S differ still works."""
+    dp = 2
+    buckets = [Bucket(MAX_LEN, 4, 2, 8), Bucket(SUM_LEN, 16, 1, 16), Bucket(SUM_LEN, 2, 4, 3)]
+    prompts = random_prompts(np.random.default_rng(4), 5, 3, 20)
+    for mode in ("auto", MAX_LEN, SUM_LEN):
+        ex = FakeExecutor(dp=dp, buckets=buckets)
+        outs, stats = generate(ex, prompts, 3, padding_mode=mode)
+        assert outs == reference(prompts, 3), mode
+        check_stats(stats, outs, ex)
+
+
+def test_eos_stops_early():
+    prompts = random_prompts(np.random.default_rng(5), 6, 2, 10)
+    full = reference(prompts, 8)
+    eos = full[0][2]
+    outs, stats = generate(FakeExecutor(), prompts, 8, eos_token_id=eos)
+    assert outs == reference(prompts, 8, eos=eos)
+    assert outs[0][-1] == eos and len(outs[0]) <= 3
+
+
+def test_sampling_deterministic_per_seed_and_batching_independent():
+    prompts = random_prompts(np.random.default_rng(6), 7, 1, 25)
+    params = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=7)
+    outs, _ = generate(FakeExecutor(), prompts, 8, sampling=params)
+    assert outs == generate(FakeExecutor(), prompts, 8, sampling=params)[0]
+    assert outs == reference(prompts, 8, sampling=params)
+    assert outs == generate(FakeExecutor(dp=1), prompts, 8, sampling=params, padding_mode=MAX_LEN)[0]
+    other = generate(FakeExecutor(), prompts, 8, sampling=SamplingParams(1.0, 20, 0.9, seed=8))[0]
+    assert other != outs
+    assert outs != reference(prompts, 8)  # not greedy
+
+
+def test_filtered_probs():
+    logits = np.array([1.0, 3.0, 2.0, 0.5, 2.9], np.float32)
+    p = filtered_probs(logits, SamplingParams(temperature=1.0, top_k=1))
+    assert p.tolist() == [0, 1, 0, 0, 0]
+    p = filtered_probs(logits, SamplingParams(temperature=1.0, top_k=3))
+    assert set(np.flatnonzero(p)) == {1, 2, 4} and p.sum() == pytest.approx(1)
+    p = filtered_probs(logits, SamplingParams(temperature=1.0, top_p=0.01))
+    assert np.flatnonzero(p).tolist() == [1]
+    # top-k first, then the nucleus of what is left: token 1 alone holds over half the top-2 mass.
+    p = filtered_probs(logits, SamplingParams(temperature=1.0, top_k=2, top_p=0.5))
+    assert np.flatnonzero(p).tolist() == [1]
+    full = filtered_probs(logits, SamplingParams(temperature=0.5))
+    assert np.all(full > 0) and full.sum() == pytest.approx(1) and full.argmax() == 1
+    assert Sampler(None, 1).sample(logits, 0) == 1
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_k=-2), "top_k"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+])
+def test_bad_sampling_params(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("prompts, max_new, kwargs, match", [
+    ([], 4, {}, "prompt list is empty"),
+    ([[1, 2], []], 4, {}, "prompt 1 is empty"),
+    ([[1, -1]], 4, {}, r"token id -1 outside \[0, 61\)"),
+    ([[1, VOCAB]], 4, {}, r"token id 61 outside \[0, 61\)"),
+    ([[1.5, 2.0]], 4, {}, "non-integer"),
+    ([[1, 2]], 0, {}, "max_new_tokens must be an integer >= 1"),
+    ([[1, 2]], "3", {}, "max_new_tokens must be an integer >= 1"),
+    ([[1] * 60], 5, {}, "exceed the max context of 64"),  # 16 pages x 4
+    ([[1] * 30], 5, dict(num_pages=8), "needs 9 KV pages .* only 7 allocatable"),
+    ([[1]], 1, dict(padding_mode="fast"), "padding_mode 'fast' is not one of"),
+    ([[1]], 1, dict(dp=1, padding_mode=SUM_LEN), "no sum_len bucket can serve a single token"),
+    ([[1]], 1, dict(eos_token_id=99), "eos_token_id 99 is outside"),
+])
+def test_request_errors(prompts, max_new, kwargs, match):
+    ex_args = {k: kwargs.pop(k) for k in ("num_pages", "dp") if k in kwargs}
+    ex = FakeExecutor(**ex_args)
+    with pytest.raises(RequestError, match=match):
+        generate(ex, prompts, max_new, **kwargs)
+    assert not ex.batches  # rejected before any work
+
+
+def test_exactly_full_context_and_cache_is_served():
+    """The limits are inclusive: 60 + 4 tokens = 64 context; 63 written positions = 16 pages."""
+    ex = FakeExecutor(dp=1, num_pages=17)
+    prompt = np.random.default_rng(9).integers(0, VOCAB, 60).tolist()
+    assert generate(ex, [prompt], 4)[0] == reference([prompt], 4)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_batch_compositions(data):
+    dp = data.draw(st.sampled_from([1, 2, 3, 4]), "dp")
+    page_size = data.draw(st.sampled_from([1, 2, 4, 8]), "page_size")
+    ladder = data.draw(st.lists(st.sampled_from([1, 2, 4, 8, 16]), min_size=1, max_size=3, unique=True))
+    max_seqs = data.draw(st.integers(1, 4), "max_seqs")
+    mode = data.draw(st.sampled_from(["auto", MAX_LEN, SUM_LEN] if dp > 1 else ["auto", MAX_LEN]))
+    lengths = data.draw(st.lists(st.integers(1, 30), min_size=1, max_size=10), "lengths")
+    max_new = data.draw(st.integers(1, 6), "max_new")
+    seed = data.draw(st.integers(0, 2**16), "seed")
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, VOCAB, n).tolist() for n in lengths]
+    need = -(-(max(lengths) + max_new - 1) // page_size)
+    pages_per_seq = -(-(max(lengths) + max_new) // page_size)
+    num_pages = 1 + need * data.draw(st.integers(1, 3), "requests per group")
+    ex = FakeExecutor(dp=dp, page_size=page_size, num_pages=num_pages, pages_per_seq=pages_per_seq,
+                      ladder=ladder, max_seqs=max_seqs)
+    sched = Scheduler(ex, padding_mode=mode)
+    outs, stats = sched.generate(prompts, max_new)
+    assert outs == reference(prompts, max_new)
+    check_stats(stats, outs, ex)
+    assert all(sorted(f) == list(range(1, num_pages)) for f in sched.free_pages)
