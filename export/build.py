@@ -16,12 +16,12 @@ import os
 import re
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import NamedSharding
 from safetensors.numpy import save_file
 
@@ -283,30 +283,31 @@ def _compile_and_verify(tmp: Path, manifest: dict, shape: MeshShape, source: Mod
     fast_dir = tmp / "fastload" / platform
     if cfg.fast_load:
         fast_dir.mkdir(parents=True, exist_ok=True)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-        compilation_cache.set_cache_dir(str(fast_dir))
-        compilation_cache.reset_cache()
-    try:
-        engine = rt_engine.Engine(tmp, manifest, manifest["meshes"][cfg.meshes.index(shape)], make_mesh(shape))
-        engine._load_weights()
-        engine.cache = engine._zero_cache()
-        for bucket in engine.buckets:
-            t0 = time.perf_counter()
-            engine.compiled[bucket] = compiled = engine.compile_one(bucket)
-            entry = engine.entries[bucket]
-            entry["compile_seconds"] = round(time.perf_counter() - t0, 3)
-            entry["cost"] = _analysis(compiled)
-            _probe(tmp, engine, bucket, entry, shape, source, cache)
-            report.compiled(str(shape), bucket, entry)
-    finally:
-        if cfg.fast_load:
-            jax.config.update("jax_compilation_cache_dir", None)
-            compilation_cache.reset_cache()
+    engine = rt_engine.Engine(tmp, manifest, manifest["meshes"][cfg.meshes.index(shape)], make_mesh(shape))
+    engine._load_weights()
+    engine.cache = engine._zero_cache()
+
+    def timed_compile(bucket):
+        t0 = time.perf_counter()
+        compiled = engine.compile_one(bucket)
+        return bucket, compiled, time.perf_counter() - t0
+
+    # Only these compilations may land in the fast-load cache, not the reference steps below.
+    with rt_engine.compilation_cache_at(fast_dir if cfg.fast_load else None, write=True):
+        with ThreadPoolExecutor(max_workers=max(1, cfg.jobs)) as pool:
+            for bucket, compiled, seconds in pool.map(timed_compile, engine.buckets):
+                engine.compiled[bucket] = compiled
+                entry = engine.entries[bucket]
+                entry["compile_seconds"] = round(seconds, 3)
+                entry["cost"] = _analysis(compiled)
+    for bucket in engine.buckets:
+        entry = engine.entries[bucket]
+        _probe(tmp, engine, bucket, entry, shape, source, cache)
+        report.compiled(str(shape), bucket, entry)
     if cfg.fast_load:
         files = sorted(f.relative_to(tmp).as_posix() for f in fast_dir.rglob("*") if f.is_file())
         manifest["fastload"][platform] = {"jax_version": jax.__version__, "jaxlib_version": jax.lib.__version__,
-                                          "mesh": str(shape), "files": files}
+                                          "files": files}
 
 
 def _probe(tmp: Path, engine, bucket: Bucket, entry: dict, shape: MeshShape, source: ModelSource, cache: CacheShape):

@@ -9,6 +9,7 @@ every run and should always be 0.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import tempfile
@@ -174,6 +175,29 @@ def _pick_mesh(root: Path, manifest: dict, devices, mesh: str | None) -> dict:
     return chosen
 
 
+@contextlib.contextmanager
+def compilation_cache_at(directory: Path | None, write: bool = False):
+    """Compile through a persistent compilation cache in `directory` (None: no cache).
+
+    The builder fills it (write=True) and the loader reads it; both must compile with identical
+    options, so XLA's own side caches, whose directory would end up in the cache key, stay off.
+    """
+    if directory is None:
+        yield
+        return
+    jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
+    if write:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    compilation_cache.set_cache_dir(str(directory))
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)
+        compilation_cache.reset_cache()
+
+
 def _fast_load_dir(root: Path, manifest: dict, platform: str) -> tuple[Path | None, str]:
     """A private copy of the fast-load cache if it matches this platform and jax exactly."""
     section = (manifest.get("fastload") or {}).get(platform)
@@ -211,15 +235,11 @@ def load(path: str | Path, *, mesh: str | None = None, devices=None, jobs: int =
     engine.cache = engine._zero_cache()
 
     cache_dir, note = _fast_load_dir(root, manifest, platform) if fast_load else (None, "fast-load disabled")
-    if cache_dir is not None:
-        compilation_cache.set_cache_dir(str(cache_dir))
-        compilation_cache.reset_cache()
     try:
-        engine._compile_all(jobs)
+        with compilation_cache_at(cache_dir):
+            engine._compile_all(jobs)
     finally:
         if cache_dir is not None:
-            jax.config.update("jax_compilation_cache_dir", None)
-            compilation_cache.reset_cache()
             shutil.rmtree(cache_dir, ignore_errors=True)
     engine._compiles_at_ready = compile_count()
     engine.load_info = LoadInfo(chosen["name"], len(engine.buckets), cache_dir is not None,

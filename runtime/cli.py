@@ -1,0 +1,117 @@
+"""`python -m runtime generate|verify DIR`.
+
+The artifact's manifest is read before jax is imported, so on a CPU machine the virtual device
+count can be set to what the artifact's mesh needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+DEVICE_FLAG = "--xla_force_host_platform_device_count"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear line, exit code 2
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prompt-ids {text!r}: expected comma-separated integers") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("--prompt-ids: empty prompt (expected at least one token id)")
+    return ids
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m runtime", description="Serve an ahead-of-time artifact.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    g = sub.add_parser("generate", help="generate tokens for prompts given as token ids")
+    g.add_argument("dir")
+    g.add_argument("--prompt-ids", type=_token_ids, action="append", required=True, metavar="1,2,3")
+    g.add_argument("--max-new-tokens", type=int, default=16)
+    g.add_argument("--padding-mode", choices=["auto", "max_len", "sum_len"], default="auto")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--mesh", default=None, help="which of the artifact's meshes (default: largest that fits)")
+    g.add_argument("--no-fast-load", action="store_true", help="compile the portable exports even if fast-load fits")
+    g.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    v = sub.add_parser("verify", help="replay the artifact's golden probes")
+    v.add_argument("dir")
+    v.add_argument("--mesh", default=None)
+    return p
+
+
+def _set_device_count(directory: str) -> None:
+    if DEVICE_FLAG in os.environ.get("XLA_FLAGS", ""):
+        return
+    try:
+        with open(os.path.join(directory, "manifest.json")) as f:
+            need = max(m["devices"] for m in json.load(f)["meshes"])
+    except Exception:  # the loader reports a bad manifest properly
+        need = 8
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {DEVICE_FLAG}={max(need, 1)}").strip()
+
+
+def _fail(message: str) -> int:
+    print(f"python -m runtime: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    _set_device_count(args.dir)
+    from .engine import load
+    from .format import ArtifactError
+    from .sampling import SamplingParams
+    from .scheduler import RequestError
+
+    try:
+        if args.command == "generate":
+            sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+            engine = load(args.dir, mesh=args.mesh, fast_load=not args.no_fast_load)
+            outputs, stats = engine.generate(args.prompt_ids, args.max_new_tokens, args.padding_mode, sampling)
+            stats["load_seconds"] = round(engine.load_info.seconds, 3)
+            stats["fast_load"] = engine.load_info.fast_load
+            stats["mesh"] = engine.load_info.mesh
+            return _print_generate(outputs, stats, args.json)
+        engine = load(args.dir, mesh=args.mesh)
+        return _print_verify(engine)
+    except (ArtifactError, RequestError, ValueError) as e:
+        return _fail(str(e))
+
+
+def _print_generate(outputs, stats, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps({"outputs": outputs, "stats": stats}))
+        return 0
+    for i, out in enumerate(outputs):
+        print(f"[{i}] {','.join(map(str, out))}")
+    print(f"steps {stats['steps']}, padding efficiency {stats['padding_efficiency']:.2f}, "
+          f"modes {stats['modes']}, compiles after load {stats['compiles_after_load']}, "
+          f"load {stats['load_seconds']:.1f}s ({'fast-load' if stats['fast_load'] else 'compiled at load'})",
+          file=sys.stderr)
+    return 0
+
+
+def _print_verify(engine) -> int:
+    from .verify import verify
+
+    rows = verify(engine)
+    print(f"{'executable':32s} {'max |diff|':>12s}  result")
+    for r in rows:
+        err = "-" if r["error"] is None else f"{r['error']:.2e}"
+        print(f"{r['bucket']:32s} {err:>12s}  {'ok' if r['ok'] else 'FAIL ' + r['why']}")
+    bad = sum(not r["ok"] for r in rows)
+    print(f"{len(rows) - bad}/{len(rows)} probes match"
+          f"; compiles after load: {engine.compiles_after_load}")
+    return 0 if bad == 0 and rows else 1
