@@ -256,8 +256,6 @@ def _build_into(tmp: Path, cfg: BuildConfig, source: ModelSource, cache: CacheSh
                 "batch_shapes": {k: list(v.shape) for k, v in batch_shapes(shape.dp, _step_bucket(bucket), cache).items()},
             })
             report.exported(str(shape), bucket)
-    _checksum(tmp, manifest)
-    fmt.write_json_atomic(tmp / fmt.MANIFEST, manifest)
     for shape in cfg.meshes:
         if manifest["meshes"][cfg.meshes.index(shape)]["compiled_here"]:
             _compile_and_verify(tmp, manifest, shape, source, cache, cfg, report)

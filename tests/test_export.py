@@ -1,0 +1,150 @@
+"""`python -m export build`: every export round-trips, the build is atomic, idempotent and checked."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import build_artifact
+from dp_attention import (PRESETS, Bucket as StepBucket, CacheShape, DpPaddingMode, Layout, MeshShape, init_cache,
+                          jit_step, weight_specs)
+from export.probes import make_probe
+from runtime import format as fmt
+from runtime.engine import load
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args, timeout=300, env=None):
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_every_export_equals_in_process_step(tiny_artifact, tiny_engine):
+    """Deserialized executables (compiled at load, no fast-load) against the step jitted here."""
+    engine = load(tiny_artifact, fast_load=False)
+    assert not engine.load_info.fast_load
+    cfg, shape = PRESETS["qwen3-moe-tiny"], MeshShape(2, 4)
+    m = engine.manifest["cache"]
+    cache = CacheShape(m["num_pages"], m["page_size"], m["pages_per_seq"])
+    specs = weight_specs(cfg, shape)
+    modes = set()
+    for bucket in engine.buckets:
+        groups, batch = make_probe(bucket, 2, cfg.vocab_size, cache.page_size, cache.pages_per_seq, seed=7)
+        got = engine.run(bucket, batch)
+        step = jit_step(cfg, StepBucket(DpPaddingMode(bucket.mode), bucket.tokens, bucket.seqs, bucket.global_len),
+                        engine.mesh, specs)
+        kv = init_cache(cfg, Layout.for_mesh(cfg, shape), engine.mesh, cache, jnp.float32)
+        want, _ = step(engine.weights, kv, batch)
+        for g, chunks in enumerate(groups):
+            np.testing.assert_allclose(got[g, :len(chunks)], np.asarray(want)[g, :len(chunks)], atol=1e-5, rtol=0,
+                                       err_msg=bucket.name)
+        modes.add(bucket.mode)
+    assert modes == {"max_len", "sum_len"}
+
+
+def test_manifest_describes_what_was_built(tiny_artifact):
+    m = fmt.read_manifest(tiny_artifact)
+    assert m["jax_version"] and m["platforms"] == ["cpu"]
+    ex = m["executables"]
+    assert {e["mode"] for e in ex} == {"max_len", "sum_len"}
+    for e in ex:
+        assert e["compiled_here"] and e["sha256"] == m["files"][e["file"]]
+        assert e["cost"]["flops"] > 0 and e["cost"]["collectives"]
+    assert m["fastload"]["cpu"]["files"]
+    assert all(f in m["files"] for f in m["fastload"]["cpu"]["files"])
+
+
+def test_tpu_4x8_exports_from_abstract_shapes(tmp_path):
+    buckets = tmp_path / "b.json"
+    buckets.write_text(json.dumps({"tokens": [8, 32], "max_seqs": 8}))
+    out = tmp_path / "tpu"
+    r = run_cli("export", "build", "--platform", "tpu", "--mesh", "4x8", "--buckets", str(buckets),
+                "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("export", "inspect", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["platforms"] == ["tpu"] and d["format_version"] == fmt.FORMAT_VERSION
+    assert d["meshes"] == [{"name": "4x8", "shape": [4, 8], "devices": 32, "compiled_here": False}]
+    assert len(d["executables"]) == 2 + 2  # max_len t8, t32; sum_len t8/g8, t32/g32 (g in [T, 4T))
+    for e in d["executables"]:
+        assert set(e) >= {"mesh", "mode", "bucket", "file", "sha256", "compiled_here"} and not e["compiled_here"]
+    # The runtime here (cpu, 8 devices) refuses it with one clear line.
+    r = run_cli("runtime", "generate", str(out), "--prompt-ids", "1,2")
+    assert r.returncode != 0 and "built for platforms ['tpu'], this machine is cpu" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_flipped_byte_in_any_file_is_detected(tiny_artifact, tmp_path):
+    manifest = fmt.read_manifest(tiny_artifact)
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_artifact, copy)
+    for rel in manifest["files"]:
+        path = copy / rel
+        original = path.read_bytes()
+        flipped = bytearray(original)
+        flipped[len(flipped) // 2] ^= 0x01
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(fmt.ArtifactError, match=str(path)):
+            fmt.verify_all(copy, manifest)
+        path.write_bytes(original)
+    # and through the real loader, for each kind of file
+    for prefix in ("weights/", "exec/", "probes/", "fastload/"):
+        rel = next(f for f in manifest["files"] if f.startswith(prefix))
+        path = copy / rel
+        original = path.read_bytes()
+        path.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
+        with pytest.raises(fmt.ArtifactError, match="sha256"):
+            load(copy)
+        path.write_bytes(original)
+
+
+def test_second_identical_build_rebuilds_nothing(tiny_artifact):
+    before = {p: p.stat().st_mtime_ns for p in tiny_artifact.rglob("*")}
+    t0 = time.perf_counter()
+    build_artifact(tiny_artifact)
+    assert time.perf_counter() - t0 < 5
+    assert {p: p.stat().st_mtime_ns for p in tiny_artifact.rglob("*")} == before
+
+
+def test_killed_build_leaves_nothing_that_loads(tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "export", "build", "--out", str(out), "--quiet"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".killed.tmp-*/exec/2x4/*.jax")):
+        time.sleep(0.1)
+    assert proc.poll() is None, "the build finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with pytest.raises(fmt.ArtifactError):
+        load(out)
+    leftovers = list(tmp_path.glob(".killed.tmp-*"))
+    assert leftovers  # killed mid-way: only the hidden temp directory exists ...
+    for tmp in leftovers:  # ... and it does not load either (no manifest yet)
+        with pytest.raises(fmt.ArtifactError):
+            load(tmp)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--mesh", "2x"], "mesh '2x' is not of the form DxT"),
+    (["--mesh", "0x4"], "both D and T must be at least 1"),
+    (["--model", "no-such-preset"], "unknown model 'no-such-preset'"),
+    (["--model", "EMPTYDIR"], "no config.json"),
+    (["--padding-modes", "fast"], "--padding-modes 'fast'"),
+])
+def test_bad_cli_input(args, message, tmp_path):
+    args = [str(tmp_path) if a == "EMPTYDIR" else a for a in args]
+    r = run_cli("export", "build", "--out", str(tmp_path / "out"), *args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
