@@ -85,25 +85,30 @@ class Engine:
         self.weights = None
         self.cache = None
         self.load_info: LoadInfo | None = None
-        self._compiles_at_ready = 0
+        self._compiles_after_load = 0
 
     # ---------------------------------------------------------------- serving
 
     @property
     def compiles_after_load(self) -> int:
-        return compile_count() - self._compiles_at_ready
+        """Backend compilations that happened inside this engine's own calls since load."""
+        return self._compiles_after_load
 
     def run(self, bucket: Bucket, batch: dict[str, np.ndarray]) -> np.ndarray:
         """One step on a ready executable: logits [dp, seqs, vocab] as numpy. The cache is donated."""
+        before = compile_count()
         args = {k: jax.device_put(v, self._batch_shardings[k]) for k, v in batch.items()}
         logits, self.cache = self.compiled[bucket](self.weights, self.cache, args)
-        return np.asarray(logits)
+        logits = np.asarray(logits)
+        self._compiles_after_load += compile_count() - before
+        return logits
 
     def generate(self, prompts, max_new_tokens, padding_mode="auto", sampling=None):
         from .scheduler import generate
 
+        before = self.compiles_after_load
         outputs, stats = generate(self, prompts, max_new_tokens, padding_mode=padding_mode, sampling=sampling)
-        stats["compiles_after_load"] = self.compiles_after_load
+        stats["compiles_after_load"] = self.compiles_after_load - before
         return outputs, stats
 
     def reset_cache(self) -> None:
@@ -241,7 +246,6 @@ def load(path: str | Path, *, mesh: str | None = None, devices=None, jobs: int =
     finally:
         if cache_dir is not None:
             shutil.rmtree(cache_dir, ignore_errors=True)
-    engine._compiles_at_ready = compile_count()
     engine.load_info = LoadInfo(chosen["name"], len(engine.buckets), cache_dir is not None,
                                 time.perf_counter() - t0, note)
     return engine

@@ -1,0 +1,83 @@
+"""Long, varied serving on a loaded artifact: no compilation after load, outputs as the reference."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from dp_attention import CacheShape, DpPaddingMode, MeshShape
+from driver import StepDriver
+from runtime.batching import Chunk
+
+VOCAB = 500
+REF_TOKENS = 128  # one fixed shape for every reference step: nothing to choose, nothing bucketed
+NEAR_TIE = 1e-3
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Greedy decoding one prompt at a time through the step jitted in-process, group 0 only."""
+    driver = StepDriver("qwen3-moe-tiny", MeshShape(2, 4), cache=CacheShape(num_pages=20, page_size=8, pages_per_seq=16))
+    memo = {}
+
+    def greedy(prompt, new_tokens):
+        key = (tuple(prompt), new_tokens)
+        if key not in memo:
+            driver.reset()
+            pages = driver.alloc(0, -(-(len(prompt) + new_tokens) // driver.cache_shape.page_size))
+            chunk = Chunk(tuple(prompt), 0, pages)
+            tokens, margins = [], []
+            for _ in range(new_tokens):
+                logits = driver.step([[chunk], []], DpPaddingMode.MAX_LEN, tokens=REF_TOKENS, seqs=2)[0][0]
+                top2 = np.sort(logits)[-2:]
+                tokens.append(int(np.argmax(logits)))
+                margins.append(float(top2[1] - top2[0]))
+                chunk = Chunk((tokens[-1],), len(prompt) + len(tokens) - 1, pages)
+            memo[key] = (tokens, margins)
+        return memo[key]
+
+    return greedy
+
+
+def assert_matches_reference(outputs, prompts, new_tokens, reference):
+    """Equal tokens; a divergence is accepted only at a near-tie of the reference's top two logits."""
+    for prompt, got in zip(prompts, outputs):
+        want, margins = reference(prompt, new_tokens)
+        assert len(got) == new_tokens
+        for i, (a, b) in enumerate(zip(got, want)):
+            if a != b:
+                assert margins[i] < NEAR_TIE, f"prompt of {len(prompt)} tokens: token {i} is {a}, reference {b}"
+                break
+
+
+def random_prompts(rng, count, longest):
+    return [rng.integers(0, VOCAB, int(rng.integers(1, longest + 1))).tolist() for _ in range(count)]
+
+
+def test_two_hundred_varied_steps_compile_nothing(tiny_engine, reference):
+    rng = np.random.default_rng(1234)
+    steps, modes_used = 0, set()
+    for run, mode in enumerate(["auto", "max_len", "sum_len", "auto", "auto", "max_len", "sum_len"] * 3):
+        count = int(rng.integers(1, 12))
+        prompts = random_prompts(rng, count, longest=90 if run % 3 == 0 else 20)  # > 32: chunked prefill
+        new_tokens = int(rng.integers(1, 12))
+        outputs, stats = tiny_engine.generate(prompts, new_tokens, padding_mode=mode)
+        assert stats["compiles_after_load"] == 0
+        assert_matches_reference(outputs, prompts, new_tokens, reference)
+        steps += stats["steps"]
+        modes_used |= {m for m, n in stats["modes"].items() if n}
+        if steps >= 200 and run >= 6:
+            break
+    assert steps >= 200
+    assert modes_used == {"max_len", "sum_len"}
+    assert tiny_engine.compiles_after_load == 0
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lengths=st.lists(st.integers(1, 70), min_size=1, max_size=10), new_tokens=st.integers(1, 5),
+       mode=st.sampled_from(["auto", "max_len", "sum_len"]), seed=st.integers(0, 2**16))
+def test_random_batch_compositions(tiny_engine, reference, lengths, new_tokens, mode, seed):
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, VOCAB, n).tolist() for n in lengths]
+    outputs, stats = tiny_engine.generate(prompts, new_tokens, padding_mode=mode)
+    assert stats["compiles_after_load"] == 0
+    assert_matches_reference(outputs, prompts, new_tokens, reference)
