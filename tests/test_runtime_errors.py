@@ -1,0 +1,139 @@
+"""Bad input to the runtime CLI: one clear line on stderr, a nonzero exit, no traceback."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from runtime import cli
+from runtime import format as fmt
+
+from test_export import ROOT
+
+
+def run_main(capsys, *argv):
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as e:  # argparse
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line(code, err, message):
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert message in lines[0], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt-ids", "1,2,500"], "token id 500"),
+    (["--prompt-ids", "1,-1"], "token id -1"),
+    (["--prompt-ids", ""], "empty prompt"),
+    (["--prompt-ids", "1,x"], "expected comma-separated integers"),
+    (["--prompt-ids", "1,2", "--max-new-tokens", "0"], "max_new_tokens"),
+    (["--prompt-ids", ",".join(["1"] * 250), "--max-new-tokens", "16"], "context"),
+])
+def test_bad_requests(tiny_artifact, capsys, args, message):
+    code, out, err = run_main(capsys, "generate", str(tiny_artifact), *args)
+    assert_one_line(code, err, message)
+    assert out == ""
+
+
+@pytest.fixture
+def artifact_copy(tiny_artifact, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_artifact, copy)
+    return copy
+
+
+def edit_manifest(root, change):
+    m = json.loads((root / "manifest.json").read_text())
+    change(m)
+    (root / "manifest.json").write_text(json.dumps(m))
+    return m
+
+
+def first_weight(m):
+    return m["meshes"][0]["weights"]["embed"]["file"]
+
+
+def _four_by_four(m):
+    m["meshes"][0].update(name="4x4", shape=[4, 4], devices=16)
+    for e in m["executables"]:
+        e["mesh"] = "4x4"
+
+
+def _outside(m):
+    rel = first_weight(m)
+    m["meshes"][0]["weights"]["embed"]["file"] = "../outside.safetensors"
+    m["files"]["../outside.safetensors"] = m["files"].pop(rel)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("device_count", "built for meshes 4x4 (16 devices); this machine has 8 cpu devices"),
+    ("platform", "built for platforms ['tpu'], this machine is cpu"),
+    ("format_version", "format_version is 99, this runtime reads 1"),
+    ("outside", "points outside the artifact directory"),
+    ("corrupted", "does not match the manifest"),
+    ("truncated", "does not match the manifest"),
+    ("missing", "missing (listed in the manifest)"),
+    ("no_manifest", "manifest.json: missing"),
+    ("bad_json", "manifest.json: not valid JSON"),
+])
+def test_bad_artifacts(artifact_copy, capsys, case, message):
+    root = artifact_copy
+    m = json.loads((root / "manifest.json").read_text())
+    weight = root / first_weight(m)
+    if case == "device_count":
+        edit_manifest(root, _four_by_four)
+    elif case == "platform":
+        edit_manifest(root, lambda m: m.update(platforms=["tpu"]))
+    elif case == "format_version":
+        edit_manifest(root, lambda m: m.update(format_version=99))
+    elif case == "outside":
+        (root.parent / "outside.safetensors").write_bytes(weight.read_bytes())
+        edit_manifest(root, _outside)
+    elif case == "corrupted":
+        data = bytearray(weight.read_bytes())
+        data[-3] ^= 0x10
+        weight.write_bytes(bytes(data))
+    elif case == "truncated":
+        weight.write_bytes(weight.read_bytes()[:-100])
+    elif case == "missing":
+        weight.unlink()
+    elif case == "no_manifest":
+        (root / "manifest.json").unlink()
+    elif case == "bad_json":
+        (root / "manifest.json").write_text("{not json")
+    code, out, err = run_main(capsys, "generate", str(root), "--prompt-ids", "1,2,3")
+    assert_one_line(code, err, message)
+    assert out == ""
+
+
+def test_verify_passes_and_catches_a_wrong_expectation(tiny_artifact, artifact_copy, capsys):
+    code, out, _ = run_main(capsys, "verify", str(tiny_artifact))
+    assert code == 0 and "probes match" in out
+    # A probe whose expected logits are wrong (checksums updated so load succeeds) fails verify.
+    from safetensors.numpy import load_file, save_file
+    m = json.loads((artifact_copy / "manifest.json").read_text())
+    rel = m["executables"][0]["probe"]
+    probe = load_file(artifact_copy / rel)
+    probe["expected_logits"] = probe["expected_logits"] + 0.01
+    save_file(probe, artifact_copy / rel)
+    edit_manifest(artifact_copy, lambda m: m["files"].update({rel: fmt.sha256_file(artifact_copy / rel)}))
+    code, out, _ = run_main(capsys, "verify", str(artifact_copy))
+    assert code == 1 and "FAIL" in out
+
+
+def test_import_runtime_stays_slim():
+    code = ("import sys, runtime, runtime.engine, runtime.cli, runtime.scheduler, runtime.verify, runtime.format; "
+            "heavy = {'flax', 'tensorflow', 'orbax', 'torch', 'dp_attention', 'export'}; "
+            "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
