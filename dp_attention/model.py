@@ -258,6 +258,8 @@ def jit_step(cfg: ModelConfig, bucket: Bucket, mesh, weight_specs: dict, dense_r
     return jax.jit(
         make_step(cfg, bucket, mesh, weight_specs, dense_reference),
         in_shardings=(w_sh, c_sh, b_sh),
-        out_shardings=(ns(P("data", None, None)), c_sh),
+        # Logits replicated: every host of a multi-host mesh reads all groups' next-token logits,
+        # so all of them can take the same scheduling decisions.
+        out_shardings=(ns(P()), c_sh),
         donate_argnums=(1,),
     )

@@ -35,6 +35,7 @@ from runtime.buckets import Bucket, plan
 from .probes import make_probe
 from .progress import Reporter
 from .source import ModelSource, open_model
+from .tf_savedmodel import mesh_error as savedmodel_mesh_error, write_savedmodel
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 COLLECTIVE = re.compile(r"= \S+ (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
@@ -60,6 +61,7 @@ class BuildConfig:
     pages_per_group: int = 160  # including the reserved page 0
     jobs: int = 2
     fast_load: bool = True
+    tf_savedmodel: bool = False  # also write a TF SavedModel for TensorFlow Serving (1x1 builds only)
 
     def cache(self) -> CacheShape:
         return CacheShape(self.pages_per_group, self.page_size, -(-self.max_context // self.page_size))
@@ -184,6 +186,8 @@ def build(cfg: BuildConfig, report: Reporter | None = None) -> Path:
     plans = {str(s): plan(s.dp, cfg.token_ladder, cfg.max_seqs, cfg.modes, cfg.sum_ladder) for s in cfg.meshes}
     for s in cfg.meshes:
         Layout.for_mesh(model, s)  # fail early on heads that don't fit the mesh
+    if cfg.tf_savedmodel and (reason := savedmodel_mesh_error(cfg.meshes)):
+        raise BuildError(reason)
     for b in (b for bs in plans.values() for b in bs):
         if b.tokens > cache.pages_per_seq * cache.page_size * b.seqs:
             raise BuildError(f"bucket {b.name} holds more tokens than its sequences can (max context {cfg.max_context})")
@@ -243,7 +247,7 @@ def _build_into(tmp: Path, cfg: BuildConfig, source: ModelSource, cache: CacheSh
                  "cache_spec": _spec_json(CACHE_SPEC),
                  "cache_shape": list(cache_shapes(model, Layout.for_mesh(model, shape), shape.dp, cache, jnp.float32)[0]["k"].shape),
                  "batch_specs": {k: _spec_json(v) for k, v in BATCH_SPECS.items()},
-                 "logits_spec": ["data", None, None]}
+                 "logits_spec": []}
         manifest["meshes"].append(entry)
         for bucket in plans[str(shape)]:
             t0 = time.perf_counter()
@@ -259,6 +263,8 @@ def _build_into(tmp: Path, cfg: BuildConfig, source: ModelSource, cache: CacheSh
     for shape in cfg.meshes:
         if manifest["meshes"][cfg.meshes.index(shape)]["compiled_here"]:
             _compile_and_verify(tmp, manifest, shape, source, cache, cfg, report)
+    if cfg.tf_savedmodel:
+        manifest["tf_savedmodel"] = write_savedmodel(tmp, manifest, model, cfg.meshes, cfg.platforms)
     _checksum(tmp, manifest)
     return manifest
 

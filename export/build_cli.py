@@ -13,6 +13,7 @@ from runtime.buckets import MODES, ladder_from_trace
 
 from .build import BuildConfig, BuildError, build
 from .progress import Reporter
+from .tf_savedmodel import mesh_error as savedmodel_mesh_error
 
 
 class UsageError(ValueError):
@@ -53,13 +54,15 @@ def _config(args, meshes) -> BuildConfig:
     bad = [p for p in platforms if p not in ("cpu", "tpu", "cuda", "rocm")]
     if bad or not platforms:
         raise UsageError(f"--platform {args.platform!r}: expected a comma-separated subset of cpu,tpu,cuda,rocm")
+    if args.tf_savedmodel and savedmodel_mesh_error(shapes):
+        raise UsageError(savedmodel_mesh_error(shapes))
     for name in ("max_context", "page_size", "pages_per_group", "jobs"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     return BuildConfig(model=args.model, meshes=shapes, out=Path(args.out) if args.out else None,
                        platforms=platforms, dtype=args.dtype, modes=modes, page_size=args.page_size,
                        max_context=args.max_context, pages_per_group=args.pages_per_group, jobs=args.jobs,
-                       fast_load=not args.no_fast_load, **_ladders(args))
+                       fast_load=not args.no_fast_load, tf_savedmodel=args.tf_savedmodel, **_ladders(args))
 
 
 def run_build(args, meshes) -> int:

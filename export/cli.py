@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--pages-per-group", type=int, default=160)
     b.add_argument("--jobs", type=int, default=2)
     b.add_argument("--no-fast-load", action="store_true", help="skip the fast-load compilation cache")
+    b.add_argument("--tf-savedmodel", action="store_true",
+                   help="also write <artifact>/tf_savedmodel/ for TensorFlow Serving (1x1 builds only)")
     b.add_argument("--quiet", action="store_true")
     i = sub.add_parser("inspect", help="describe an artifact")
     i.add_argument("dir")

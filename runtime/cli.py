@@ -48,10 +48,18 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="replay the artifact's golden probes")
     v.add_argument("dir")
     v.add_argument("--mesh", default=None)
+    for cmd in (g, v):
+        d = cmd.add_argument_group("multi-process serving (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+                                   "JAX_PROCESS_ID)")
+        d.add_argument("--coordinator", default=None, metavar="HOST:PORT")
+        d.add_argument("--num-processes", type=int, default=None)
+        d.add_argument("--process-id", type=int, default=None)
+        d.add_argument("--timeout", type=int, default=60, help="seconds to wait for peers (default 60)")
     return p
 
 
-def _set_device_count(directory: str) -> None:
+def _set_device_count(directory: str, processes: int) -> None:
+    """Virtual CPU devices for this process's share of the artifact's largest mesh."""
     if DEVICE_FLAG in os.environ.get("XLA_FLAGS", ""):
         return
     try:
@@ -59,7 +67,8 @@ def _set_device_count(directory: str) -> None:
             need = max(m["devices"] for m in json.load(f)["meshes"])
     except Exception:  # the loader reports a bad manifest properly
         need = 8
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {DEVICE_FLAG}={max(need, 1)}").strip()
+    per_process = -(-need // processes)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {DEVICE_FLAG}={max(per_process, 1)}").strip()
 
 
 def _fail(message: str) -> int:
@@ -68,8 +77,24 @@ def _fail(message: str) -> int:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    _set_device_count(args.dir)
+    from . import distributed
+
+    try:
+        cluster = distributed.Cluster.from_args(args.coordinator, args.num_processes, args.process_id, args.timeout)
+    except ValueError as e:
+        return _fail(str(e))
+    if cluster is not None and not distributed.is_worker():
+        return distributed.supervise(argv, cluster)
+    _set_device_count(args.dir, cluster.num_processes if cluster else 1)
+    if cluster is not None:
+        distributed.redirect_results()
+        distributed.initialize(cluster)
+    return _serve(args, printing=cluster is None or cluster.process_id == 0)
+
+
+def _serve(args, printing: bool) -> int:
     from .engine import load
     from .format import ArtifactError
     from .sampling import SamplingParams
@@ -82,10 +107,12 @@ def main(argv=None) -> int:
             outputs, stats = engine.generate(args.prompt_ids, args.max_new_tokens, args.padding_mode, sampling)
             stats["load_seconds"] = round(engine.load_info.seconds, 3)
             stats["fast_load"] = engine.load_info.fast_load
+            stats["fast_load_hits"] = engine.load_info.fast_load_hits
+            stats["executables"] = engine.load_info.executables
             stats["mesh"] = engine.load_info.mesh
-            return _print_generate(outputs, stats, args.json)
+            return _print_generate(outputs, stats, args.json) if printing else 0
         engine = load(args.dir, mesh=args.mesh)
-        return _print_verify(engine)
+        return _print_verify(engine, printing)
     except (ArtifactError, RequestError, ValueError) as e:
         return _fail(str(e))
 
@@ -98,15 +125,17 @@ def _print_generate(outputs, stats, as_json: bool) -> int:
         print(f"[{i}] {','.join(map(str, out))}")
     print(f"steps {stats['steps']}, padding efficiency {stats['padding_efficiency']:.2f}, "
           f"modes {stats['modes']}, compiles after load {stats['compiles_after_load']}, "
-          f"load {stats['load_seconds']:.1f}s ({'fast-load' if stats['fast_load'] else 'compiled at load'})",
+          f"load {stats['load_seconds']:.1f}s ({stats['fast_load_hits']}/{stats['executables']} executables from fast-load)",
           file=sys.stderr)
     return 0
 
 
-def _print_verify(engine) -> int:
+def _print_verify(engine, printing: bool = True) -> int:
     from .verify import verify
 
     rows = verify(engine)
+    if not printing:
+        return 0 if rows and all(r["ok"] for r in rows) else 1
     print(f"{'executable':32s} {'max |diff|':>12s}  result")
     for r in rows:
         err = "-" if r["error"] is None else f"{r['error']:.2e}"

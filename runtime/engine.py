@@ -28,6 +28,7 @@ from . import format as fmt
 from .buckets import Bucket
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
 
 class _CompileCounter:
@@ -35,23 +36,39 @@ class _CompileCounter:
 
     def __init__(self):
         self.count = 0
+        self.cache_hits = 0
         self._lock = threading.Lock()
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+        jax.monitoring.register_event_duration_secs_listener(self._on_duration)
+        jax.monitoring.register_event_listener(self._on_event)
 
-    def _on_event(self, event, duration, **kwargs):
+    def _on_duration(self, event, duration, **kwargs):
         if event == BACKEND_COMPILE_EVENT:
             with self._lock:
                 self.count += 1
+
+    def _on_event(self, event, **kwargs):
+        if event == CACHE_HIT_EVENT:
+            with self._lock:
+                self.cache_hits += 1
 
 
 _counter: _CompileCounter | None = None
 
 
-def compile_count() -> int:
+def _the_counter() -> _CompileCounter:
     global _counter
     if _counter is None:
         _counter = _CompileCounter()
-    return _counter.count
+    return _counter
+
+
+def compile_count() -> int:
+    return _the_counter().count
+
+
+def _put(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """Host data onto a (possibly multi-host) sharding: each process places only its own shards."""
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
 def spec_of(entry) -> P:
@@ -62,7 +79,8 @@ def spec_of(entry) -> P:
 class LoadInfo:
     mesh: str
     executables: int
-    fast_load: bool
+    fast_load: bool  # the artifact's fast-load section matched this platform and jax
+    fast_load_hits: int  # executables actually read from it (a different host layout misses)
     seconds: float
     fast_load_note: str = ""
 
@@ -97,9 +115,9 @@ class Engine:
     def run(self, bucket: Bucket, batch: dict[str, np.ndarray]) -> np.ndarray:
         """One step on a ready executable: logits [dp, seqs, vocab] as numpy. The cache is donated."""
         before = compile_count()
-        args = {k: jax.device_put(v, self._batch_shardings[k]) for k, v in batch.items()}
+        args = {k: _put(v, self._batch_shardings[k]) for k, v in batch.items()}
         logits, self.cache = self.compiled[bucket](self.weights, self.cache, args)
-        logits = np.asarray(logits)
+        logits = np.asarray(logits.addressable_data(0))  # replicated: every host has all of it
         self._compiles_after_load += compile_count() - before
         return logits
 
@@ -120,7 +138,7 @@ class Engine:
     def _zero_cache(self):
         sharding = NamedSharding(self.mesh, spec_of(self.mesh_entry["cache_spec"]))
         shape, dtype = tuple(self.mesh_entry["cache_shape"]), jax.numpy.dtype(self.manifest["dtype"])
-        zeros = lambda: jax.device_put(np.zeros(shape, dtype), sharding)  # noqa: E731
+        zeros = lambda: _put(np.zeros(shape, dtype), sharding)  # noqa: E731
         return [{"k": zeros(), "v": zeros()} for _ in range(self.manifest["model"]["num_layers"])]
 
     def _load_weights(self):
@@ -240,6 +258,7 @@ def load(path: str | Path, *, mesh: str | None = None, devices=None, jobs: int =
     engine.cache = engine._zero_cache()
 
     cache_dir, note = _fast_load_dir(root, manifest, platform) if fast_load else (None, "fast-load disabled")
+    hits_before = _the_counter().cache_hits
     try:
         with compilation_cache_at(cache_dir):
             engine._compile_all(jobs)
@@ -247,5 +266,5 @@ def load(path: str | Path, *, mesh: str | None = None, devices=None, jobs: int =
         if cache_dir is not None:
             shutil.rmtree(cache_dir, ignore_errors=True)
     engine.load_info = LoadInfo(chosen["name"], len(engine.buckets), cache_dir is not None,
-                                time.perf_counter() - t0, note)
+                                _the_counter().cache_hits - hits_before, time.perf_counter() - t0, note)
     return engine

@@ -44,7 +44,7 @@ def test_collectives_per_layer(mode, global_len, per_moe_layer):
     expected["all-reduce"] += dense  # dense MLP down-projection
     for op, n in per_moe_layer.items():
         expected[op] += n * moe
-    expected["all-gather"] += 1  # vocab-sharded logits, once per step
+    expected["all-gather"] += 2  # once per step: vocab-sharded logits over "tensor", then to every group
     assert count(compiled(mode, global_len).as_text()) == expected
 
 

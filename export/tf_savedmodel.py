@@ -1,0 +1,316 @@
+"""TF SavedModel export of a 1x1 build, for TensorFlow Serving (`python -m export build --mesh 1x1 --tf-savedmodel`).
+
+Written through orbax-export (JaxModule -> jax2tf native serialization -> ExportManager) into
+`<artifact>/tf_savedmodel/`:
+
+- one serving signature per bucket of the 1x1 mesh, named after the bucket (`max_len-t4-s4-g4`);
+- the placed weights of the 1x1 mesh (read back from the artifact's `weights/` files) as
+  non-trainable `tf.Variable`s named after the weights (`embed`, `layers.0.q_proj`, ...);
+- the KV cache as an input and an output: two stacked tensors `k_cache` and `v_cache` of shape
+  [layers, 1, pages, page_size, kv_heads, head_dim] (the runtime's per-layer cache, stacked along a
+  new leading axis). TF Serving keeps no state between requests, so the client sends the cache it
+  got back from the previous step;
+- `assets.extra/tf_serving_warmup_requests`: a TFRecord file of `tensorflow.serving.PredictionLog`
+  records, one PredictRequest per signature, made from the build's golden probe of that bucket with a
+  zero cache (a probe reads only what it writes, so its logits don't depend on the cache).
+
+Signature inputs: `tokens`, `positions`, `seq_index` [1, T], `num_tokens` [1], `page_table`
+[1, S, pages_per_seq], `last_index` [1, S] (all int32, the step's batch), `k_cache`, `v_cache`.
+Outputs: `logits` [1, S, vocab] and the updated `k_cache`, `v_cache`.
+
+TensorFlow and orbax are imported only when a SavedModel is written. The PredictionLog messages are
+a wire-compatible subset of tensorflow_serving/apis/{prediction_log,predict,model}.proto (same field
+numbers), built here in a private descriptor pool, so no tensorflow-serving-api dependency is needed
+(that package requires the full `tensorflow` distribution, which would clash with tensorflow-cpu).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+SAVEDMODEL_DIR = "tf_savedmodel"
+WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
+BATCH_INPUTS = ("tokens", "positions", "seq_index", "num_tokens", "page_table", "last_index")
+CACHE_INPUTS = ("k_cache", "v_cache")
+OUTPUTS = ("logits",) + CACHE_INPUTS
+
+
+def mesh_error(meshes) -> str | None:
+    """The one-line reason a SavedModel can't be exported for these meshes, or None."""
+    other = [str(m) for m in meshes if (m.dp, m.tp) != (1, 1)]
+    if not other:
+        return None
+    return (f"SavedModel export is for 1x1 builds (a single device); --tf-savedmodel was given with mesh "
+            f"{', '.join(other)}: build --mesh 1x1 --tf-savedmodel separately")
+
+
+def signature_name(bucket_name: str) -> str:
+    return bucket_name
+
+
+# ------------------------------------------------------------------------------------ the export
+
+def write_savedmodel(tmp: Path, manifest: dict, cfg, meshes, platforms) -> dict:
+    """Write `tmp/tf_savedmodel/` for the 1x1 mesh of a build in progress (model config `cfg`, the
+    manifest so far, with its weights and probes already in `tmp`); returns its manifest entry.
+
+    When the build targets CPU, the SavedModel is then loaded in TensorFlow and each warmup request
+    is run through its signature: the logits must match the probe's (BuildError otherwise).
+    """
+    from .build import BuildError, tolerance
+
+    reason = mesh_error(meshes)
+    if reason:
+        raise BuildError(reason)
+
+    import jax.numpy as jnp
+    import tensorflow as tf
+    from orbax.export import ExportManager, JaxModule, ServingConfig
+    from safetensors.numpy import load_file
+
+    from dp_attention import Bucket as StepBucket, DpPaddingMode, MeshShape
+    from runtime.buckets import Bucket
+
+    shape = MeshShape(1, 1)
+    mesh_entry = next(m for m in manifest["meshes"] if m["name"] == str(shape))
+    weights = {name: load_file(tmp / w["file"])["tensor"] for name, w in mesh_entry["weights"].items()}
+    dtype = np.dtype(jnp.dtype(manifest["dtype"]))
+    cache_shape = (cfg.num_layers, *mesh_entry["cache_shape"])
+
+    entries = [e for e in manifest["executables"] if e["mesh"] == str(shape)]
+    apply_fns, serving, batches = {}, [], {}
+    for e in entries:
+        b = Bucket.from_json(e["bucket"])
+        name = signature_name(b.name)
+        step = _one_device_step(cfg, StepBucket(DpPaddingMode(b.mode), b.tokens, b.seqs, b.global_len))
+        apply_fns[name] = _apply(step, cfg.num_layers)
+        spec = {k: tf.TensorSpec(v, tf.int32, name=k) for k, v in e["batch_shapes"].items()}
+        spec |= {k: tf.TensorSpec(cache_shape, tf.as_dtype(dtype), name=k) for k in CACHE_INPUTS}
+        serving.append(ServingConfig(signature_key=name, input_signature=[spec], method_key=name))
+        batches[name] = _probe_batch(tmp, manifest, e, b)
+
+    out = tmp / SAVEDMODEL_DIR
+    with _stablehlo_readable_by_tf():
+        module = JaxModule(weights, apply_fns, trainable=False,
+                           jax2tf_kwargs={k: {"native_serialization_platforms": tuple(platforms)} for k in apply_fns},
+                           jit_compile=True)
+        ExportManager(module, serving).save(str(out))
+
+    warmup = out / WARMUP_FILE
+    warmup.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(warmup)) as w:
+        for name, batch in batches.items():
+            w.write(warmup_record(name, batch, cache_shape, dtype).SerializeToString())
+    entry = {"dir": SAVEDMODEL_DIR, "signatures": list(apply_fns), "warmup": f"{SAVEDMODEL_DIR}/{WARMUP_FILE}",
+             "inputs": list(BATCH_INPUTS + CACHE_INPUTS), "outputs": list(OUTPUTS),
+             "cache_shape": list(cache_shape), "platforms": list(platforms)}
+    if "cpu" in platforms:
+        expected = {signature_name(Bucket.from_json(e["bucket"]).name): load_file(tmp / e["probe"])["expected_logits"]
+                    for e in entries if e.get("probe")}
+        entry["probe_max_error"] = _check(out, expected, tolerance(manifest["dtype"]))
+    return entry
+
+
+def _check(saved_dir: Path, expected: dict[str, np.ndarray], tol: float) -> dict[str, float]:
+    """Load the SavedModel in TensorFlow, replay each warmup request, compare with the probe's logits."""
+    import tensorflow as tf
+    from tensorflow.core.framework.tensor_pb2 import TensorProto
+
+    from .build import BuildError
+
+    loaded = tf.saved_model.load(str(saved_dir))
+    errors = {}
+    for log in read_warmup(saved_dir / WARMUP_FILE):
+        req = log.predict_log.request
+        name = req.model_spec.signature_name
+        if name not in expected:
+            continue
+        inputs = {k: tf.constant(tf.make_ndarray(TensorProto.FromString(v.SerializeToString())))
+                  for k, v in req.inputs.items()}
+        got = loaded.signatures[name](**inputs)["logits"].numpy().astype(np.float32)
+        errors[name] = worst = float(np.abs(got - expected[name]).max())
+        if not worst <= tol:
+            raise BuildError(f"{SAVEDMODEL_DIR} signature {name} disagrees with the build's probe in TensorFlow: "
+                             f"max |logit difference| {worst:.3g} > {tol:.0e}")
+    return errors
+
+
+def _one_device_step(cfg, bucket):
+    """The step of a 1x1 mesh with its collectives bound to size-1 vmapped axes instead of devices.
+
+    `make_step` runs the per-device step in a shard_map; on one device its psums and all-gathers
+    still compile to XLA collectives, which TensorFlow's XLA can't run (it gives them no device
+    assignment). Under vmap over a leading axis of size 1 for "data" and "tensor", the same per-device
+    code computes the same thing with no collectives at all: a 1x1 mesh places every array whole on
+    its one device, so each "device block" is the whole array.
+    """
+    import jax
+
+    from dp_attention.model import _device_step
+
+    per_device = jax.vmap(jax.vmap(partial(_device_step, cfg, bucket, False), axis_name="tensor"), axis_name="data")
+
+    def step(weights, cache, batch):
+        add = lambda tree: jax.tree.map(lambda x: x[None, None], tree)  # noqa: E731
+        logits, cache = per_device(add(weights), add(cache), add(batch))
+        logits, cache = jax.tree.map(lambda x: x[0, 0], (logits, cache))
+        return logits[..., : cfg.vocab_size], cache
+
+    return step
+
+
+@contextlib.contextmanager
+def _stablehlo_readable_by_tf():
+    """Serialize StableHLO no newer than this TensorFlow's XlaCallModule can read.
+
+    jax.export targets the StableHLO of about 4 weeks ago; the TF release beside it is often older
+    (jax 0.10 writes 1.15.0, TF 2.21 reads up to 1.13.7). There is no public switch for the target,
+    so for the duration of the export the version jax asks for is capped at TF's.
+    """
+    from jax._src.export import _export
+    from tensorflow.compiler.mlir.stablehlo import stablehlo as tf_stablehlo
+
+    hlo = getattr(_export, "hlo", None)
+    original = getattr(hlo, "get_version_from_compatibility_requirement", None)
+    if original is None or not hasattr(hlo, "get_smaller_version"):
+        yield  # a jax whose internals moved: the build's check of the SavedModel will tell
+        return
+    tf_version = tf_stablehlo.get_current_version()
+    hlo.get_version_from_compatibility_requirement = lambda req: hlo.get_smaller_version(original(req), tf_version)
+    try:
+        yield
+    finally:
+        hlo.get_version_from_compatibility_requirement = original
+
+
+def _apply(step, num_layers: int):
+    """(weights, inputs dict) -> outputs dict: the step with the cache stacked over layers."""
+    import jax.numpy as jnp
+
+    def apply(weights, x):
+        cache = [{"k": x["k_cache"][i], "v": x["v_cache"][i]} for i in range(num_layers)]
+        logits, cache = step(weights, cache, {k: x[k] for k in BATCH_INPUTS})
+        return {"logits": logits, "k_cache": jnp.stack([c["k"] for c in cache]),
+                "v_cache": jnp.stack([c["v"] for c in cache])}
+
+    return apply
+
+
+def _probe_batch(tmp: Path, manifest: dict, entry: dict, bucket) -> dict[str, np.ndarray]:
+    """The golden probe batch of one executable (as the build wrote it, else regenerated alike)."""
+    if entry.get("probe"):
+        from safetensors.numpy import load_file
+
+        data = load_file(tmp / entry["probe"])
+        return {k: data[k] for k in BATCH_INPUTS}
+    from .probes import make_probe
+
+    c = manifest["cache"]
+    _, batch = make_probe(bucket, 1, manifest["model"]["vocab_size"], c["page_size"], c["pages_per_seq"])
+    return {k: np.asarray(batch[k]) for k in BATCH_INPUTS}
+
+
+# ------------------------------------------------------------------------------------ warmup records
+
+def warmup_record(signature: str, batch: dict[str, np.ndarray], cache_shape, dtype):
+    """One PredictionLog{predict_log{request}} for `signature`: the batch plus a zero KV cache.
+
+    The zero caches are stored compactly (one value, which TensorProto repeats over the shape).
+    """
+    import tensorflow as tf
+
+    msgs = prediction_log_classes()
+    log = msgs["PredictionLog"]()
+    req = log.predict_log.request
+    req.model_spec.signature_name = signature
+    for k in BATCH_INPUTS:
+        req.inputs[k].MergeFromString(tf.make_tensor_proto(np.asarray(batch[k], np.int32)).SerializeToString())
+    zero = tf.make_tensor_proto(np.zeros((), dtype), dtype=tf.as_dtype(dtype), shape=list(cache_shape))
+    for k in CACHE_INPUTS:
+        req.inputs[k].MergeFromString(zero.SerializeToString())
+    return log
+
+
+def read_warmup(path: str | Path) -> list:
+    """Parse a warmup file into PredictionLog messages (this module's classes)."""
+    import tensorflow as tf
+
+    cls = prediction_log_classes()["PredictionLog"]
+    out = []
+    for raw in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+        log = cls()
+        log.ParseFromString(raw)
+        out.append(log)
+    return out
+
+
+_CLASSES: dict | None = None
+
+
+def prediction_log_classes() -> dict:
+    """Message classes for PredictionLog, PredictLog, PredictRequest, PredictResponse, ModelSpec."""
+    global _CLASSES
+    if _CLASSES is not None:
+        return _CLASSES
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    from tensorflow.core.framework import tensor_pb2
+
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file_desc):
+        if file_desc.name in added:
+            return
+        for dep in file_desc.dependencies:
+            add(dep)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file_desc.CopyToProto(proto)
+        pool.Add(proto)
+        added.add(file_desc.name)
+
+    add(tensor_pb2.DESCRIPTOR)
+    F = descriptor_pb2.FieldDescriptorProto
+    fd = descriptor_pb2.FileDescriptorProto(name="qwen3_moe_aot/tf_serving_prediction_log.proto",
+                                            package="tensorflow.serving", syntax="proto3",
+                                            dependency=[tensor_pb2.DESCRIPTOR.name])
+
+    def message(name, fields, nested=()):
+        m = fd.message_type.add(name=name)
+        for n in nested:
+            m.nested_type.add().CopyFrom(n)
+        for fname, number, ftype, type_name, label in fields:
+            f = m.field.add(name=fname, number=number, type=ftype, label=label)
+            if type_name:
+                f.type_name = type_name
+        return m
+
+    opt, rep = F.LABEL_OPTIONAL, F.LABEL_REPEATED
+    msg, string = F.TYPE_MESSAGE, F.TYPE_STRING
+
+    def map_entry(name):
+        e = descriptor_pb2.DescriptorProto(name=name)
+        e.options.map_entry = True
+        e.field.add(name="key", number=1, type=string, label=opt)
+        e.field.add(name="value", number=2, type=msg, label=opt, type_name=".tensorflow.TensorProto")
+        return e
+
+    message("ModelSpec", [("name", 1, string, "", opt), ("signature_name", 3, string, "", opt)])
+    message("PredictRequest", [("model_spec", 1, msg, ".tensorflow.serving.ModelSpec", opt),
+                               ("inputs", 2, msg, ".tensorflow.serving.PredictRequest.InputsEntry", rep),
+                               ("output_filter", 3, string, "", rep)], [map_entry("InputsEntry")])
+    message("PredictResponse", [("outputs", 1, msg, ".tensorflow.serving.PredictResponse.OutputsEntry", rep),
+                                ("model_spec", 2, msg, ".tensorflow.serving.ModelSpec", opt)],
+            [map_entry("OutputsEntry")])
+    message("PredictLog", [("request", 1, msg, ".tensorflow.serving.PredictRequest", opt),
+                           ("response", 2, msg, ".tensorflow.serving.PredictResponse", opt)])
+    pl = message("PredictionLog", [("predict_log", 6, msg, ".tensorflow.serving.PredictLog", opt)])
+    pl.oneof_decl.add(name="log_type")
+    pl.field[0].oneof_index = 0
+    pool.Add(fd)
+    _CLASSES = {n: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"tensorflow.serving.{n}"))
+                for n in ("PredictionLog", "PredictLog", "PredictRequest", "PredictResponse", "ModelSpec")}
+    return _CLASSES

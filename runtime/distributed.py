@@ -1,0 +1,119 @@
+"""Serving one mesh from several processes (hosts) on JAX's multi-controller runtime.
+
+Every process runs the same program: it loads only the weight shards its devices hold, runs the
+same deterministic scheduler on the same requests, and reads the same replicated logits, so all of
+them take the same decisions without talking outside the executables' own collectives. Only
+process 0 prints results.
+
+When a peer never arrives or dies, JAX's coordination service aborts the process from C++ with a
+stack trace rather than raising. So the CLI runs the worker as a child process and supervises it:
+a worker that ends that way is reported as one clear line, within the configured timeout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+
+CHILD_MARKER = "QWEN3_AOT_DISTRIBUTED_WORKER"
+RESULT_FILE = "QWEN3_AOT_WORKER_STDOUT"
+ENV = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    coordinator: str
+    num_processes: int
+    process_id: int
+    timeout: int  # seconds to wait for peers, and to notice one that stopped
+
+    @staticmethod
+    def from_args(coordinator, num_processes, process_id, timeout) -> "Cluster | None":
+        """Flags first, then JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID."""
+        coordinator = coordinator or os.environ.get(ENV["coordinator"])
+        num = num_processes if num_processes is not None else _env_int(ENV["num_processes"])
+        pid = process_id if process_id is not None else _env_int(ENV["process_id"])
+        if coordinator is None and num in (None, 1):
+            return None
+        if coordinator is None or num is None or pid is None:
+            raise ValueError("multi-process serving needs --coordinator HOST:PORT, --num-processes N and "
+                             "--process-id I (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
+        if ":" not in coordinator:
+            raise ValueError(f"--coordinator {coordinator!r}: expected HOST:PORT")
+        if num < 1 or not 0 <= pid < num:
+            raise ValueError(f"--process-id {pid} must be in [0, {num}) for --num-processes {num}")
+        if timeout < 1:
+            raise ValueError(f"--timeout must be at least 1 second, got {timeout}")
+        return Cluster(coordinator, num, pid, timeout)
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: expected an integer") from None
+
+
+def initialize(cluster: Cluster) -> None:
+    """Join the cluster (gloo collectives on CPU). Call before anything touches devices."""
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(cluster.coordinator, num_processes=cluster.num_processes,
+                               process_id=cluster.process_id, initialization_timeout=cluster.timeout,
+                               heartbeat_timeout_seconds=cluster.timeout,
+                               shutdown_timeout_seconds=cluster.timeout)
+
+
+def is_worker() -> bool:
+    return os.environ.get(CHILD_MARKER) == "1"
+
+
+def supervise(argv: list[str], cluster: Cluster) -> int:
+    """Run this command again as a worker child; turn an abort from JAX into one clear line.
+
+    The worker's results reach our stdout through a file: gloo prints connection chatter from C++
+    threads straight onto file descriptor 1, and stdout must stay exactly what we print.
+    """
+    with tempfile.TemporaryDirectory(prefix="aot-worker-") as tmp:
+        result = os.path.join(tmp, "stdout")
+        env = dict(os.environ, **{CHILD_MARKER: "1", RESULT_FILE: result})
+        child = subprocess.run([sys.executable, "-m", "runtime", *argv], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+        if os.path.exists(result):
+            with open(result) as f:
+                sys.stdout.write(f.read())
+    err = child.stderr
+    if child.returncode == 0:
+        sys.stderr.write("".join(l for l in err.splitlines(keepends=True) if "[Gloo]" not in l))
+        return 0
+    ours = [line for line in err.splitlines() if line.startswith("python -m runtime: error:")]
+    if ours:
+        print(ours[-1], file=sys.stderr)
+        return child.returncode if child.returncode > 0 else 1
+    print(f"python -m runtime: error: {_explain(err, cluster)}", file=sys.stderr)
+    return 1
+
+
+def redirect_results() -> None:
+    """In a worker: what we print goes to the supervisor's result file, not to fd 1."""
+    path = os.environ.get(RESULT_FILE)
+    if path:
+        sys.stdout = open(path, "w", buffering=1)
+
+
+def _explain(err: str, cluster: Cluster) -> str:
+    where = f"process {cluster.process_id} of {cluster.num_processes}, coordinator {cluster.coordinator}"
+    if "RegisterTask" in err or ("Barrier" in err and "DEADLINE_EXCEEDED" in err):
+        return (f"not every process joined within {cluster.timeout} s ({where}); start all "
+                f"{cluster.num_processes} processes with the same --coordinator and --num-processes")
+    if "DEADLINE_EXCEEDED" in err or "heartbeat" in err.lower() or "UNAVAILABLE" in err:
+        return f"lost contact with a peer process ({where}): it stopped or became unreachable"
+    last = next((line for line in reversed(err.splitlines()) if line.strip() and not line.startswith(" ")), "")
+    return f"worker aborted ({where}): {last[:300]}"

@@ -1,0 +1,79 @@
+"""One 2x4 artifact served by two processes of 4 virtual CPU devices each, on loopback."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import build_artifact
+from test_export import ROOT, run_cli
+
+PROMPTS = ["1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20", "7,8", "400,3,9", "5"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def generate_args(artifact):
+    args = ["runtime", "generate", str(artifact), "--max-new-tokens", "6", "--json"]
+    for p in PROMPTS:
+        args += ["--prompt-ids", p]
+    return args
+
+
+def env_with_devices(n):
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+
+
+@pytest.fixture(scope="module")
+def small_artifact(tmp_path_factory):
+    return build_artifact(tmp_path_factory.mktemp("mp") / "tiny", ladder=(4, 16))
+
+
+def test_two_processes_give_the_single_process_tokens(small_artifact):
+    single = run_cli(*generate_args(small_artifact), env=env_with_devices(8))
+    assert single.returncode == 0, single.stderr
+    expected = json.loads(single.stdout)["outputs"]
+
+    port = free_port()
+    cluster = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--timeout", "120"]
+    procs = [subprocess.Popen([sys.executable, "-m", *generate_args(small_artifact), *cluster, "--process-id", str(i)],
+                              cwd=ROOT, env=env_with_devices(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in (0, 1)]
+    results = [p.communicate(timeout=400) for p in procs]
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, err
+    out0, out1 = results[0][0], results[1][0]
+    assert json.loads(out0)["outputs"] == expected  # stdout is exactly one JSON object
+    assert json.loads(out0)["stats"]["compiles_after_load"] == 0
+    assert out1 == ""  # only process 0 prints
+
+
+def test_peer_that_never_starts_is_a_clear_error_within_the_timeout(small_artifact):
+    port = free_port()
+    t0 = time.perf_counter()
+    r = run_cli(*generate_args(small_artifact), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                "--process-id", "0", "--timeout", "3", env=env_with_devices(4), timeout=120)
+    elapsed = time.perf_counter() - t0
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not every process joined within 3 s" in lines[0], r.stderr
+    assert r.stdout == ""
+    assert elapsed < 3 + 30
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--coordinator", "127.0.0.1:1"], "needs --coordinator HOST:PORT, --num-processes N and --process-id I"),
+    (["--coordinator", "nohost", "--num-processes", "2", "--process-id", "0"], "expected HOST:PORT"),
+    (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"], "must be in [0, 2)"),
+])
+def test_bad_cluster_flags(small_artifact, args, message):
+    r = run_cli("runtime", "generate", str(small_artifact), "--prompt-ids", "1", *args, timeout=60)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
