@@ -121,11 +121,13 @@ class Engine:
         self._compiles_after_load += compile_count() - before
         return logits
 
-    def generate(self, prompts, max_new_tokens, padding_mode="auto", sampling=None):
+    def generate(self, prompts, max_new_tokens, padding_mode="auto", sampling=None, **options):
+        """Serve prompts (see runtime.scheduler.generate for options); stats include compiles_after_load."""
         from .scheduler import generate
 
         before = self.compiles_after_load
-        outputs, stats = generate(self, prompts, max_new_tokens, padding_mode=padding_mode, sampling=sampling)
+        outputs, stats = generate(self, prompts, max_new_tokens, padding_mode=padding_mode, sampling=sampling,
+                                  **options)
         stats["compiles_after_load"] = self.compiles_after_load - before
         return outputs, stats
 

@@ -112,14 +112,18 @@ class Scheduler:
     def max_context(self) -> int:
         return self.ex.pages_per_seq * self.ex.page_size
 
-    def _make_requests(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[_Request]:
+    def _make_requests(self, prompts: Sequence[Sequence[int]], max_new_tokens) -> list[_Request]:
         """Validate every request up front, so a bad one fails the call before any work is done."""
-        if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) \
-                or max_new_tokens < 1:
-            raise RequestError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if len(prompts) == 0:
             raise RequestError("the prompt list is empty; pass at least one non-empty prompt")
-        return [self._make_request(i, p, int(max_new_tokens)) for i, p in enumerate(prompts)]
+        per_request = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple, np.ndarray)) \
+            else [max_new_tokens] * len(prompts)
+        if len(per_request) != len(prompts):
+            raise RequestError(f"{len(per_request)} max_new_tokens values for {len(prompts)} prompts")
+        for n in per_request:
+            if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+                raise RequestError(f"max_new_tokens must be an integer >= 1, got {n!r}")
+        return [self._make_request(i, p, int(n)) for i, (p, n) in enumerate(zip(prompts, per_request))]
 
     def _make_request(self, i: int, prompt: Sequence[int], max_new: int) -> _Request:
         ids = np.asarray(prompt)
@@ -256,15 +260,31 @@ class Scheduler:
 
     # ---- the loop ---------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int
-                 ) -> tuple[list[list[int]], dict]:
-        """Generate for every prompt; outputs in prompt order, plus the run's stats."""
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens, arrivals: Sequence[int] | None = None,
+                 record_steps: bool = False) -> tuple[list[list[int]], dict]:
+        """Generate for every prompt; outputs in prompt order, plus the run's stats.
+
+        `max_new_tokens` is one count or one per prompt. `arrivals` (optional) gives, per prompt,
+        the step at which it arrives: a replayed trace. Steps with nothing to do are skipped, not
+        run. `record_steps` adds `step_tokens` (real tokens per group, per step) to the stats: the
+        trace that `python -m export build --plan-from` plans buckets from.
+        """
         requests = self._make_requests(prompts, max_new_tokens)
+        arrivals = [0] * len(requests) if arrivals is None else [int(a) for a in arrivals]
+        if len(arrivals) != len(requests):
+            raise RequestError(f"{len(arrivals)} arrivals for {len(requests)} prompts")
         sampler = Sampler(self.sampling, len(requests))
-        queue = list(requests)
+        pending = sorted(requests, key=lambda r: (arrivals[r.index], r.index))
+        queue: list[_Request] = []
         active: list[list[_Request]] = [[] for _ in range(self.dp)]
-        stats = _Stats()
-        while queue or any(active):
+        stats = _Stats(step_tokens=[] if record_steps else None)
+        clock = 0
+        while pending or queue or any(active):
+            while pending and arrivals[pending[0].index] <= clock:
+                queue.append(pending.pop(0))
+            if not queue and not any(active):
+                clock = arrivals[pending[0].index]  # idle until the next arrival
+                continue
             step = stats.steps
             self._admit(queue, active)
             stats.max_queue = max(stats.max_queue, len(queue))
@@ -274,6 +294,7 @@ class Scheduler:
             for r in self._advance(plan, logits, sampler, step):
                 active[r.group].remove(r)
                 self._release(r)
+            clock += 1
         stats.generated_tokens = sum(len(r.generated) for r in requests)
         return [list(r.generated) for r in requests], stats.as_dict()
 
@@ -295,6 +316,7 @@ class _Stats:
     prefill_chunks: int = 0
     max_queue: int = 0
     generated_tokens: int = 0
+    step_tokens: list | None = None
 
     def record(self, bucket: Bucket, plan: list[list[_Work]], dp: int) -> None:
         """Account one step; called before the step's requests advance."""
@@ -305,21 +327,26 @@ class _Stats:
         self.padded_tokens += dp * bucket.tokens
         self.exchange_rows += bucket.exchange_rows(dp)
         self.prefill_chunks += sum(not w.request.decoding for ws in plan for w in ws)
+        if self.step_tokens is not None:
+            self.step_tokens.append([sum(len(w.chunk.tokens) for w in ws) for ws in plan])
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        if self.step_tokens is None:
+            del d["step_tokens"]
         d["padding_efficiency"] = self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
         return d
 
 
-def generate(executor: Executor, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+def generate(executor: Executor, prompts: Sequence[Sequence[int]], max_new_tokens, *,
              padding_mode: str = "auto", sampling: SamplingParams | None = None,
-             eos_token_id: int | None = None) -> tuple[list[list[int]], dict]:
+             eos_token_id: int | None = None, arrivals: Sequence[int] | None = None,
+             record_steps: bool = False) -> tuple[list[list[int]], dict]:
     """Serve `prompts` on `executor`: outputs (list of new-token lists, in prompt order), stats.
 
     Stats: steps, buckets {name: count}, modes {max_len, sum_len}, real_tokens, padded_tokens
     (dp * bucket.tokens per step), padding_efficiency, exchange_rows, prefill_chunks, max_queue,
-    generated_tokens.
+    generated_tokens (and step_tokens with record_steps).
     """
     sched = Scheduler(executor, padding_mode=padding_mode, sampling=sampling, eos_token_id=eos_token_id)
-    return sched.generate(prompts, max_new_tokens)
+    return sched.generate(prompts, max_new_tokens, arrivals=arrivals, record_steps=record_steps)

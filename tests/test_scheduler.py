@@ -282,3 +282,27 @@ def test_random_batch_compositions(data):
     assert outs == reference(prompts, max_new)
     check_stats(stats, outs, ex)
     assert all(sorted(f) == list(range(1, num_pages)) for f in sched.free_pages)
+
+
+def test_trace_replay_with_arrivals_and_per_request_lengths():
+    """Requests arriving over time, each with its own output length, as a replayed trace."""
+    rng = np.random.default_rng(5)
+    prompts = random_prompts(rng, 12, 1, 30)
+    lengths = [int(n) for n in rng.integers(1, 9, len(prompts))]
+    arrivals = sorted(int(a) for a in rng.integers(0, 40, len(prompts)))
+    ex = FakeExecutor(dp=2)
+    outs, stats = generate(ex, prompts, lengths, arrivals=arrivals, record_steps=True)
+    for p, n, out in zip(prompts, lengths, outs):
+        assert out == reference([p], n)[0]
+    assert len(stats["step_tokens"]) == stats["steps"]
+    assert sum(map(sum, stats["step_tokens"])) == stats["real_tokens"]
+    # Idle time before an arrival is skipped, not stepped through.
+    _, late = generate(ex, [[1, 2]], [1], arrivals=[1000])
+    assert late["steps"] == 1
+
+
+def test_per_request_lengths_must_match_prompts():
+    with pytest.raises(RequestError, match="2 max_new_tokens values for 3 prompts"):
+        generate(FakeExecutor(), [[1], [2], [3]], [1, 2])
+    with pytest.raises(RequestError, match="1 arrivals for 2 prompts"):
+        generate(FakeExecutor(), [[1], [2]], 1, arrivals=[0])
