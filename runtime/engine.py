@@ -100,6 +100,7 @@ class Engine:
         self.buckets = sorted(self.entries)
         self._batch_shardings = {k: NamedSharding(mesh, spec_of(v)) for k, v in mesh_entry["batch_specs"].items()}
         self.compiled: dict[Bucket, jax.stages.Compiled] = {}
+        self._single_process = jax.process_count() == 1
         self.weights = None
         self.cache = None
         self.load_info: LoadInfo | None = None
@@ -115,7 +116,10 @@ class Engine:
     def run(self, bucket: Bucket, batch: dict[str, np.ndarray]) -> np.ndarray:
         """One step on a ready executable: logits [dp, seqs, vocab] as numpy. The cache is donated."""
         before = compile_count()
-        args = {k: _put(v, self._batch_shardings[k]) for k, v in batch.items()}
+        if self._single_process:  # one batched transfer for all inputs
+            args = jax.device_put(batch, {k: self._batch_shardings[k] for k in batch})
+        else:
+            args = {k: _put(v, self._batch_shardings[k]) for k, v in batch.items()}
         logits, self.cache = self.compiled[bucket](self.weights, self.cache, args)
         logits = np.asarray(logits.addressable_data(0))  # replicated: every host has all of it
         self._compiles_after_load += compile_count() - before

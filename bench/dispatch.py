@@ -1,0 +1,80 @@
+"""2. Dispatch overhead: the runtime's step against a raw `Compiled` call on pre-padded device inputs.
+
+raw      the ready executable called on device-resident, already padded inputs (the floor)
+runtime  Engine.run: numpy batch -> device, call, logits -> numpy (what the scheduler calls)
+serving  a whole scheduler step during decode: admit, plan, choose bucket, pack, run, unpad, sample
+Medians over many steps, for a decode bucket and a prefill bucket.
+"""
+
+import argparse
+import time
+
+import jax
+import numpy as np
+
+from bench.common import ARTIFACT, ensure_artifact, median_ms, write_result
+from export.probes import make_probe
+from runtime.buckets import MAX_LEN, SUM_LEN
+from runtime.engine import _put, load
+
+
+def time_raw(engine, bucket, batch, n):
+    args = {k: _put(v, engine._batch_shardings[k]) for k, v in batch.items()}
+    compiled, samples = engine.compiled[bucket], []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        logits, engine.cache = compiled(engine.weights, engine.cache, args)
+        logits.block_until_ready()
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def time_runtime(engine, bucket, batch, n):
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        engine.run(bucket, batch)
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def time_serving(engine, n):
+    """Per-step time of a decode-only run: 8 one-token prompts, n new tokens each."""
+    prompts = [[i + 1] for i in range(8)]
+    t0 = time.perf_counter()
+    _, stats = engine.generate(prompts, n)
+    return (time.perf_counter() - t0) / stats["steps"], stats
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=300)
+    args = parser.parse_args()
+    ensure_artifact()
+    engine = load(ARTIFACT)
+    m = engine.manifest["cache"]
+    results = {}
+    for label, mode, tokens in (("decode", SUM_LEN, 4), ("prefill", MAX_LEN, 64)):
+        bucket = next(b for b in engine.buckets if b.mode == mode and b.tokens == tokens)
+        _, batch = make_probe(bucket, engine.dp, engine.vocab_size, m["page_size"], m["pages_per_seq"])
+        for fn in (time_raw, time_runtime):  # warm both paths
+            fn(engine, bucket, batch, 10)
+        raw, rt = [], []
+        for _ in range(3):  # interleave blocks so both see the same machine
+            raw += time_raw(engine, bucket, batch, args.steps // 3)
+            rt += time_runtime(engine, bucket, batch, args.steps // 3)
+        results[label] = {"bucket": bucket.name, "raw_ms": median_ms(raw), "runtime_ms": median_ms(rt),
+                          "ratio": median_ms(rt) / median_ms(raw)}
+        print(f"{label:8s} {bucket.name:22s} raw {results[label]['raw_ms']:7.3f} ms   runtime "
+              f"{results[label]['runtime_ms']:7.3f} ms   ratio {results[label]['ratio']:.3f}")
+    per_step, stats = time_serving(engine, args.steps // 4)
+    results["serving_decode_step_ms"] = per_step * 1e3
+    results["serving_vs_raw_decode"] = per_step * 1e3 / results["decode"]["raw_ms"]
+    results["compiles_after_load"] = engine.compiles_after_load
+    print(f"serving  decode step {per_step * 1e3:7.3f} ms = {results['serving_vs_raw_decode']:.3f} x raw "
+          f"({stats['buckets']}); compiles after load {engine.compiles_after_load}")
+    write_result("dispatch", results)
+
+
+if __name__ == "__main__":
+    main()
