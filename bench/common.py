@@ -70,8 +70,8 @@ class JitExecutor:
         entry = manifest["meshes"][0]
         shape = MeshShape(*entry["shape"])
         self._engine = rt.Engine(artifact, manifest, entry, make_mesh(shape))
-        self._engine._load_weights()
-        self._engine.cache = self._engine._zero_cache()
+        self._engine.load_weights()
+        self._engine.cache = self._engine.zero_cache()
         self.cfg = ModelConfig.from_json(manifest["model"])
         self.dp, self.vocab_size = shape.dp, self.cfg.vocab_size
         self.page_size, self.num_pages = self._engine.page_size, self._engine.num_pages
@@ -82,7 +82,7 @@ class JitExecutor:
         if warm:
             self.buckets = list(self._engine.buckets)
             for b in self.buckets:  # trace + compile every bucket now, as a warm-up would
-                self._engine.compiled[b] = self._jit(b).lower(*self._engine._abstract_args(b)).compile()
+                self._engine.compiled[b] = self._jit(b).lower(*self._engine.abstract_args(b)).compile()
         else:
             self.buckets = [Bucket(MAX_LEN, t, s, shape.dp * t) for t in range(1, max_tokens + 1)
                             for s in range(1, min(t, max_seqs) + 1)]

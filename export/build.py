@@ -288,8 +288,8 @@ def _compile_and_verify(tmp: Path, manifest: dict, shape: MeshShape, source: Mod
     if cfg.fast_load:
         fast_dir.mkdir(parents=True, exist_ok=True)
     engine = rt_engine.Engine(tmp, manifest, manifest["meshes"][cfg.meshes.index(shape)], make_mesh(shape))
-    engine._load_weights()
-    engine.cache = engine._zero_cache()
+    engine.load_weights()
+    engine.cache = engine.zero_cache()
 
     def timed_compile(bucket):
         t0 = time.perf_counter()

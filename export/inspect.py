@@ -23,6 +23,7 @@ def describe(root: Path) -> dict:
                     "compiled_here": x["compiled_here"]} for x in m["meshes"]],
         "executables": [{k: e.get(k) for k in ("mesh", "mode", "bucket", "file", "sha256", "compiled_here",
                                                "compile_seconds", "cost", "probe")} for e in m["executables"]],
+        "tf_savedmodel": (m.get("tf_savedmodel") or {}).get("signatures"),
         "fastload": {p: {"jax_version": s["jax_version"], "files": len(s["files"])}
                      for p, s in (m.get("fastload") or {}).items()},
         "files": len(m["files"]),

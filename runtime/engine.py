@@ -137,17 +137,17 @@ class Engine:
 
     def reset_cache(self) -> None:
         """Zero the KV cache (between independent runs)."""
-        self.cache = self._zero_cache()
+        self.cache = self.zero_cache()
 
     # ---------------------------------------------------------------- loading
 
-    def _zero_cache(self):
+    def zero_cache(self):
         sharding = NamedSharding(self.mesh, spec_of(self.mesh_entry["cache_spec"]))
         shape, dtype = tuple(self.mesh_entry["cache_shape"]), jax.numpy.dtype(self.manifest["dtype"])
         zeros = lambda: _put(np.zeros(shape, dtype), sharding)  # noqa: E731
         return [{"k": zeros(), "v": zeros()} for _ in range(self.manifest["model"]["num_layers"])]
 
-    def _load_weights(self):
+    def load_weights(self):
         weights = {}
         for name, w in self.mesh_entry["weights"].items():
             path = fmt.resolve(self.root, w["file"])
@@ -159,7 +159,7 @@ class Engine:
                 weights[name] = jax.make_array_from_callback(tuple(w["shape"]), sharding, lambda idx: tensor[idx])
         self.weights = weights
 
-    def _abstract_args(self, bucket: Bucket):
+    def abstract_args(self, bucket: Bucket):
         sds = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)  # noqa: E731
         weights = {k: sds(v.shape, v.dtype, v.sharding) for k, v in self.weights.items()}
         cache = [{k: sds(v.shape, v.dtype, v.sharding) for k, v in layer.items()} for layer in self.cache]
@@ -175,9 +175,9 @@ class Engine:
             exported = jax.export.deserialize(bytearray(path.read_bytes()))
         except Exception as e:  # a corrupted file that still matched its checksum, or a newer jax format
             raise fmt.ArtifactError(f"{path}: cannot deserialize with jax {jax.__version__} ({e})") from None
-        return jax.jit(exported.call, donate_argnums=(1,)).lower(*self._abstract_args(bucket)).compile()
+        return jax.jit(exported.call, donate_argnums=(1,)).lower(*self.abstract_args(bucket)).compile()
 
-    def _compile_all(self, jobs: int):
+    def compile_all(self, jobs: int):
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             for bucket, compiled in zip(self.buckets, pool.map(self.compile_one, self.buckets)):
                 self.compiled[bucket] = compiled
@@ -260,14 +260,14 @@ def load(path: str | Path, *, mesh: str | None = None, devices=None, jobs: int =
     engine = Engine(root, manifest, chosen, Mesh(grid, ("data", "tensor")))
     if not engine.buckets:
         raise fmt.ArtifactError(f"{root}: mesh {chosen['name']} has no executables")
-    engine._load_weights()
-    engine.cache = engine._zero_cache()
+    engine.load_weights()
+    engine.cache = engine.zero_cache()
 
     cache_dir, note = _fast_load_dir(root, manifest, platform) if fast_load else (None, "fast-load disabled")
     hits_before = _the_counter().cache_hits
     try:
         with compilation_cache_at(cache_dir):
-            engine._compile_all(jobs)
+            engine.compile_all(jobs)
     finally:
         if cache_dir is not None:
             shutil.rmtree(cache_dir, ignore_errors=True)
