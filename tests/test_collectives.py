@@ -1,7 +1,6 @@
 """The compiled step contains exactly the collectives the design calls for, per layer and mode."""
 
 import collections
-import re
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +8,10 @@ import pytest
 
 from dp_attention import (PRESETS, Bucket, CacheShape, DpPaddingMode, Layout, MeshShape, batch_shapes,
                           cache_shapes, jit_step, make_mesh, weight_specs)
+from export.build import COLLECTIVE
 
 CFG = PRESETS["qwen3-moe-tiny"]
 CACHE = CacheShape(num_pages=8, page_size=8, pages_per_seq=4)
-COLLECTIVE = re.compile(r"= \S+ (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
 
 
 def compiled(mode, global_len, dense_reference=False, tokens=8):
