@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -78,6 +79,10 @@ def test_tpu_4x8_exports_from_abstract_shapes(tmp_path):
     assert len(d["executables"]) == 2 + 2  # max_len t8, t32; sum_len t8/g8, t32/g32 (g in [T, 4T))
     for e in d["executables"]:
         assert set(e) >= {"mesh", "mode", "bucket", "file", "sha256", "compiled_here"} and not e["compiled_here"]
+        exported = jax.export.deserialize(bytearray((out / e["file"]).read_bytes()))  # the round trip
+        assert exported.platforms == ("tpu",) and exported.nr_devices == 32
+        tokens = next(a for a in exported.in_avals if a.shape == (4, e["bucket"]["tokens"]))
+        assert tokens.dtype == np.int32
     # The runtime here (cpu, 8 devices) refuses it with one clear line.
     r = run_cli("runtime", "generate", str(out), "--prompt-ids", "1,2")
     assert r.returncode != 0 and "built for platforms ['tpu'], this machine is cpu" in r.stderr
