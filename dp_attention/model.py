@@ -195,7 +195,7 @@ def dense_experts(cfg: ModelConfig, w, x, valid):
 
 # ------------------------------------------------------------------------------- the step
 
-def _device_step(cfg: ModelConfig, bucket: Bucket, dense_reference: bool, weights, cache, batch):
+def device_step(cfg: ModelConfig, bucket: Bucket, dense_reference: bool, weights, cache, batch):
     """Runs on one device: weights are its shards, batch is its group's (leading dim 1)."""
     b = {k: (v if k == "num_tokens" else v[0]) for k, v in batch.items()}
     T = bucket.tokens
@@ -235,7 +235,7 @@ def make_step(cfg: ModelConfig, bucket: Bucket, mesh, weight_specs: dict, dense_
     w_specs = {k: s.spec for k, s in weight_specs.items()}
     cache_specs = [{"k": CACHE_SPEC, "v": CACHE_SPEC} for _ in range(cfg.num_layers)]
     sharded = jax.shard_map(
-        partial(_device_step, cfg, bucket, dense_reference),
+        partial(device_step, cfg, bucket, dense_reference),
         mesh=mesh,
         in_specs=(w_specs, cache_specs, BATCH_SPECS),
         out_specs=(P("data", None, None), cache_specs),

@@ -150,9 +150,9 @@ def _one_device_step(cfg, bucket):
     """
     import jax
 
-    from dp_attention.model import _device_step
+    from dp_attention.model import device_step
 
-    per_device = jax.vmap(jax.vmap(partial(_device_step, cfg, bucket, False), axis_name="tensor"), axis_name="data")
+    per_device = jax.vmap(jax.vmap(partial(device_step, cfg, bucket, False), axis_name="tensor"), axis_name="data")
 
     def step(weights, cache, batch):
         add = lambda tree: jax.tree.map(lambda x: x[None, None], tree)  # noqa: E731
