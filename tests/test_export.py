@@ -115,10 +115,8 @@ def test_flipped_byte_in_any_file_is_detected(tiny_artifact, tmp_path):
 
 def test_second_identical_build_rebuilds_nothing(tiny_artifact):
     before = {p: p.stat().st_mtime_ns for p in tiny_artifact.rglob("*")}
-    t0 = time.perf_counter()
     build_artifact(tiny_artifact)
-    assert time.perf_counter() - t0 < 5
-    assert {p: p.stat().st_mtime_ns for p in tiny_artifact.rglob("*")} == before
+    assert {p: p.stat().st_mtime_ns for p in tiny_artifact.rglob("*")} == before  # not one file rewritten
 
 
 def test_killed_build_leaves_nothing_that_loads(tmp_path):
