@@ -274,11 +274,27 @@ class HFCheckpoint:
         if not spec.transpose:
             return np.asarray(t[src])
         if spec.reshape is not None and not spec.per_expert:
-            # [out, in] -> [in, out] -> reshape; read whole rows of the HF tensor we need.
-            full = np.asarray(t[:]).T.reshape(spec.reshape)
-            return full[src]
+            return _read_heads(t, spec, src)
         hf_src = tuple(reversed(src))
         return np.asarray(t[hf_src]).T
+
+
+def _read_heads(t, spec: WeightSpec, src: tuple[slice, ...]) -> np.ndarray:
+    """A block of a head-split projection, reading only the HF rows or columns of its heads.
+
+    HF stores q/k/v as [heads*hd, in] and o as [out, heads*hd]; ours are [in, heads, hd] and
+    [heads, hd, out]. A shard takes whole heads (hd is never split), a contiguous HF range.
+    """
+    canon = spec.reshape
+    if canon[1] * canon[2] == spec.hf_shape[0]:  # q/k/v: [in, heads, hd]
+        h, i, d = src
+        hd = canon[2]
+        block = np.asarray(t[i.start * hd:i.stop * hd, h]).T  # [in, heads*hd]
+        return block.reshape(block.shape[0], i.stop - i.start, hd)[:, :, d]
+    i, d, h = src  # o: [heads, hd, out]
+    hd = canon[1]
+    block = np.asarray(t[h, i.start * hd:i.stop * hd]).T  # [heads*hd, out]
+    return block.reshape(i.stop - i.start, hd, block.shape[1])[:, d, :]
 
 
 def random_reader(cfg: ModelConfig, seed: int) -> Reader:
