@@ -60,7 +60,7 @@ class JitExecutor:
     """
 
     def __init__(self, artifact: Path, warm: bool, max_tokens: int = 64, max_seqs: int = 8):
-        from dp_attention import Bucket as StepBucket, DpPaddingMode, MeshShape, jit_step, make_mesh, weight_specs
+        from dp_attention import Bucket as StepBucket, MeshShape, jit_step, make_mesh, weight_specs
         from dp_attention.config import ModelConfig
         from runtime import engine as rt
         from runtime import format as fmt
@@ -77,7 +77,7 @@ class JitExecutor:
         self.page_size, self.num_pages = self._engine.page_size, self._engine.num_pages
         self.pages_per_seq = self._engine.pages_per_seq
         specs = weight_specs(self.cfg, shape)
-        self._jit = lambda b: jit_step(self.cfg, StepBucket(DpPaddingMode(b.mode), b.tokens, b.seqs, b.global_len),
+        self._jit = lambda b: jit_step(self.cfg, StepBucket.like(b),
                                        self._engine.mesh, specs)
         if warm:
             self.buckets = list(self._engine.buckets)

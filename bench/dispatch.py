@@ -9,8 +9,6 @@ Medians over many steps, for a decode bucket and a prefill bucket.
 import argparse
 import time
 
-import jax
-import numpy as np
 
 from bench.common import ARTIFACT, ensure_artifact, median_ms, write_result
 from export.probes import make_probe

@@ -55,6 +55,11 @@ class Bucket:
     seqs: int  # per group (S)
     global_len: int  # rows of the MoE exchange buffer: D*T for MAX_LEN, the summed bucket for SUM_LEN
 
+    @classmethod
+    def like(cls, other) -> "Bucket":
+        """From any bucket with the same fields and a mode named "max_len" / "sum_len" (the runtime's)."""
+        return cls(DpPaddingMode(other.mode), other.tokens, other.seqs, other.global_len)
+
 
 # ------------------------------------------------------------------------------- specs & shapes
 

@@ -26,10 +26,11 @@ from jax.sharding import NamedSharding
 from safetensors.numpy import save_file
 
 from dp_attention import (Bucket as StepBucket, CacheShape, DpPaddingMode, Layout, MeshShape, abstract_mesh,
-                          batch_shapes, cache_shapes, jit_step, make_mesh, placed_numpy, weight_specs)
+                          batch_shapes, cache_shapes, init_cache, jit_step, make_mesh, placed_numpy, weight_specs)
 from dp_attention.model import BATCH_SPECS, CACHE_SPEC
 from runtime import engine as rt_engine
 from runtime import format as fmt
+from runtime.batching import pack
 from runtime.buckets import Bucket, plan
 
 from .probes import make_probe
@@ -123,10 +124,6 @@ def _spec_json(spec) -> list:
     return [list(a) if isinstance(a, tuple) else a for a in spec]
 
 
-def _step_bucket(b: Bucket) -> StepBucket:
-    return StepBucket(DpPaddingMode(b.mode), b.tokens, b.seqs, b.global_len)
-
-
 def _abstract_args(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShape):
     specs = weight_specs(cfg, shape)
     dtype = jnp.dtype(cfg.dtype)
@@ -135,13 +132,13 @@ def _abstract_args(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShap
     layers = cache_shapes(cfg, Layout.for_mesh(cfg, shape), shape.dp, cache, dtype)
     kv = [{k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=ns(CACHE_SPEC)) for k, v in l.items()} for l in layers]
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=ns(BATCH_SPECS[k]))
-             for k, v in batch_shapes(shape.dp, _step_bucket(bucket), cache).items()}
+             for k, v in batch_shapes(shape.dp, StepBucket.like(bucket), cache).items()}
     return specs, weights, kv, batch
 
 
 def export_one(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShape, platforms) -> bytes:
     specs, weights, kv, batch = _abstract_args(cfg, shape, mesh, bucket, cache)
-    step = jit_step(cfg, _step_bucket(bucket), mesh, specs)
+    step = jit_step(cfg, StepBucket.like(bucket), mesh, specs)
     return bytes(jax.export.export(step, platforms=platforms)(weights, kv, batch).serialize())
 
 
@@ -159,13 +156,10 @@ def _analysis(compiled) -> dict:
 
 def _reference_logits(source: ModelSource, shape: MeshShape, groups, cache: CacheShape, weights, mesh):
     """The unbucketed step: exact-fit shapes, MAX_LEN, and the all-experts MoE path."""
-    from runtime.batching import pack
-
     T = max(1, max(sum(len(c.tokens) for c in g) for g in groups))
     S = max(1, max(len(g) for g in groups))
     step = jit_step(source.config, StepBucket(DpPaddingMode.MAX_LEN, T, S, shape.dp * T), mesh,
                     weight_specs(source.config, shape), dense_reference=True)
-    from dp_attention import init_cache
     kv = init_cache(source.config, Layout.for_mesh(source.config, shape), mesh, cache, jnp.dtype(source.config.dtype))
     logits, _ = step(weights, kv, pack(groups, T, S, cache.pages_per_seq))
     return np.asarray(logits, np.float32)
@@ -257,7 +251,7 @@ def _build_into(tmp: Path, cfg: BuildConfig, source: ModelSource, cache: CacheSh
             manifest["executables"].append({
                 "mesh": str(shape), "mode": bucket.mode, "bucket": bucket.to_json(), "file": rel,
                 "compiled_here": here, "export_seconds": round(time.perf_counter() - t0, 3),
-                "batch_shapes": {k: list(v.shape) for k, v in batch_shapes(shape.dp, _step_bucket(bucket), cache).items()},
+                "batch_shapes": {k: list(v.shape) for k, v in batch_shapes(shape.dp, StepBucket.like(bucket), cache).items()},
             })
             report.exported(str(shape), bucket)
     for shape in cfg.meshes:

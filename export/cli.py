@@ -7,7 +7,6 @@ in XLA_FLAGS first, and it depends on the meshes asked for.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys

@@ -72,7 +72,7 @@ def write_savedmodel(tmp: Path, manifest: dict, cfg, meshes, platforms) -> dict:
     from orbax.export import ExportManager, JaxModule, ServingConfig
     from safetensors.numpy import load_file
 
-    from dp_attention import Bucket as StepBucket, DpPaddingMode, MeshShape
+    from dp_attention import Bucket as StepBucket, MeshShape
     from runtime.buckets import Bucket
 
     shape = MeshShape(1, 1)
@@ -86,7 +86,7 @@ def write_savedmodel(tmp: Path, manifest: dict, cfg, meshes, platforms) -> dict:
     for e in entries:
         b = Bucket.from_json(e["bucket"])
         name = signature_name(b.name)
-        step = _one_device_step(cfg, StepBucket(DpPaddingMode(b.mode), b.tokens, b.seqs, b.global_len))
+        step = _one_device_step(cfg, StepBucket.like(b))
         apply_fns[name] = _apply(step, cfg.num_layers)
         spec = {k: tf.TensorSpec(v, tf.int32, name=k) for k, v in e["batch_shapes"].items()}
         spec |= {k: tf.TensorSpec(cache_shape, tf.as_dtype(dtype), name=k) for k in CACHE_INPUTS}

@@ -86,6 +86,7 @@ class Scheduler:
         self.dp = int(executor.dp)
         self.mode = padding_mode
         self.sampling = sampling or SamplingParams()
+        self._allowed: list[Bucket] | None = None
         self.eos_token_id = eos_token_id
         self._check_executor()
         # Pages are handed out lowest first; freed pages are reused first (LIFO), never page 0.
@@ -150,7 +151,10 @@ class Scheduler:
     # ---- limits -----------------------------------------------------------------------------
 
     def _allowed_buckets(self) -> list[Bucket]:
-        return [b for b in self.ex.buckets if self.mode == "auto" or b.mode == self.mode]
+        """Fixed for the scheduler's life (executor and mode don't change): computed once."""
+        if self._allowed is None:
+            self._allowed = [b for b in self.ex.buckets if self.mode == "auto" or b.mode == self.mode]
+        return self._allowed
 
     def _limits(self) -> list[_Limits]:
         """Step limits to try, in order: the largest bucket's per-group sizes first, then, should
