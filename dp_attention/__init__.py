@@ -3,5 +3,6 @@
 from .config import PRESETS, ConfigError, ModelConfig, from_hf_dict, load_hf_config
 from .dp_attention import DpAttentionBackend, DpAttentionMetadata, DpPaddingMode, select_padding_mode
 from .mesh import MeshError, MeshShape, abstract_mesh, make_mesh, parse_mesh
-from .model import Bucket, CacheShape, batch_shapes, cache_shapes, init_cache, jit_step, make_step
-from .weights import HFCheckpoint, Layout, WeightError, place, placed_numpy, random_reader, weight_specs
+from .model import (DEFAULT_LOGPROBS, Bucket, CacheShape, Weights, batch_shapes, cache_shape, init_cache, jit_step,
+                    make_step)
+from .weights import HFCheckpoint, Layout, WeightError, place, placed_numpy, random_reader, read_placed, weight_specs

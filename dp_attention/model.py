@@ -1,18 +1,21 @@
 """The Qwen3-MoE forward step with DP attention, as Hugging Face transformers defines the model.
 
 One step serves prefill, decode and mixed batches. Shapes (D groups, T tokens and S sequences per
-group, fixed by the executable's bucket):
+group, fixed by the executable's bucket; N log-probabilities per sequence, fixed per artifact):
 
   batch["tokens"], ["positions"], ["seq_index"]   [D, T] int32   ragged tokens, padded per group
   batch["num_tokens"]                              [D]    int32   real tokens per group (replicated)
   batch["page_table"]                              [D, S, pages_per_seq] int32
   batch["last_index"]                              [D, S] int32   row of each sequence's last token
-  cache[layer]["k" | "v"]                          [D, pages, page_size, kv_heads, head_dim]
-  -> logits [D, S, vocab] for each sequence's last token, and the updated cache (donate it).
+  batch["temperature"], ["top_p"]                  [D, S] float32 sampling, per sequence
+  batch["top_k"], ["seed"]                         [D, S] int32
+  kv                                               [layers, D, pages, page_size, 2*kv_heads, head_dim]
+  -> {"tokens", "logprobs" [D, S]; "top_ids", "top_logprobs" [D, S, N]} and the updated kv (donate it).
 
 The whole step is one `shard_map` over ("data", "tensor"), so every collective is written out: a
 psum over "tensor" after o_proj and the dense MLP (tensor parallel), the DP gather / scatter around
-each MoE layer, and one all-gather of the vocab-sharded logits at the end.
+each MoE layer, and one all-gather over "tensor" of the vocab-sharded logits, which are sampled on
+the device. Layers run under `lax.scan`, grouped by layer kind, so depth costs no compile time.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from .attention import NativeAttentionBackend, PagedBatch
 from .config import ModelConfig
 from .dp_attention import DpAttentionBackend, DpAttentionMetadata, DpPaddingMode
+from .sampling import SAMPLING_INPUTS, sample
 from .weights import Layout
 
-EXPERT_TILE = 8  # rows per grouped-matmul tile; each tile belongs to one expert
+DEFAULT_LOGPROBS = 8
+ALL_DEVICES = ("data", "tensor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +66,71 @@ class Bucket:
         return cls(DpPaddingMode(other.mode), other.tokens, other.seqs, other.global_len)
 
 
+# ------------------------------------------------------------------------------- weights as a pytree
+
+@partial(jax.tree_util.register_dataclass, data_fields=["attn_norm", "mlp_norm", "q_norm", "k_norm",
+                                                         "q_proj", "k_proj", "v_proj", "o_proj"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class LayerWeights:
+    """Every layer's attention and norms, stacked on a leading layer axis."""
+
+    attn_norm: jax.Array  # [L, H]
+    mlp_norm: jax.Array  # [L, H]
+    q_norm: jax.Array  # [L, hd]
+    k_norm: jax.Array  # [L, hd]
+    q_proj: jax.Array  # [L, H, nq, hd]    heads over "tensor"
+    k_proj: jax.Array  # [L, H, nkv, hd]
+    v_proj: jax.Array  # [L, H, nkv, hd]
+    o_proj: jax.Array  # [L, nq, hd, H]
+
+
+@partial(jax.tree_util.register_dataclass, data_fields=["router", "gate", "up", "down"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class MoeWeights:
+    """The MoE layers' router and experts; expert columns split over every device."""
+
+    router: jax.Array  # [Lm, H, E]
+    gate: jax.Array  # [Lm, E, H, I]    I over ("data", "tensor")
+    up: jax.Array  # [Lm, E, H, I]
+    down: jax.Array  # [Lm, E, I, H]
+
+
+@partial(jax.tree_util.register_dataclass, data_fields=["gate", "up", "down"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class DenseWeights:
+    """The dense-MLP layers (mlp_only_layers / decoder_sparse_step), width over "tensor"."""
+
+    gate: jax.Array  # [Ld, H, Id]
+    up: jax.Array  # [Ld, H, Id]
+    down: jax.Array  # [Ld, Id, H]
+
+
+@partial(jax.tree_util.register_dataclass,
+         data_fields=["embed", "final_norm", "lm_head", "layers", "moe", "dense"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class Weights:
+    embed: jax.Array  # [V, H]
+    final_norm: jax.Array  # [H]
+    lm_head: jax.Array  # [H, V] vocab over "tensor"
+    layers: LayerWeights
+    moe: MoeWeights | None
+    dense: DenseWeights | None
+
+    @staticmethod
+    def from_flat(flat: dict) -> "Weights":
+        """From the flat {"layers.q_proj": ...} dict that executables take (plain dicts need no
+        pytree registration to load, so the runtime stays free of this module)."""
+        group = lambda cls, prefix: (cls(**{f.name: flat[f"{prefix}.{f.name}"] for f in dataclasses.fields(cls)})  # noqa: E731
+                                     if f"{prefix}.{dataclasses.fields(cls)[0].name}" in flat else None)
+        return Weights(flat["embed"], flat["final_norm"], flat["lm_head"], group(LayerWeights, "layers"),
+                       group(MoeWeights, "moe"), group(DenseWeights, "dense"))
+
+
+def layer(stack, i):
+    """Layer i of a stacked weight group."""
+    return jax.tree.map(lambda a: a[i], stack)
+
+
 # ------------------------------------------------------------------------------- specs & shapes
 
 BATCH_SPECS = {
@@ -70,29 +140,33 @@ BATCH_SPECS = {
     "num_tokens": P(),
     "page_table": P("data", None, None),
     "last_index": P("data", None),
+    "temperature": P("data", None),
+    "top_k": P("data", None),
+    "top_p": P("data", None),
+    "seed": P("data", None),
 }
-CACHE_SPEC = P("data", None, None, "tensor", None)
+BATCH_DTYPES = {"temperature": jnp.float32, "top_p": jnp.float32}  # the rest int32
+CACHE_SPEC = P(None, "data", None, None, "tensor", None)
+OUTPUT_SPECS = {"tokens": P("data", None), "logprobs": P("data", None),
+                "top_ids": P("data", None, None), "top_logprobs": P("data", None, None)}
 
 
 def batch_shapes(dp: int, bucket: Bucket, cache: CacheShape) -> dict[str, jax.ShapeDtypeStruct]:
     T, S = bucket.tokens, bucket.seqs
-    shapes = {
-        "tokens": (dp, T), "positions": (dp, T), "seq_index": (dp, T), "num_tokens": (dp,),
-        "page_table": (dp, S, cache.pages_per_seq), "last_index": (dp, S),
-    }
-    return {k: jax.ShapeDtypeStruct(v, jnp.int32) for k, v in shapes.items()}
+    shapes = {"tokens": (dp, T), "positions": (dp, T), "seq_index": (dp, T), "num_tokens": (dp,),
+              "page_table": (dp, S, cache.pages_per_seq), "last_index": (dp, S)}
+    shapes |= {k: (dp, S) for k in SAMPLING_INPUTS}
+    return {k: jax.ShapeDtypeStruct(v, BATCH_DTYPES.get(k, jnp.int32)) for k, v in shapes.items()}
 
 
-def cache_shapes(cfg: ModelConfig, layout: Layout, dp: int, cache: CacheShape, dtype) -> list[dict]:
-    shape = (dp, cache.num_pages, cache.page_size, layout.kv_heads, cfg.head_dim)
-    return [{"k": jax.ShapeDtypeStruct(shape, dtype), "v": jax.ShapeDtypeStruct(shape, dtype)}
-            for _ in range(cfg.num_layers)]
+def cache_shape(cfg: ModelConfig, layout: Layout, dp: int, cache: CacheShape, dtype) -> jax.ShapeDtypeStruct:
+    shape = (cfg.num_layers, dp, cache.num_pages, cache.page_size, 2 * layout.kv_heads, cfg.head_dim)
+    return jax.ShapeDtypeStruct(shape, dtype)
 
 
-def init_cache(cfg: ModelConfig, layout: Layout, mesh, cache: CacheShape, dtype) -> list[dict]:
-    sharding = NamedSharding(mesh, CACHE_SPEC)
-    return [{k: jnp.zeros(s.shape, s.dtype, device=sharding) for k, s in layer.items()}
-            for layer in cache_shapes(cfg, layout, mesh.shape["data"], cache, dtype)]
+def init_cache(cfg: ModelConfig, layout: Layout, mesh, cache: CacheShape, dtype) -> jax.Array:
+    s = cache_shape(cfg, layout, mesh.shape["data"], cache, dtype)
+    return jnp.zeros(s.shape, s.dtype, device=NamedSharding(mesh, CACHE_SPEC))
 
 
 # ------------------------------------------------------------------------------- layers (per device)
@@ -115,22 +189,22 @@ def rope(x, positions, theta):
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
-def attention_block(cfg, w, x, k_cache, v_cache, batch: PagedBatch, backend):
+def attention_block(cfg, w: LayerWeights, x, kv, index, batch: PagedBatch, backend):
     """x [T, H] (replicated in the group) -> [T, H]; this device computes its share of the heads."""
-    q = jnp.einsum("th,hnd->tnd", x, w["q_proj"])
-    k = jnp.einsum("th,hnd->tnd", x, w["k_proj"])
-    v = jnp.einsum("th,hnd->tnd", x, w["v_proj"])
-    q = rope(rms_norm(q, w["q_norm"], cfg.rms_norm_eps), batch.positions, cfg.rope_theta)
-    k = rope(rms_norm(k, w["k_norm"], cfg.rms_norm_eps), batch.positions, cfg.rope_theta)
-    out, k_cache, v_cache = backend.attend(q, k, v, k_cache, v_cache, batch)
-    partial_out = jnp.einsum("tnd,ndh->th", out, w["o_proj"])
-    return lax.psum(partial_out, "tensor"), k_cache, v_cache
+    q = jnp.einsum("th,hnd->tnd", x, w.q_proj)
+    k = jnp.einsum("th,hnd->tnd", x, w.k_proj)
+    v = jnp.einsum("th,hnd->tnd", x, w.v_proj)
+    q = rope(rms_norm(q, w.q_norm, cfg.rms_norm_eps), batch.positions, cfg.rope_theta)
+    k = rope(rms_norm(k, w.k_norm, cfg.rms_norm_eps), batch.positions, cfg.rope_theta)
+    out, kv = backend.attend(q, k, v, kv, index, batch)
+    partial_out = jnp.einsum("tnd,ndh->th", out, w.o_proj)
+    return lax.psum(partial_out, "tensor"), kv
 
 
-def dense_mlp(w, x):
+def dense_mlp(w: DenseWeights, x):
     """SwiGLU with the intermediate width split over "tensor"."""
-    h = jax.nn.silu(x @ w["mlp_gate"]) * (x @ w["mlp_up"])
-    return lax.psum(h @ w["mlp_down"], "tensor")
+    h = jax.nn.silu(x @ w.gate) * (x @ w.up)
+    return lax.psum(h @ w.down, "tensor")
 
 
 def route(cfg: ModelConfig, router_w, x):
@@ -143,65 +217,170 @@ def route(cfg: ModelConfig, router_w, x):
     return weights.astype(x.dtype), experts
 
 
-def local_experts(cfg: ModelConfig, w, x, valid):
-    """This device's experts over the global tokens x [N, H] -> partial sums [N, H].
+# ------------------------------------------------------------------------------- experts (per device)
+# Every device holds every expert on 1/devices of its intermediate columns and computes every routed
+# (token, expert) pair of the global batch on those columns: work per device = pairs * 6HI / devices.
+# Pairs are sorted by expert; the partial sums over columns are completed by the DP scatter.
 
-    Sparse: only the (token, expert) pairs routed to this device's experts are computed. Pairs are
-    sorted by expert and laid out in tiles of EXPERT_TILE rows, each tile owned by one expert, so the
-    work is bounded by N * top_k + experts * tile rows, never N * experts.
-    """
-    N, H = x.shape
-    E_local = w["expert_gate"].shape[0]
-    k, m = cfg.experts_per_token, EXPERT_TILE
-    first = (lax.axis_index("data") * lax.axis_size("tensor") + lax.axis_index("tensor")) * E_local
+@partial(jax.tree_util.register_dataclass, data_fields=["token", "weight", "counts"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class RoutedPairs:
+    """The (token, expert) pairs of a batch, sorted by expert; invalid pairs sort last."""
 
-    weights, experts = route(cfg, w["router"], x)
-    pairs = N * k
-    pair_token = jnp.arange(pairs) // k
-    local_e = experts.reshape(-1) - first
-    mine = valid[pair_token] & (local_e >= 0) & (local_e < E_local)
-    key = jnp.where(mine, local_e, E_local)
+    token: jax.Array  # [M] the token of each sorted pair
+    weight: jax.Array  # [M] its routing weight (0 for invalid pairs)
+    counts: jax.Array  # [E] pairs per expert
 
-    counts = jnp.zeros(E_local + 1, jnp.int32).at[key].add(1)[:E_local]
-    padded = (counts + m - 1) // m * m
-    start = jnp.cumsum(counts) - counts  # first sorted position of each expert
-    row0 = jnp.cumsum(padded) - padded  # first tile row of each expert
+    @property
+    def starts(self) -> jax.Array:
+        return jnp.cumsum(self.counts) - self.counts
+
+
+def sort_pairs(cfg: ModelConfig, router_w, x, valid) -> RoutedPairs:
+    N = x.shape[0]
+    E, k = router_w.shape[-1], cfg.experts_per_token
+    weights, experts = route(cfg, router_w, x)
+    pair_token = jnp.arange(N * k) // k
+    key = jnp.where(valid[pair_token], experts.reshape(-1), E)
     order = jnp.argsort(key, stable=True)
-    sorted_key = key[order]
-    rows_total = -(-(pairs + E_local * (m - 1)) // m) * m
-    safe_key = jnp.minimum(sorted_key, E_local - 1)
-    dest = jnp.where(sorted_key < E_local, row0[safe_key] + jnp.arange(pairs) - start[safe_key], rows_total)
-
-    row_token = jnp.full(rows_total, N, jnp.int32).at[dest].set(pair_token[order], mode="drop")
-    row_weight = jnp.zeros(rows_total, x.dtype).at[dest].set(weights.reshape(-1)[order], mode="drop")
-    x_rows = jnp.concatenate([x, jnp.zeros((1, H), x.dtype)])[row_token]
-
-    tiles = rows_total // m
-    tile_expert = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(tiles) * m, side="right")
-    tile_expert = jnp.minimum(tile_expert, E_local - 1)
-    xt = x_rows.reshape(tiles, m, H)
-    gate = jnp.einsum("tmh,thi->tmi", xt, w["expert_gate"][tile_expert])
-    up = jnp.einsum("tmh,thi->tmi", xt, w["expert_up"][tile_expert])
-    out = jnp.einsum("tmi,tih->tmh", jax.nn.silu(gate) * up, w["expert_down"][tile_expert])
-    out = out.reshape(rows_total, H) * row_weight[:, None]
-    return jnp.zeros((N + 1, H), x.dtype).at[row_token].add(out)[:N]
+    counts = jnp.zeros(E + 1, jnp.int32).at[key].add(1)[:E]
+    weight = jnp.where(key < E, weights.reshape(-1), 0)[order]
+    return RoutedPairs(pair_token[order], weight, counts)
 
 
-def dense_experts(cfg: ModelConfig, w, x, valid):
-    """Reference only: every local expert on every token (FLOPs grow with N * experts)."""
-    E_local = w["expert_gate"].shape[0]
-    first = (lax.axis_index("data") * lax.axis_size("tensor") + lax.axis_index("tensor")) * E_local
-    weights, experts = route(cfg, w["router"], x)
-    onehot = (experts[..., None] == first + jnp.arange(E_local)).astype(x.dtype)  # [N, k, E_local]
+def tile_rows(pairs: int, experts: int) -> int:
+    """Rows per tile of the CPU loop: the largest power of two whose padding (at most tile-1 rows for
+    each expert that has pairs) stays within a quarter of the pairs."""
+    busy = max(1, min(experts, pairs))
+    m = 1
+    while m < 64 and busy * (2 * m - 1) <= pairs / 4:
+        m *= 2
+    return m
+
+
+def experts_by_tile(w: MoeWeights, x, pairs: RoutedPairs):
+    """CPU: a loop over tiles of sorted pairs, each tile of one expert, that reads that expert's
+    weights in place; the loop's bound covers the worst case, tiles past the real count are skipped."""
+    N, H = x.shape
+    M, E = pairs.token.shape[0], pairs.counts.shape[0]
+    m = tile_rows(M, E)
+    tiles = (pairs.counts + m - 1) // m
+    tile_end = jnp.cumsum(tiles)
+    starts = pairs.starts
+    max_tiles = (M + min(E, M) * (m - 1)) // m
+
+    def tile(t, y):
+        e = jnp.minimum(jnp.searchsorted(tile_end, t, side="right"), E - 1)
+        row = starts[e] + (t - (tile_end[e] - tiles[e])) * m + jnp.arange(m)
+        ok = row < starts[e] + pairs.counts[e]
+        row = jnp.minimum(row, M - 1)
+        token = pairs.token[row]
+        xt = x[token]  # [m, H]
+        h = jax.nn.silu(xt @ w.gate[e]) * (xt @ w.up[e])  # [m, I/devices]
+        out = (h @ w.down[e]) * jnp.where(ok, pairs.weight[row], 0)[:, None]
+        return y.at[token].add(out)
+
+    used = tile_end[-1]
+    return lax.fori_loop(0, max_tiles, lambda t, y: lax.cond(t < used, tile, lambda t, y: y, t, y),
+                         jnp.zeros((N, H), x.dtype))
+
+
+def experts_ragged(w: MoeWeights, x, pairs: RoutedPairs):
+    """TPU: grouped matmuls over the sorted pairs (`lax.ragged_dot`, native there)."""
+    N, H = x.shape
+    xs = x[pairs.token]
+    sizes = pairs.counts.astype(jnp.int32)
+    h = jax.nn.silu(lax.ragged_dot(xs, w.gate, sizes)) * lax.ragged_dot(xs, w.up, sizes)
+    out = lax.ragged_dot(h, w.down, sizes)
+    real = jnp.arange(xs.shape[0]) < jnp.sum(sizes)
+    out = jnp.where(real[:, None], out * pairs.weight[:, None], 0)
+    return jnp.zeros((N, H), x.dtype).at[pairs.token].add(out)
+
+
+def routed_experts(cfg: ModelConfig, w: MoeWeights, x, valid):
+    """This device's column share of every routed pair over the global tokens x [N, H] -> [N, H]."""
+    pairs = sort_pairs(cfg, w.router, x, valid)
+    return lax.platform_dependent(w, x, pairs, tpu=experts_ragged, default=experts_by_tile)
+
+
+def dense_experts(cfg: ModelConfig, w: MoeWeights, x, valid):
+    """Reference only: every expert on every token (FLOPs grow with N * experts)."""
+    weights, experts = route(cfg, w.router, x)
+    E = w.gate.shape[0]
+    onehot = (experts[..., None] == jnp.arange(E)).astype(x.dtype)  # [N, k, E]
     coef = jnp.einsum("nk,nke->ne", weights, onehot) * valid[:, None].astype(x.dtype)
-    h = jax.nn.silu(jnp.einsum("nh,ehi->nei", x, w["expert_gate"])) * jnp.einsum("nh,ehi->nei", x, w["expert_up"])
-    return jnp.einsum("nei,eih,ne->nh", h, w["expert_down"], coef)
+    h = jax.nn.silu(jnp.einsum("nh,ehi->nei", x, w.gate)) * jnp.einsum("nh,ehi->nei", x, w.up)
+    return jnp.einsum("nei,eih,ne->nh", h, w.down, coef)
+
+
+# ------------------------------------------------------------------------------- the layer scan
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """Layers [start, start + len(unit) * repeats): `unit` (True = MoE) repeated, scanned as one."""
+
+    start: int
+    unit: tuple[bool, ...]
+    repeats: int
+
+
+def layer_segments(cfg: ModelConfig) -> list[Segment]:
+    """Cover the layers with as few scans as possible: at each point take the repeating pattern
+    (of up to 4 layers) that reaches furthest. All-MoE models are one scan."""
+    kinds = [cfg.is_moe_layer(i) for i in range(cfg.num_layers)]
+    out, i = [], 0
+    while i < len(kinds):
+        best = None
+        for u in range(1, 5):
+            unit = kinds[i:i + u]
+            if len(unit) < u:
+                break
+            r = 1
+            while kinds[i + r * u:i + (r + 1) * u] == unit:
+                r += 1
+            if best is None or r * u > best[0] * len(best[1]):
+                best = (r, unit)
+        out.append(Segment(i, tuple(best[1]), best[0]))
+        i += best[0] * len(best[1])
+    return out
+
+
+def run_layers(cfg: ModelConfig, w: Weights, x, kv, paged: PagedBatch, backend, experts_fn):
+    """Every decoder layer, one scan per segment; the cache is the carry, written in place."""
+    moe_before = [sum(cfg.is_moe_layer(j) for j in range(i)) for i in range(cfg.num_layers + 1)]
+    valid = backend.global_valid()
+
+    for seg in layer_segments(cfg):
+        u, n_moe = len(seg.unit), sum(seg.unit)
+
+        def body(carry, j, seg=seg, u=u, n_moe=n_moe):
+            x, kv = carry
+            for o, is_moe in enumerate(seg.unit):
+                i = seg.start + j * u + o
+                lw = layer(w.layers, i)
+                h, kv = attention_block(cfg, lw, rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), kv, i, paged, backend)
+                x = x + h
+                h = rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
+                moe_i = moe_before[seg.start] + j * n_moe + sum(seg.unit[:o])
+                if is_moe:
+                    g = backend.gather(h)
+                    h = backend.scatter(experts_fn(cfg, layer(w.moe, moe_i), g, valid))
+                else:
+                    dense_i = (seg.start - moe_before[seg.start]) + j * (u - n_moe) + (o - sum(seg.unit[:o]))
+                    h = dense_mlp(layer(w.dense, dense_i), h)
+                x = x + h
+            return (x, kv), None
+
+        (x, kv), _ = lax.scan(body, (x, kv), jnp.arange(seg.repeats))
+    return x, kv
 
 
 # ------------------------------------------------------------------------------- the step
 
-def device_step(cfg: ModelConfig, bucket: Bucket, dense_reference: bool, weights, cache, batch):
-    """Runs on one device: weights are its shards, batch is its group's (leading dim 1)."""
+def device_step(cfg: ModelConfig, bucket: Bucket, dense_reference: bool, num_logprobs: int, with_logits: bool,
+                flat_weights, kv, batch):
+    """Runs on one device: weights are its shards, kv and batch its group's (data axis of size 1)."""
+    w = Weights.from_flat(flat_weights)
     b = {k: (v if k == "num_tokens" else v[0]) for k, v in batch.items()}
     T = bucket.tokens
     valid = jnp.arange(T) < b["num_tokens"][lax.axis_index("data")]
@@ -209,62 +388,50 @@ def device_step(cfg: ModelConfig, bucket: Bucket, dense_reference: bool, weights
                        valid=valid, page_table=b["page_table"])
     meta = DpAttentionMetadata(bucket.mode, lax.axis_size("data"), T, bucket.global_len, b["num_tokens"])
     backend = DpAttentionBackend(NativeAttentionBackend(), meta)
-    experts_fn = dense_experts if dense_reference else local_experts
+    experts_fn = dense_experts if dense_reference else routed_experts
 
-    x = weights["embed"][b["tokens"]]
-    new_cache = []
-    for i in range(cfg.num_layers):
-        w = {k.split(".", 2)[2]: v for k, v in weights.items() if k.startswith(f"layers.{i}.")}
-        kc, vc = cache[i]["k"][0], cache[i]["v"][0]
-        h, kc, vc = attention_block(cfg, w, rms_norm(x, w["attn_norm"], cfg.rms_norm_eps), kc, vc, paged, backend)
-        new_cache.append({"k": kc[None], "v": vc[None]})
-        x = x + h
-        h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
-        if cfg.is_moe_layer(i):
-            g = backend.gather(h)
-            h = backend.scatter(experts_fn(cfg, w, g, backend.global_valid()))
-        else:
-            h = dense_mlp(w, h)
-        x = x + h
+    x = w.embed[b["tokens"]]
+    x, kv = run_layers(cfg, w, x, kv[:, 0], paged, backend, experts_fn)
 
-    last = rms_norm(x[b["last_index"]], weights["final_norm"], cfg.rms_norm_eps)  # [S, H]
-    logits = lax.all_gather(last @ weights["lm_head"], "tensor", axis=1, tiled=True)
-    return logits[None], new_cache
+    last = rms_norm(x[b["last_index"]], w.final_norm, cfg.rms_norm_eps)  # [S, H]
+    logits = lax.all_gather(last @ w.lm_head, "tensor", axis=1, tiled=True).astype(jnp.float32)
+    logits = jnp.where(jnp.arange(logits.shape[1]) < cfg.vocab_size, logits, -jnp.inf)
+    position = paged.positions[b["last_index"]] + 1  # of the token being sampled
+    out = sample(logits, {k: b[k] for k in SAMPLING_INPUTS}, position, num_logprobs)
+    if with_logits:
+        out["logits"] = logits[:, :cfg.vocab_size]
+    return {k: v[None] for k, v in out.items()}, kv[:, None]
 
 
-def make_step(cfg: ModelConfig, bucket: Bucket, mesh, weight_specs: dict, dense_reference: bool = False):
-    """The step for one bucket as a function of (weights, cache, batch) -> (logits, cache).
+def make_step(cfg: ModelConfig, bucket: Bucket, mesh, weight_specs: dict, dense_reference: bool = False,
+              num_logprobs: int = DEFAULT_LOGPROBS, with_logits: bool = False):
+    """The step for one bucket as a function of (weights, kv, batch) -> (outputs, kv).
 
-    `mesh` may be an AbstractMesh: exporting for a fleet needs no devices.
+    `mesh` may be an AbstractMesh: exporting for a fleet needs no devices. `with_logits` adds the
+    last-token logits [D, S, vocab] to the outputs: for tests and the build's reference, never served.
     """
     w_specs = {k: s.spec for k, s in weight_specs.items()}
-    cache_specs = [{"k": CACHE_SPEC, "v": CACHE_SPEC} for _ in range(cfg.num_layers)]
-    sharded = jax.shard_map(
-        partial(device_step, cfg, bucket, dense_reference),
+    out_specs = dict(OUTPUT_SPECS) | ({"logits": P("data", None, None)} if with_logits else {})
+    return jax.shard_map(
+        partial(device_step, cfg, bucket, dense_reference, num_logprobs, with_logits),
         mesh=mesh,
-        in_specs=(w_specs, cache_specs, BATCH_SPECS),
-        out_specs=(P("data", None, None), cache_specs),
+        in_specs=(w_specs, CACHE_SPEC, BATCH_SPECS),
+        out_specs=(out_specs, CACHE_SPEC),
         check_vma=False,
     )
 
-    def step(weights, cache, batch):
-        logits, cache = sharded(weights, cache, batch)
-        return logits[..., : cfg.vocab_size], cache
 
-    return step
-
-
-def jit_step(cfg: ModelConfig, bucket: Bucket, mesh, weight_specs: dict, dense_reference: bool = False):
+def jit_step(cfg: ModelConfig, bucket: Bucket, mesh, weight_specs: dict, dense_reference: bool = False,
+             num_logprobs: int = DEFAULT_LOGPROBS, with_logits: bool = False):
     """jit with the cache donated, inputs and outputs pinned to their shardings."""
     ns = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
     w_sh = {k: ns(s.spec) for k, s in weight_specs.items()}
-    c_sh = [{"k": ns(CACHE_SPEC), "v": ns(CACHE_SPEC)} for _ in range(cfg.num_layers)]
     b_sh = {k: ns(s) for k, s in BATCH_SPECS.items()}
     return jax.jit(
-        make_step(cfg, bucket, mesh, weight_specs, dense_reference),
-        in_shardings=(w_sh, c_sh, b_sh),
-        # Logits replicated: every host of a multi-host mesh reads all groups' next-token logits,
-        # so all of them can take the same scheduling decisions.
-        out_shardings=(ns(P()), c_sh),
+        make_step(cfg, bucket, mesh, weight_specs, dense_reference, num_logprobs, with_logits),
+        in_shardings=(w_sh, ns(CACHE_SPEC), b_sh),
+        # Outputs replicated: every host of a multi-host mesh reads every group's sampled tokens,
+        # so all of them can take the same scheduling decisions. They are a few bytes per sequence.
+        out_shardings=(ns(P()), ns(CACHE_SPEC)),
         donate_argnums=(1,),
     )

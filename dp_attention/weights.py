@@ -27,9 +27,6 @@ from safetensors import safe_open
 from .config import ModelConfig
 from .mesh import MeshShape
 
-EXPERT_AXES = ("data", "tensor")
-
-
 class WeightError(ValueError):
     """A checkpoint that lacks a tensor or holds one of the wrong shape."""
 
@@ -49,7 +46,7 @@ class Layout:
     vocab: int  # lm_head columns, multiple of tp
     kv_heads: int  # kv heads after repetition, multiple of tp
     kv_repeat: int
-    experts: int  # multiple of dp*tp
+    expert_width: int  # experts' intermediate width, multiple of every device (dp*tp)
     dense_width: int  # dense MLP intermediate, multiple of tp
 
     @staticmethod
@@ -70,7 +67,7 @@ class Layout:
             vocab=round_up(cfg.vocab_size, tp),
             kv_heads=cfg.num_kv_heads * kv_repeat,
             kv_repeat=kv_repeat,
-            experts=round_up(max(cfg.num_experts, 1), mesh.num_devices),
+            expert_width=round_up(cfg.moe_intermediate_size, mesh.num_devices),
             dense_width=round_up(cfg.intermediate_size, tp),
         )
 
@@ -79,9 +76,11 @@ class Layout:
 class WeightSpec:
     """One placed weight: its global shape, its sharding, and how to read it from an HF checkpoint.
 
-    `hf` names the source tensor(s); `{e}` in a name means one tensor per expert, stacked on axis 0.
-    `transpose`/`reshape` turn HF's [out, in] Linear layout into ours; `pad_axis` zero-pads and
-    `repeat_axis` repeats (kv heads) on the way into the placed shape.
+    `hf` names the source tensor(s): `{e}` means one tensor per expert, stacked on the expert axis;
+    `{layer}` with `layers` set means one tensor per layer, stacked on a new leading axis (the
+    layer scan's axis, never sharded). `transpose`/`reshape` turn HF's [out, in] Linear layout into
+    ours; `pad_axis` zero-pads and `repeat_axis` repeats (kv heads) on the way into the placed shape.
+    Axis numbers count within one layer.
     """
 
     shape: tuple[int, ...]
@@ -94,6 +93,11 @@ class WeightSpec:
     repeat_axis: int | None = None
     repeat: int = 1
     per_expert: int = 0  # >0: stack this many per-expert tensors on axis 0
+    layers: tuple[int, ...] = ()  # HF layer index of each entry of the leading axis
+
+    @property
+    def layer_shape(self) -> tuple[int, ...]:
+        return self.shape[1:] if self.layers else self.shape
 
     @property
     def canonical_shape(self) -> tuple[int, ...]:
@@ -103,57 +107,69 @@ class WeightSpec:
             return self.reshape
         return tuple(reversed(self.hf_shape)) if self.transpose else self.hf_shape
 
+    def hf_names(self, layer: int | None) -> list[str]:
+        """The checkpoint tensors behind one layer of this weight."""
+        base = self.hf.replace("{layer}", str(layer)) if layer is not None else self.hf
+        return [base.format(e=e) for e in range(self.per_expert)] if self.per_expert else [base]
+
 
 def weight_specs(cfg: ModelConfig, mesh: MeshShape) -> dict[str, WeightSpec]:
-    """The whole model's weights, in the order a reader would expect."""
+    """The whole model's weights, stacked per layer kind (the layer scan's layout)."""
     lay = Layout.for_mesh(cfg, mesh)
     H, V, hd = cfg.hidden_size, cfg.vocab_size, cfg.head_dim
     nq, nkv, E, Im, Id = cfg.num_heads, cfg.num_kv_heads, cfg.num_experts, cfg.moe_intermediate_size, cfg.intermediate_size
     rep = lay.kv_repeat
-    W = WeightSpec
+    every = tuple(range(cfg.num_layers))
+    moe = tuple(i for i in every if cfg.is_moe_layer(i))
+    dense = tuple(i for i in every if not cfg.is_moe_layer(i))
+
+    def W(shape, spec, hf, hf_shape, layers=(), **kw):
+        if layers:
+            shape, spec = (len(layers),) + shape, P(None, *spec)
+        return WeightSpec(shape, spec, hf, hf_shape, layers=layers, **kw)
+
+    pre, ex = "model.layers.{layer}.", "model.layers.{layer}.mlp.experts.{e}."
+    all_devices = ("data", "tensor")
     specs = {
         "embed": W((V, H), P(), "model.embed_tokens.weight", (V, H)),
         "final_norm": W((H,), P(), "model.norm.weight", (H,)),
         "lm_head": W((H, lay.vocab), P(None, "tensor"),
                      "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight",
                      (V, H), transpose=True, pad_axis=1),
+        "layers.attn_norm": W((H,), P(), pre + "input_layernorm.weight", (H,), every),
+        "layers.mlp_norm": W((H,), P(), pre + "post_attention_layernorm.weight", (H,), every),
+        "layers.q_norm": W((hd,), P(), pre + "self_attn.q_norm.weight", (hd,), every),
+        "layers.k_norm": W((hd,), P(), pre + "self_attn.k_norm.weight", (hd,), every),
+        "layers.q_proj": W((H, nq, hd), P(None, "tensor", None), pre + "self_attn.q_proj.weight",
+                           (nq * hd, H), every, transpose=True, reshape=(H, nq, hd)),
+        "layers.k_proj": W((H, lay.kv_heads, hd), P(None, "tensor", None), pre + "self_attn.k_proj.weight",
+                           (nkv * hd, H), every, transpose=True, reshape=(H, nkv, hd), repeat_axis=1, repeat=rep),
+        "layers.v_proj": W((H, lay.kv_heads, hd), P(None, "tensor", None), pre + "self_attn.v_proj.weight",
+                           (nkv * hd, H), every, transpose=True, reshape=(H, nkv, hd), repeat_axis=1, repeat=rep),
+        "layers.o_proj": W((nq, hd, H), P("tensor", None, None), pre + "self_attn.o_proj.weight",
+                           (H, nq * hd), every, transpose=True, reshape=(nq, hd, H)),
     }
-    for i in range(cfg.num_layers):
-        pre, L = f"model.layers.{i}.", f"layers.{i}."
+    if moe:
+        # Every expert on every device, its intermediate width split over all of them: each device
+        # computes every routed (token, expert) pair on 1/devices of the columns.
         specs |= {
-            L + "attn_norm": W((H,), P(), pre + "input_layernorm.weight", (H,)),
-            L + "mlp_norm": W((H,), P(), pre + "post_attention_layernorm.weight", (H,)),
-            L + "q_norm": W((hd,), P(), pre + "self_attn.q_norm.weight", (hd,)),
-            L + "k_norm": W((hd,), P(), pre + "self_attn.k_norm.weight", (hd,)),
-            L + "q_proj": W((H, nq, hd), P(None, "tensor", None), pre + "self_attn.q_proj.weight",
-                            (nq * hd, H), transpose=True, reshape=(H, nq, hd)),
-            L + "k_proj": W((H, lay.kv_heads, hd), P(None, "tensor", None), pre + "self_attn.k_proj.weight",
-                            (nkv * hd, H), transpose=True, reshape=(H, nkv, hd), repeat_axis=1, repeat=rep),
-            L + "v_proj": W((H, lay.kv_heads, hd), P(None, "tensor", None), pre + "self_attn.v_proj.weight",
-                            (nkv * hd, H), transpose=True, reshape=(H, nkv, hd), repeat_axis=1, repeat=rep),
-            L + "o_proj": W((nq, hd, H), P("tensor", None, None), pre + "self_attn.o_proj.weight",
-                            (H, nq * hd), transpose=True, reshape=(nq, hd, H)),
+            "moe.router": W((H, E), P(), pre + "mlp.gate.weight", (E, H), moe, transpose=True),
+            "moe.gate": W((E, H, lay.expert_width), P(None, None, all_devices), ex + "gate_proj.weight",
+                          (Im, H), moe, transpose=True, pad_axis=2, per_expert=E),
+            "moe.up": W((E, H, lay.expert_width), P(None, None, all_devices), ex + "up_proj.weight",
+                        (Im, H), moe, transpose=True, pad_axis=2, per_expert=E),
+            "moe.down": W((E, lay.expert_width, H), P(None, all_devices, None), ex + "down_proj.weight",
+                          (H, Im), moe, transpose=True, pad_axis=1, per_expert=E),
         }
-        if cfg.is_moe_layer(i):
-            ex = pre + "mlp.experts.{e}."
-            specs |= {
-                L + "router": W((H, E), P(), pre + "mlp.gate.weight", (E, H), transpose=True),
-                L + "expert_gate": W((lay.experts, H, Im), P(EXPERT_AXES, None, None), ex + "gate_proj.weight",
-                                     (Im, H), transpose=True, pad_axis=0, per_expert=E),
-                L + "expert_up": W((lay.experts, H, Im), P(EXPERT_AXES, None, None), ex + "up_proj.weight",
-                                   (Im, H), transpose=True, pad_axis=0, per_expert=E),
-                L + "expert_down": W((lay.experts, Im, H), P(EXPERT_AXES, None, None), ex + "down_proj.weight",
-                                     (H, Im), transpose=True, pad_axis=0, per_expert=E),
-            }
-        else:
-            specs |= {
-                L + "mlp_gate": W((H, lay.dense_width), P(None, "tensor"), pre + "mlp.gate_proj.weight",
-                                  (Id, H), transpose=True, pad_axis=1),
-                L + "mlp_up": W((H, lay.dense_width), P(None, "tensor"), pre + "mlp.up_proj.weight",
-                                (Id, H), transpose=True, pad_axis=1),
-                L + "mlp_down": W((lay.dense_width, H), P("tensor", None), pre + "mlp.down_proj.weight",
-                                  (H, Id), transpose=True, pad_axis=0),
-            }
+    if dense:
+        specs |= {
+            "dense.gate": W((H, lay.dense_width), P(None, "tensor"), pre + "mlp.gate_proj.weight",
+                            (Id, H), dense, transpose=True, pad_axis=1),
+            "dense.up": W((H, lay.dense_width), P(None, "tensor"), pre + "mlp.up_proj.weight",
+                          (Id, H), dense, transpose=True, pad_axis=1),
+            "dense.down": W((lay.dense_width, H), P("tensor", None), pre + "mlp.down_proj.weight",
+                            (H, Id), dense, transpose=True, pad_axis=0),
+        }
     return specs
 
 
@@ -161,10 +177,10 @@ def weight_specs(cfg: ModelConfig, mesh: MeshShape) -> dict[str, WeightSpec]:
 # Reading a shard: map the placed index back to canonical rows, read only those, pad or repeat.
 
 def _source_slice(spec: WeightSpec, index: tuple[slice, ...]):
-    """For a placed-array index, the canonical index to read and how to finish each axis."""
+    """For a placed index within one layer, the canonical index to read and how to finish each axis."""
     canon = spec.canonical_shape
     src, post = [], []
-    for ax, (sl, n_placed) in enumerate(zip(index, spec.shape)):
+    for ax, (sl, n_placed) in enumerate(zip(index, spec.layer_shape)):
         a, b, _ = sl.indices(n_placed)
         if ax == spec.repeat_axis:
             lo, hi = a // spec.repeat, (b - 1) // spec.repeat + 1
@@ -191,30 +207,40 @@ def _finish(block: np.ndarray, post) -> np.ndarray:
     return block
 
 
-Reader = Callable[[str, WeightSpec, tuple[slice, ...]], np.ndarray]
-"""reads the canonical block `index` of weight `name`"""
+Reader = Callable[[str, WeightSpec, "int | None", tuple[slice, ...]], np.ndarray]
+"""reads the canonical block `index` of one layer (None: not stacked) of weight `name`"""
+
+
+def read_placed(name: str, spec: WeightSpec, read: Reader, layer: int | None,
+                index: tuple[slice, ...], dtype: str) -> np.ndarray:
+    """One layer's block of a placed weight (index within the layer), read straight from the source."""
+    src, post = _source_slice(spec, index)
+    return _finish(read(name, spec, layer, src), post).astype(np_dtype(dtype))
 
 
 def place(specs: dict[str, WeightSpec], read: Reader, mesh, dtype: str) -> dict[str, jax.Array]:
-    """Build every weight on `mesh`, each device's shard read straight from the source."""
+    """Build every weight on `mesh`, each device's shard read straight from the source, layer by layer."""
     out = {}
     for name, spec in specs.items():
-        sharding = NamedSharding(mesh, spec.spec)
-
         def shard(index, name=name, spec=spec):
-            src, post = _source_slice(spec, index)
-            return _finish(read(name, spec, src), post).astype(np_dtype(dtype))
+            if not spec.layers:
+                return read_placed(name, spec, read, None, index, dtype)
+            picked = spec.layers[index[0]]
+            return np.stack([read_placed(name, spec, read, l, index[1:], dtype) for l in picked])
 
-        out[name] = jax.make_array_from_callback(spec.shape, sharding, shard)
+        out[name] = jax.make_array_from_callback(spec.shape, NamedSharding(mesh, spec.spec), shard)
     return out
 
 
 def placed_numpy(specs: dict[str, WeightSpec], read: Reader, dtype: str):
-    """Yield (name, full placed array) one weight at a time, for writing artifacts."""
+    """Yield (name, position on the layer axis or None, full placed array of that layer), one at a
+    time, for writing artifacts: a stacked expert weight is never held whole."""
     for name, spec in specs.items():
-        index = tuple(slice(0, n) for n in spec.shape)
-        src, post = _source_slice(spec, index)
-        yield name, _finish(read(name, spec, src), post).astype(np_dtype(dtype))
+        whole = tuple(slice(0, n) for n in spec.layer_shape)
+        if not spec.layers:
+            yield name, None, read_placed(name, spec, read, None, whole, dtype)
+        for pos, layer in enumerate(spec.layers):
+            yield name, pos, read_placed(name, spec, read, layer, whole, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,21 +279,21 @@ class HFCheckpoint:
     def check(self, specs: dict[str, WeightSpec]) -> None:
         """Fail before any device work if a tensor is missing or misshapen, naming it."""
         for spec in specs.values():
-            keys = [spec.hf.format(e=e) for e in range(spec.per_expert)] if spec.per_expert else [spec.hf]
-            for key in keys:
-                found = tuple(self._tensor(key).get_shape())
-                if found != spec.hf_shape:
-                    raise WeightError(
-                        f"{self.dir}: tensor {key!r} has shape {list(found)}, expected {list(spec.hf_shape)}")
+            for layer in spec.layers or (None,):
+                for key in spec.hf_names(layer):
+                    found = tuple(self._tensor(key).get_shape())
+                    if found != spec.hf_shape:
+                        raise WeightError(
+                            f"{self.dir}: tensor {key!r} has shape {list(found)}, expected {list(spec.hf_shape)}")
 
-    def read(self, name: str, spec: WeightSpec, src: tuple[slice, ...]) -> np.ndarray:
+    def read(self, name: str, spec: WeightSpec, layer: int | None, src: tuple[slice, ...]) -> np.ndarray:
+        keys = spec.hf_names(layer)
         if spec.per_expert:
-            e_lo, e_hi = src[0].start, src[0].stop
-            if e_hi <= e_lo:
+            picked = keys[src[0]]
+            if not picked:
                 return np.zeros((0,) + tuple(s.stop - s.start for s in src[1:]), np.float32)
-            blocks = [self._read_one(spec.hf.format(e=e), spec, src[1:]) for e in range(e_lo, e_hi)]
-            return np.stack(blocks)
-        return self._read_one(spec.hf, spec, src)
+            return np.stack([self._read_one(key, spec, src[1:]) for key in picked])
+        return self._read_one(keys[0], spec, src)
 
     def _read_one(self, key: str, spec: WeightSpec, src: tuple[slice, ...]) -> np.ndarray:
         t = self._tensor(key)
@@ -305,8 +331,8 @@ def random_reader(cfg: ModelConfig, seed: int) -> Reader:
     """
     import zlib
 
-    def read(name: str, spec: WeightSpec, src: tuple[slice, ...]) -> np.ndarray:
-        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    def read(name: str, spec: WeightSpec, layer: int | None, src: tuple[slice, ...]) -> np.ndarray:
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode()), 0 if layer is None else layer + 1])
         shape = spec.canonical_shape
         if name.endswith("norm"):
             full = 1.0 + 0.2 * rng.standard_normal(shape)

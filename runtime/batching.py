@@ -12,12 +12,18 @@ import dataclasses
 
 import numpy as np
 
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "seed")
+
 
 @dataclasses.dataclass(frozen=True)
 class Chunk:
     tokens: tuple[int, ...]
     start: int  # position of tokens[0] in its sequence
     pages: tuple[int, ...]  # the sequence's pages, in order
+    temperature: float = 0.0  # sampling of the token after the chunk (0: argmax)
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
 
 
 def pack(groups: list[list[Chunk]], tokens: int, seqs: int, pages_per_seq: int) -> dict[str, np.ndarray]:
@@ -30,6 +36,10 @@ def pack(groups: list[list[Chunk]], tokens: int, seqs: int, pages_per_seq: int) 
         "num_tokens": np.zeros((dp,), np.int32),
         "page_table": np.zeros((dp, seqs, pages_per_seq), np.int32),
         "last_index": np.zeros((dp, seqs), np.int32),
+        "temperature": np.zeros((dp, seqs), np.float32),
+        "top_k": np.zeros((dp, seqs), np.int32),
+        "top_p": np.ones((dp, seqs), np.float32),
+        "seed": np.zeros((dp, seqs), np.int32),
     }
     for g, chunks in enumerate(groups):
         if len(chunks) > seqs:
@@ -46,6 +56,8 @@ def pack(groups: list[list[Chunk]], tokens: int, seqs: int, pages_per_seq: int) 
             out["seq_index"][g, n:n + k] = j
             out["page_table"][g, j, :len(c.pages)] = c.pages
             out["last_index"][g, j] = n + k - 1
+            for name in SAMPLING_FIELDS:
+                out[name][g, j] = getattr(c, name)
             n += k
         out["num_tokens"][g] = n
     return out

@@ -61,10 +61,12 @@ class StepDriver:
             G = global_len or round_up(sum(counts), 8)
         bucket = Bucket(mode, T, S, G)
         if bucket not in self._steps:
-            self._steps[bucket] = jit_step(self.cfg, bucket, self.mesh, self.specs, self.dense_reference)
+            self._steps[bucket] = jit_step(self.cfg, bucket, self.mesh, self.specs, self.dense_reference,
+                                           with_logits=True)
         batch = pack(groups, T, S, self.cache_shape.pages_per_seq)
-        logits, self.cache = self._steps[bucket](self.weights, self.cache, batch)
-        logits = np.asarray(logits)
+        out, self.cache = self._steps[bucket](self.weights, self.cache, batch)
+        self.last_outputs = {k: np.asarray(v) for k, v in out.items()}
+        logits = self.last_outputs["logits"]
         return [[logits[g, j] for j in range(len(chunks))] for g, chunks in enumerate(groups)]
 
     def generate(self, prompts_by_group, new_tokens, mode=DpPaddingMode.MAX_LEN):

@@ -1,0 +1,56 @@
+"""Next-token sampling inside the step, so logits never leave the device while serving.
+
+Per sequence: temperature (0 is exactly argmax), top-k (0: off), top-p (1: off) and a seed. The
+randomness of a step is the request's seed folded with the position of the token being sampled, so
+a sequence draws the same numbers whatever batch, bucket, padding mode or mesh serves it. Logprobs
+are those of the model's own distribution (log-softmax of the raw logits, before temperature and
+the cuts), as OpenAI-style servers report them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+SAMPLING_INPUTS = ("temperature", "top_k", "top_p", "seed")
+
+
+def _sample_filtered(logits, temperature, top_k, top_p, seed, position):
+    """Temperature, then top-k, then the top-p nucleus, then one inverse-CDF draw; per row."""
+    S, V = logits.shape
+    z = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    ids = jnp.broadcast_to(jnp.arange(V, dtype=jnp.int32), (S, V))
+    z_sorted, ids_sorted = lax.sort((-z, ids), dimension=1, num_keys=1)  # descending z, ties: low id first
+    z_sorted = -z_sorted
+    probs = jax.nn.softmax(z_sorted, axis=-1)
+    rank = jnp.arange(V)[None, :]
+    keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])
+    probs = jnp.where(keep, probs, 0.0)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
+    keep &= before < top_p[:, None] * jnp.sum(probs, axis=-1, keepdims=True)  # smallest prefix reaching top_p
+    probs = jnp.where(keep, probs, 0.0)
+    cdf = jnp.cumsum(probs, axis=-1)
+    keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s.astype(jnp.uint32)), p))(seed, position)
+    u = jax.vmap(lambda k: jax.random.uniform(k, dtype=jnp.float32))(keys) * cdf[:, -1]
+    pick = jnp.minimum(jnp.sum(cdf <= u[:, None], axis=-1), jnp.sum(keep, axis=-1) - 1)
+    return jnp.take_along_axis(ids_sorted, pick[:, None], axis=1)[:, 0]
+
+
+def sample(logits: jax.Array, params: dict, position: jax.Array, num_logprobs: int) -> dict:
+    """logits [S, V] float32 (padding columns already -inf), params {name: [S]}, position [S] (of the
+    token being sampled) -> {"tokens", "logprobs" [S]; "top_ids", "top_logprobs" [S, N]}."""
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    temperature = params["temperature"]
+    # The sort over the vocabulary is only paid for when some sequence of the step samples.
+    tokens = lax.cond(
+        jnp.any(temperature > 0),
+        lambda: jnp.where(temperature > 0, _sample_filtered(logits, temperature, params["top_k"],
+                                                            params["top_p"], params["seed"], position), greedy),
+        lambda: greedy)
+    top_logprobs, top_ids = lax.top_k(logprobs, num_logprobs)
+    return {"tokens": tokens,
+            "logprobs": jnp.take_along_axis(logprobs, tokens[:, None], axis=1)[:, 0],
+            "top_ids": top_ids.astype(jnp.int32),
+            "top_logprobs": top_logprobs}
