@@ -9,7 +9,7 @@ group, fixed by the executable's bucket; N log-probabilities per sequence, fixed
   batch["last_index"]                              [D, S] int32   row of each sequence's last token
   batch["temperature"], ["top_p"]                  [D, S] float32 sampling, per sequence
   batch["top_k"], ["seed"]                         [D, S] int32
-  kv                                               [layers, D, pages, page_size, 2*kv_heads, head_dim]
+  kv                                               [D, layers, pages, page_size, 2*kv_heads, head_dim]
   -> {"tokens", "logprobs" [D, S]; "top_ids", "top_logprobs" [D, S, N]} and the updated kv (donate it).
 
 The whole step is one `shard_map` over ("data", "tensor"), so every collective is written out: a
@@ -146,7 +146,7 @@ BATCH_SPECS = {
     "seed": P("data", None),
 }
 BATCH_DTYPES = {"temperature": jnp.float32, "top_p": jnp.float32}  # the rest int32
-CACHE_SPEC = P(None, "data", None, None, "tensor", None)
+CACHE_SPEC = P("data", None, None, None, "tensor", None)
 OUTPUT_SPECS = {"tokens": P("data", None), "logprobs": P("data", None),
                 "top_ids": P("data", None, None), "top_logprobs": P("data", None, None)}
 
@@ -160,7 +160,7 @@ def batch_shapes(dp: int, bucket: Bucket, cache: CacheShape) -> dict[str, jax.Sh
 
 
 def cache_shape(cfg: ModelConfig, layout: Layout, dp: int, cache: CacheShape, dtype) -> jax.ShapeDtypeStruct:
-    shape = (cfg.num_layers, dp, cache.num_pages, cache.page_size, 2 * layout.kv_heads, cfg.head_dim)
+    shape = (dp, cfg.num_layers, cache.num_pages, cache.page_size, 2 * layout.kv_heads, cfg.head_dim)
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
@@ -391,7 +391,7 @@ def device_step(cfg: ModelConfig, bucket: Bucket, dense_reference: bool, num_log
     experts_fn = dense_experts if dense_reference else routed_experts
 
     x = w.embed[b["tokens"]]
-    x, kv = run_layers(cfg, w, x, kv[:, 0], paged, backend, experts_fn)
+    x, kv = run_layers(cfg, w, x, kv[0], paged, backend, experts_fn)
 
     last = rms_norm(x[b["last_index"]], w.final_norm, cfg.rms_norm_eps)  # [S, H]
     logits = lax.all_gather(last @ w.lm_head, "tensor", axis=1, tiled=True).astype(jnp.float32)
@@ -400,7 +400,7 @@ def device_step(cfg: ModelConfig, bucket: Bucket, dense_reference: bool, num_log
     out = sample(logits, {k: b[k] for k in SAMPLING_INPUTS}, position, num_logprobs)
     if with_logits:
         out["logits"] = logits[:, :cfg.vocab_size]
-    return {k: v[None] for k, v in out.items()}, kv[:, None]
+    return {k: v[None] for k, v in out.items()}, kv[None]
 
 
 def make_step(cfg: ModelConfig, bucket: Bucket, mesh, weight_specs: dict, dense_reference: bool = False,
