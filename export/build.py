@@ -25,14 +25,17 @@ import numpy as np
 from jax.sharding import NamedSharding
 from safetensors.numpy import save_file
 
-from dp_attention import (Bucket as StepBucket, CacheShape, DpPaddingMode, Layout, MeshShape, abstract_mesh,
-                          batch_shapes, cache_shapes, init_cache, jit_step, make_mesh, placed_numpy, weight_specs)
-from dp_attention.model import BATCH_SPECS, CACHE_SPEC
+from dp_attention import (DEFAULT_LOGPROBS, Bucket as StepBucket, CacheShape, DpPaddingMode, Layout, MeshShape,
+                          abstract_mesh, batch_shapes, cache_shape, init_cache, jit_step, make_mesh, placed_numpy,
+                          weight_specs)
+from dp_attention.model import BATCH_SPECS, CACHE_SPEC, OUTPUT_SPECS
 from runtime import engine as rt_engine
 from runtime import format as fmt
 from runtime.batching import pack
 from runtime.buckets import Bucket, plan
+from runtime.verify import OUTPUT_NAMES, compare_outputs, tolerance
 
+from .hlo_cost import matmul_flops_report
 from .probes import make_probe
 from .progress import Reporter
 from .source import ModelSource, open_model
@@ -63,6 +66,8 @@ class BuildConfig:
     jobs: int = 2
     fast_load: bool = True
     tf_savedmodel: bool = False  # also write a TF SavedModel for TensorFlow Serving (1x1 builds only)
+    logprobs: int = DEFAULT_LOGPROBS  # top-N logprobs every executable returns per sequence
+    executables_only: bool = False  # no weights, no probes: exports (and their costs) from config.json alone
 
     def cache(self) -> CacheShape:
         return CacheShape(self.pages_per_group, self.page_size, -(-self.max_context // self.page_size))
@@ -104,18 +109,25 @@ def up_to_date(out: Path, digest: str) -> bool:
 
 # ------------------------------------------------------------------------------------ pieces
 
-def _write_weights(tmp: Path, source: ModelSource, shape: MeshShape, written: dict, report) -> dict:
-    """Placed weights for one mesh; identical tensors across meshes are stored once."""
+def _weight_entries(tmp: Path, source: ModelSource, shape: MeshShape, written: dict, report,
+                    executables_only: bool) -> dict:
+    """Placed weights for one mesh, one file per layer of a stacked weight (a real expert stack is
+    never held whole); identical tensors across meshes are stored once. Executables-only builds
+    record every weight's shape and sharding, with no files."""
     entries = {}
     specs = weight_specs(source.config, shape)
-    for name, array in placed_numpy(specs, source.read, source.config.dtype):
+    for name, spec in specs.items():
+        entries[name] = {"files": [], "shape": list(spec.shape), "dtype": source.config.dtype,
+                         "spec": _spec_json(spec.spec), "stacked": bool(spec.layers)}
+    if executables_only:
+        return entries
+    for name, _, array in placed_numpy(specs, source.read, source.config.dtype):
         digest = hashlib.sha256(array.tobytes() + str(array.shape).encode()).hexdigest()
         rel = fmt.weight_path(name, digest)
         if rel not in written:
             save_file({"tensor": np.ascontiguousarray(array)}, tmp / rel)
             written[rel] = True
-        entries[name] = {"file": rel, "shape": list(array.shape), "dtype": source.config.dtype,
-                         "spec": _spec_json(specs[name].spec)}
+        entries[name]["files"].append(rel)
         report.advance_weights()
     return entries
 
@@ -129,51 +141,56 @@ def _abstract_args(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShap
     dtype = jnp.dtype(cfg.dtype)
     ns = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
     weights = {k: jax.ShapeDtypeStruct(s.shape, dtype, sharding=ns(s.spec)) for k, s in specs.items()}
-    layers = cache_shapes(cfg, Layout.for_mesh(cfg, shape), shape.dp, cache, dtype)
-    kv = [{k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=ns(CACHE_SPEC)) for k, v in l.items()} for l in layers]
+    kv = cache_shape(cfg, Layout.for_mesh(cfg, shape), shape.dp, cache, dtype)
+    kv = jax.ShapeDtypeStruct(kv.shape, kv.dtype, sharding=ns(CACHE_SPEC))
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=ns(BATCH_SPECS[k]))
              for k, v in batch_shapes(shape.dp, StepBucket.like(bucket), cache).items()}
     return specs, weights, kv, batch
 
 
-def export_one(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShape, platforms) -> bytes:
+def export_one(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShape, platforms, logprobs: int) -> bytes:
     specs, weights, kv, batch = _abstract_args(cfg, shape, mesh, bucket, cache)
-    step = jit_step(cfg, StepBucket.like(bucket), mesh, specs)
+    step = jit_step(cfg, StepBucket.like(bucket), mesh, specs, num_logprobs=logprobs)
     return bytes(jax.export.export(step, platforms=platforms)(weights, kv, batch).serialize())
 
 
 def _analysis(compiled) -> dict:
+    """What one executable costs per device: memory from XLA, FLOPs counted with loop trip counts
+    (XLA's own cost analysis counts a scanned layer once)."""
+    text = compiled.as_text()
+    counted = matmul_flops_report(text)
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, list) else cost
     mem = compiled.memory_analysis()
-    out = {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
-           "collectives": dict(collections.Counter(COLLECTIVE.findall(compiled.as_text())))}
+    out = {"flops": counted["flops"], "xla_flops": float(cost.get("flops", 0.0)),
+           "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+           "collectives": dict(collections.Counter(COLLECTIVE.findall(text)))}
     if mem is not None:
         out |= {"argument_bytes": int(mem.argument_size_in_bytes), "output_bytes": int(mem.output_size_in_bytes),
-                "temp_bytes": int(mem.temp_size_in_bytes), "code_bytes": int(mem.generated_code_size_in_bytes)}
+                "temp_bytes": int(mem.temp_size_in_bytes), "code_bytes": int(mem.generated_code_size_in_bytes),
+                "alias_bytes": int(mem.alias_size_in_bytes)}
     return out
 
 
-def _reference_logits(source: ModelSource, shape: MeshShape, groups, cache: CacheShape, weights, mesh):
+def _reference_outputs(source: ModelSource, shape: MeshShape, groups, batch_params: dict, cache: CacheShape,
+                       weights, mesh) -> dict:
     """The unbucketed step: exact-fit shapes, MAX_LEN, and the all-experts MoE path."""
     T = max(1, max(sum(len(c.tokens) for c in g) for g in groups))
     S = max(1, max(len(g) for g in groups))
     step = jit_step(source.config, StepBucket(DpPaddingMode.MAX_LEN, T, S, shape.dp * T), mesh,
-                    weight_specs(source.config, shape), dense_reference=True)
+                    weight_specs(source.config, shape), dense_reference=True, num_logprobs=batch_params["logprobs"])
     kv = init_cache(source.config, Layout.for_mesh(source.config, shape), mesh, cache, jnp.dtype(source.config.dtype))
-    logits, _ = step(weights, kv, pack(groups, T, S, cache.pages_per_seq))
-    return np.asarray(logits, np.float32)
-
-
-def tolerance(dtype: str) -> float:
-    return 2e-5 if dtype == "float32" else 5e-2
+    out, _ = step(weights, kv, pack(groups, T, S, cache.pages_per_seq))
+    return {k: np.asarray(v) for k, v in out.items()}
 
 
 # ------------------------------------------------------------------------------------ the build
 
 def build(cfg: BuildConfig, report: Reporter | None = None) -> Path:
     report = report or Reporter(quiet=True)
-    source = open_model(cfg.model, cfg.dtype)
+    if cfg.logprobs < 1:
+        raise BuildError(f"--logprobs must be at least 1, got {cfg.logprobs}")
+    source = open_model(cfg.model, cfg.dtype, weights=not cfg.executables_only)
     model = source.config
     out = Path(cfg.out) if cfg.out else default_out(model.name)
     cache = cfg.cache()
@@ -185,13 +202,16 @@ def build(cfg: BuildConfig, report: Reporter | None = None) -> Path:
     for b in (b for bs in plans.values() for b in bs):
         if b.tokens > cache.pages_per_seq * cache.page_size * b.seqs:
             raise BuildError(f"bucket {b.name} holds more tokens than its sequences can (max context {cfg.max_context})")
+    vocab = model.vocab_size
+    if cfg.logprobs > vocab:
+        raise BuildError(f"--logprobs {cfg.logprobs} is more than the vocabulary ({vocab} tokens)")
     report.plan(model.name, out, plans, cfg.platforms)
 
     digest = inputs_hash(cfg, source)
     if up_to_date(out, digest):
         report.up_to_date(out)
         return out
-    if source.checkpoint is not None:
+    if source.checkpoint is not None and not cfg.executables_only:
         source.checkpoint.check(weight_specs(model, cfg.meshes[0]))
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -229,29 +249,35 @@ def _build_into(tmp: Path, cfg: BuildConfig, source: ModelSource, cache: CacheSh
         "files": {},
         "build": {"inputs_hash": digest, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                   "token_ladder": list(cfg.token_ladder), "max_seqs": cfg.max_seqs},
+        "weights_included": not cfg.executables_only,
+        "logprobs": cfg.logprobs,
     }
     written: dict = {}
-    report.start(sum(len(b) for b in plans.values()), sum(len(weight_specs(model, s)) for s in cfg.meshes))
+    weight_files = 0 if cfg.executables_only else sum(
+        len(w.layers) or 1 for s in cfg.meshes for w in weight_specs(model, s).values())
+    report.start(sum(len(b) for b in plans.values()), weight_files)
     for shape in cfg.meshes:
         here = local_platform in cfg.platforms and shape.num_devices <= len(local)
         mesh = make_mesh(shape) if here else abstract_mesh(shape)
         entry = {"name": str(shape), "shape": [shape.dp, shape.tp], "devices": shape.num_devices,
                  "compiled_here": here, "axes": ["data", "tensor"],
-                 "weights": _write_weights(tmp, source, shape, written, report),
+                 "weights": _weight_entries(tmp, source, shape, written, report, cfg.executables_only),
                  "cache_spec": _spec_json(CACHE_SPEC),
-                 "cache_shape": list(cache_shapes(model, Layout.for_mesh(model, shape), shape.dp, cache, jnp.float32)[0]["k"].shape),
+                 "cache_shape": list(cache_shape(model, Layout.for_mesh(model, shape), shape.dp, cache, jnp.float32).shape),
                  "batch_specs": {k: _spec_json(v) for k, v in BATCH_SPECS.items()},
-                 "logits_spec": []}
+                 "output_specs": {k: _spec_json(v) for k, v in OUTPUT_SPECS.items()}}
         manifest["meshes"].append(entry)
         for bucket in plans[str(shape)]:
             t0 = time.perf_counter()
             rel = fmt.exec_path(str(shape), bucket.name)
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / rel).write_bytes(export_one(model, shape, mesh, bucket, cache, cfg.platforms))
+            (tmp / rel).write_bytes(export_one(model, shape, mesh, bucket, cache, cfg.platforms, cfg.logprobs))
+            batch = batch_shapes(shape.dp, StepBucket.like(bucket), cache)
             manifest["executables"].append({
                 "mesh": str(shape), "mode": bucket.mode, "bucket": bucket.to_json(), "file": rel,
                 "compiled_here": here, "export_seconds": round(time.perf_counter() - t0, 3),
-                "batch_shapes": {k: list(v.shape) for k, v in batch_shapes(shape.dp, StepBucket.like(bucket), cache).items()},
+                "batch_shapes": {k: list(v.shape) for k, v in batch.items()},
+                "batch_dtypes": {k: str(v.dtype) for k, v in batch.items()},
             })
             report.exported(str(shape), bucket)
     for shape in cfg.meshes:
@@ -276,14 +302,13 @@ def _checksum(tmp: Path, manifest: dict) -> None:
 def _compile_and_verify(tmp: Path, manifest: dict, shape: MeshShape, source: ModelSource, cache: CacheShape,
                         cfg: BuildConfig, report) -> None:
     """Compile the serialized exports exactly as the runtime will (filling the fast-load cache),
-    run each on its probe, and check it against the unbucketed reference step."""
+    record what each costs, run each on its probe and check it against the unbucketed reference
+    step (executables-only builds have no weights to run)."""
     platform = jax.devices()[0].platform
     fast_dir = tmp / "fastload" / platform
     if cfg.fast_load:
         fast_dir.mkdir(parents=True, exist_ok=True)
     engine = rt_engine.Engine(tmp, manifest, manifest["meshes"][cfg.meshes.index(shape)], make_mesh(shape))
-    engine.load_weights()
-    engine.cache = engine.zero_cache()
 
     def timed_compile(bucket):
         t0 = time.perf_counter()
@@ -298,31 +323,36 @@ def _compile_and_verify(tmp: Path, manifest: dict, shape: MeshShape, source: Mod
                 entry = engine.entries[bucket]
                 entry["compile_seconds"] = round(seconds, 3)
                 entry["cost"] = _analysis(compiled)
-    for bucket in engine.buckets:
-        entry = engine.entries[bucket]
-        _probe(tmp, engine, bucket, entry, shape, source, cache)
-        report.compiled(str(shape), bucket, entry)
+                if cfg.executables_only:
+                    report.compiled(str(shape), bucket, entry)
+    if not cfg.executables_only:
+        engine.load_weights()
+        engine.cache = engine.zero_cache()
+        for bucket in engine.buckets:
+            entry = engine.entries[bucket]
+            _probe(tmp, engine, bucket, entry, shape, source, cache, cfg.logprobs)
+            report.compiled(str(shape), bucket, entry)
     if cfg.fast_load:
         files = sorted(f.relative_to(tmp).as_posix() for f in fast_dir.rglob("*") if f.is_file())
         manifest["fastload"][platform] = {"jax_version": jax.__version__, "jaxlib_version": jax.lib.__version__,
                                           "files": files}
 
 
-def _probe(tmp: Path, engine, bucket: Bucket, entry: dict, shape: MeshShape, source: ModelSource, cache: CacheShape):
+def _probe(tmp: Path, engine, bucket: Bucket, entry: dict, shape: MeshShape, source: ModelSource, cache: CacheShape,
+           logprobs: int):
     model = source.config
     groups, batch = make_probe(bucket, shape.dp, model.vocab_size, cache.page_size, cache.pages_per_seq)
-    got = engine.run(bucket, batch).astype(np.float32)
-    ref = _reference_logits(source, shape, groups, cache, engine.weights, engine.mesh)
-    real = [(g, j) for g, chunks in enumerate(groups) for j in range(len(chunks))]
-    worst = max(float(np.abs(got[g, j] - ref[g, j]).max()) for g, j in real)
-    if worst > tolerance(model.dtype):
-        raise BuildError(f"executable {entry['file']} disagrees with the reference step on its probe: "
-                         f"max |logit difference| {worst:.3g} > {tolerance(model.dtype):.0e}")
+    got = engine.run(bucket, batch)
+    ref = _reference_outputs(source, shape, groups, {"logprobs": logprobs}, cache, engine.weights, engine.mesh)
+    num_seqs = np.array([len(chunks) for chunks in groups], np.int32)
+    tol = tolerance(model.dtype)
+    worst, why = compare_outputs(got, ref, num_seqs, batch["temperature"] == 0, tol)
+    if why:
+        raise BuildError(f"executable {entry['file']} disagrees with the reference step on its probe: {why}")
     rel = fmt.probe_path(entry["mesh"], bucket.name)
     (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-    num_seqs = np.array([len(chunks) for chunks in groups], np.int32)
-    save_file({**{k: np.asarray(v) for k, v in batch.items()}, "num_seqs": num_seqs, "expected_logits": got},
-              tmp / rel)
+    save_file({**{k: np.asarray(v) for k, v in batch.items()}, "num_seqs": num_seqs,
+               **{f"expected_{k}": np.asarray(got[k]) for k in OUTPUT_NAMES}}, tmp / rel)
     entry["probe"] = rel
     entry["probe_max_error"] = worst
 

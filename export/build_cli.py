@@ -56,13 +56,14 @@ def _config(args, meshes) -> BuildConfig:
         raise UsageError(f"--platform {args.platform!r}: expected a comma-separated subset of cpu,tpu,cuda,rocm")
     if args.tf_savedmodel and savedmodel_mesh_error(shapes):
         raise UsageError(savedmodel_mesh_error(shapes))
-    for name in ("max_context", "page_size", "pages_per_group", "jobs"):
+    for name in ("max_context", "page_size", "pages_per_group", "jobs", "logprobs"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     return BuildConfig(model=args.model, meshes=shapes, out=Path(args.out) if args.out else None,
                        platforms=platforms, dtype=args.dtype, modes=modes, page_size=args.page_size,
                        max_context=args.max_context, pages_per_group=args.pages_per_group, jobs=args.jobs,
-                       fast_load=not args.no_fast_load, tf_savedmodel=args.tf_savedmodel, **_ladders(args))
+                       fast_load=not args.no_fast_load, tf_savedmodel=args.tf_savedmodel, logprobs=args.logprobs,
+                       executables_only=args.executables_only, **_ladders(args))
 
 
 def run_build(args, meshes) -> int:

@@ -42,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--pages-per-group", type=int, default=160)
     b.add_argument("--jobs", type=int, default=2)
     b.add_argument("--no-fast-load", action="store_true", help="skip the fast-load compilation cache")
+    b.add_argument("--logprobs", type=int, default=8, metavar="N",
+                   help="top-N log-probabilities every step returns per sequence (default 8)")
+    b.add_argument("--executables-only", action="store_true",
+                   help="exports from config.json alone (no weights, no probes): to check memory and cost")
     b.add_argument("--tf-savedmodel", action="store_true",
                    help="also write <artifact>/tf_savedmodel/ for TensorFlow Serving (1x1 builds only)")
     b.add_argument("--quiet", action="store_true")

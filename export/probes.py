@@ -39,12 +39,15 @@ def make_probe(bucket: Bucket, dp: int, vocab: int, page_size: int, pages_per_se
         seqs = min(bucket.seqs, n, 3)
         sizes = [n // seqs + (1 if j < n % seqs else 0) for j in range(seqs)] if seqs else []
         chunks, next_page = [], 1
-        for size in sizes:
+        for j, size in enumerate(sizes):
             pages = -(-size // page_size)
             if pages > pages_per_seq:
                 raise ValueError(f"probe for {bucket.name} needs {pages} pages per sequence, only {pages_per_seq}")
+            # Every other sequence samples (temperature, top-k, top-p, a seed), the rest are greedy.
+            sampling = {} if j % 2 == 0 else {"temperature": 0.8, "top_k": 5 * (j % 4 == 1), "top_p": 0.9,
+                                              "seed": int(rng.integers(0, 2**31 - 1))}
             chunks.append(Chunk(tuple(rng.integers(0, vocab, size).tolist()), 0,
-                                tuple(range(next_page, next_page + pages))))
+                                tuple(range(next_page, next_page + pages)), **sampling))
             next_page += pages
         groups.append(chunks)
     return groups, pack(groups, bucket.tokens, bucket.seqs, pages_per_seq)

@@ -20,8 +20,10 @@ class ModelSource:
     checkpoint: HFCheckpoint | None = None
 
 
-def open_model(model: str, dtype: str | None = None) -> ModelSource:
-    """`model` is a preset name or an HF checkpoint directory; raises ConfigError with one clear line."""
+def open_model(model: str, dtype: str | None = None, weights: bool = True) -> ModelSource:
+    """`model` is a preset name or an HF checkpoint directory; raises ConfigError with one clear line.
+
+    weights=False needs only the directory's config.json (executables-only builds)."""
     if model in PRESETS:
         cfg = PRESETS[model]
         if dtype:
@@ -33,6 +35,8 @@ def open_model(model: str, dtype: str | None = None) -> ModelSource:
     cfg = load_hf_config(path)
     if dtype:
         cfg = dataclasses.replace(cfg, dtype=dtype)
+    if not weights:
+        return ModelSource(cfg, None, _dir_fingerprint(path))
     ckpt = HFCheckpoint(path)
     return ModelSource(cfg, ckpt.read, _dir_fingerprint(path), ckpt)
 

@@ -71,6 +71,10 @@ def _put(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
+def _shard_shape(shape, index) -> tuple[int, ...]:
+    return tuple(len(range(*sl.indices(n))) for sl, n in zip(index, shape))
+
+
 def spec_of(entry) -> P:
     return P(*[tuple(a) if isinstance(a, list) else a for a in entry])
 
@@ -113,17 +117,19 @@ class Engine:
         """Backend compilations that happened inside this engine's own calls since load."""
         return self._compiles_after_load
 
-    def run(self, bucket: Bucket, batch: dict[str, np.ndarray]) -> np.ndarray:
-        """One step on a ready executable: logits [dp, seqs, vocab] as numpy. The cache is donated."""
+    def run(self, bucket: Bucket, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One step on a ready executable: {"tokens", "logprobs" [dp, seqs]; "top_ids", "top_logprobs"
+        [dp, seqs, N]} as numpy. The cache is donated."""
         before = compile_count()
         if self._single_process:  # one batched transfer for all inputs
             args = jax.device_put(batch, {k: self._batch_shardings[k] for k in batch})
         else:
             args = {k: _put(v, self._batch_shardings[k]) for k, v in batch.items()}
-        logits, self.cache = self.compiled[bucket](self.weights, self.cache, args)
-        logits = np.asarray(logits.addressable_data(0))  # replicated: every host has all of it
+        out, self.cache = self.compiled[bucket](self.weights, self.cache, args)
+        # Replicated: every host has all of it, a few bytes per sequence.
+        out = {k: np.asarray(v.addressable_data(0)) for k, v in out.items()}
         self._compiles_after_load += compile_count() - before
-        return logits
+        return out
 
     def generate(self, prompts, max_new_tokens, padding_mode="auto", sampling=None, **options):
         """Serve prompts (see runtime.scheduler.generate for options); stats include compiles_after_load."""
@@ -141,30 +147,49 @@ class Engine:
 
     # ---------------------------------------------------------------- loading
 
-    def zero_cache(self):
+    def zero_cache(self) -> jax.Array:
         sharding = NamedSharding(self.mesh, spec_of(self.mesh_entry["cache_spec"]))
-        shape, dtype = tuple(self.mesh_entry["cache_shape"]), jax.numpy.dtype(self.manifest["dtype"])
-        zeros = lambda: _put(np.zeros(shape, dtype), sharding)  # noqa: E731
-        return [{"k": zeros(), "v": zeros()} for _ in range(self.manifest["model"]["num_layers"])]
+        shape, dtype = tuple(self.mesh_entry["cache_shape"]), np.dtype(jax.numpy.dtype(self.manifest["dtype"]))
+        # Each device's zeros made on the host one shard at a time: the whole cache never is.
+        return jax.make_array_from_callback(shape, sharding, lambda idx: np.zeros(_shard_shape(shape, idx), dtype))
 
     def load_weights(self):
-        weights = {}
-        for name, w in self.mesh_entry["weights"].items():
-            path = fmt.resolve(self.root, w["file"])
-            sharding = NamedSharding(self.mesh, spec_of(w["spec"]))
-            with safe_open(path, "numpy") as f:
-                tensor = f.get_slice("tensor")
-                if list(tensor.get_shape()) != list(w["shape"]):
-                    raise fmt.ArtifactError(f"{path}: tensor shape {tensor.get_shape()}, manifest says {w['shape']}")
-                weights[name] = jax.make_array_from_callback(tuple(w["shape"]), sharding, lambda idx: tensor[idx])
-        self.weights = weights
+        if not self.manifest.get("weights_included", True):
+            raise fmt.ArtifactError(f"{self.root}: built with --executables-only, so it holds no weights and "
+                                    "cannot serve; build it again without --executables-only")
+        self.weights = {name: self._load_weight(name, w) for name, w in self.mesh_entry["weights"].items()}
+
+    def _load_weight(self, name: str, w: dict) -> jax.Array:
+        """One weight into its sharding; a stacked weight has one file per layer, read per shard."""
+        shape = tuple(w["shape"])
+        per_file = shape[1:] if w["stacked"] else shape
+        if len(w["files"]) != (shape[0] if w["stacked"] else 1):
+            raise fmt.ArtifactError(f"{self.root / fmt.MANIFEST}: weight {name!r} lists {len(w['files'])} files "
+                                    f"for shape {list(shape)}")
+        tensors = []
+        for rel in w["files"]:
+            path = fmt.resolve(self.root, rel)
+            tensor = safe_open(path, "numpy").get_slice("tensor")
+            if tuple(tensor.get_shape()) != per_file:
+                raise fmt.ArtifactError(f"{path}: tensor shape {tensor.get_shape()}, manifest says {list(per_file)}")
+            tensors.append(tensor)
+
+        def shard(idx):
+            if not w["stacked"]:
+                return tensors[0][idx]
+            return np.stack([t[idx[1:]] for t in tensors[idx[0]]])
+
+        return jax.make_array_from_callback(shape, NamedSharding(self.mesh, spec_of(w["spec"])), shard)
 
     def abstract_args(self, bucket: Bucket):
-        sds = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)  # noqa: E731
-        weights = {k: sds(v.shape, v.dtype, v.sharding) for k, v in self.weights.items()}
-        cache = [{k: sds(v.shape, v.dtype, v.sharding) for k, v in layer.items()} for layer in self.cache]
-        shapes = self.entries[bucket]["batch_shapes"]
-        batch = {k: sds(shapes[k], np.int32, s) for k, s in self._batch_shardings.items()}
+        """The executable's arguments as shapes and shardings, from the manifest alone."""
+        ns = lambda spec: NamedSharding(self.mesh, spec_of(spec))  # noqa: E731
+        sds = lambda shape, dtype, spec: jax.ShapeDtypeStruct(tuple(shape), jax.numpy.dtype(dtype), sharding=ns(spec))  # noqa: E731
+        weights = {k: sds(w["shape"], w["dtype"], w["spec"]) for k, w in self.mesh_entry["weights"].items()}
+        cache = sds(self.mesh_entry["cache_shape"], self.manifest["dtype"], self.mesh_entry["cache_spec"])
+        entry = self.entries[bucket]
+        batch = {k: sds(entry["batch_shapes"][k], entry["batch_dtypes"][k], spec)
+                 for k, spec in self.mesh_entry["batch_specs"].items()}
         return weights, cache, batch
 
     def compile_one(self, bucket: Bucket) -> jax.stages.Compiled:

@@ -1,9 +1,10 @@
 """The on-disk artifact format: the one module both the builder and the runtime use.
 
     <artifact>/manifest.json                      written last; its presence means "complete"
-    <artifact>/weights/<name>-<sha12>.safetensors  one placed tensor per file, shared across meshes
+    <artifact>/weights/<name>-<sha12>.safetensors  one placed tensor (one layer of a stacked weight) per
+                                                  file, shared across meshes; none for --executables-only
     <artifact>/exec/<DxT>/<bucket>.jax             jax.export serialization, one per (mesh, bucket)
-    <artifact>/probes/<DxT>/<bucket>.safetensors   golden probe batch and its expected logits
+    <artifact>/probes/<DxT>/<bucket>.safetensors   golden probe batch and its expected sampled outputs
     <artifact>/fastload/<platform>/...             optional persistent compilation cache
 
 The runtime is the consumer that must stay compatible, so the format lives on its side. Every file
@@ -18,7 +19,7 @@ import json
 import os
 from pathlib import Path, PurePosixPath
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 

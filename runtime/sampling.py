@@ -1,9 +1,9 @@
-"""Token sampling for the scheduler (numpy only).
+"""Sampling parameters of a request (numpy only); the sampling itself runs inside the executable.
 
 Greedy (temperature 0) is the default because it is what the numerics tests compare against HF.
-Stochastic sampling is deterministic for a seed, and independent of how the scheduler batches:
-each request draws from its own Generator spawned from the one seed of a generate call, so
-MAX_LEN, SUM_LEN, any bucket choice and any DP width produce the same tokens.
+Stochastic sampling is deterministic for a seed and independent of how the scheduler batches: the
+executable derives each token's randomness from the request's seed and the token's position, so
+MAX_LEN, SUM_LEN, any bucket choice and any mesh produce the same tokens.
 """
 
 from __future__ import annotations
@@ -29,52 +29,14 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
-        if int(self.seed) != self.seed or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed}")
+        if int(self.seed) != self.seed or not 0 <= self.seed < 2**31:
+            raise ValueError(f"seed must be an integer in [0, 2**31), got {self.seed}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-
-def filtered_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
-    """Softmax of logits/temperature, cut to top-k, then to the top-p nucleus, renormalised.
-
-    Works on one row [vocab]. float64 so that tiny probabilities don't round the nucleus away.
-    """
-    z = np.asarray(logits, np.float64) / params.temperature
-    probs = np.exp(z - z.max())
-    probs /= probs.sum()
-    # Descending order; stable so ties keep the lower token id first, as argmax does.
-    order = np.argsort(-probs, kind="stable")
-    keep = len(order)
-    if params.top_k:
-        keep = min(keep, int(params.top_k))
-    if params.top_p < 1.0:
-        kept = probs[order[:keep]]
-        cum = np.cumsum(kept) / kept.sum()
-        # Smallest prefix whose mass reaches top_p; always at least the most likely token.
-        keep = min(keep, int(np.searchsorted(cum, params.top_p)) + 1)
-    out = np.zeros_like(probs)
-    out[order[:keep]] = probs[order[:keep]]
-    return out / out.sum()
-
-
-class Sampler:
-    """Picks the next token of each request; one random stream per request (see module doc)."""
-
-    def __init__(self, params: SamplingParams | None, num_requests: int):
-        self.params = params or SamplingParams()
-        streams = np.random.SeedSequence(int(self.params.seed)).spawn(num_requests)
-        self._rngs = [np.random.default_rng(s) for s in streams]
-
-    def sample(self, logits: np.ndarray, request: int) -> int:
-        """Next token of request `request` from its logits row [vocab]."""
-        if self.params.greedy:
-            return int(np.argmax(logits))
-        probs = filtered_probs(logits, self.params)
-        # Inverse CDF over the kept tokens with one uniform draw per token.
-        kept = np.flatnonzero(probs)
-        cdf = np.cumsum(probs[kept])
-        i = int(np.searchsorted(cdf, self._rngs[request].random() * cdf[-1], side="right"))
-        return int(kept[min(i, len(kept) - 1)])
+    def for_request(self, index: int) -> "SamplingParams":
+        """Request `index` of a call draws from seed + index, so one seed gives every request its own
+        stream; the executable folds it with each token's position."""
+        return dataclasses.replace(self, seed=(int(self.seed) + index) % 2**31)

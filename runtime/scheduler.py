@@ -24,7 +24,7 @@ import numpy as np
 
 from runtime.batching import Chunk, pack
 from runtime.buckets import MAX_LEN, MODES, SUM_LEN, Bucket, choose
-from runtime.sampling import Sampler, SamplingParams
+from runtime.sampling import SamplingParams
 
 PADDING_MODES = ("auto",) + MODES
 
@@ -41,7 +41,8 @@ class Executor(Protocol):
     vocab_size: int
     buckets: list[Bucket]
 
-    def run(self, bucket: Bucket, batch: dict[str, np.ndarray]) -> np.ndarray: ...
+    def run(self, bucket: Bucket, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """{"tokens": [dp, seqs] sampled ids, "logprobs": [dp, seqs], ...} for one step."""
 
 
 @dataclasses.dataclass(eq=False)  # identity: requests are removed from lists by object
@@ -50,10 +51,12 @@ class _Request:
     prompt: tuple[int, ...]
     max_new: int
     num_pages: int
+    sampling: SamplingParams = SamplingParams()
     group: int = -1
     pages: tuple[int, ...] = ()
     prefilled: int = 0  # prompt tokens already written to the cache
     generated: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
     last_step: int = -1  # last step that served it: decoders are rotated by this
 
     @property
@@ -62,10 +65,13 @@ class _Request:
 
     def next_chunk(self, max_tokens: int) -> Chunk:
         """The tokens this request feeds next, at most max_tokens of them."""
+        p = self.sampling
         if self.decoding:
-            return Chunk((self.generated[-1],), len(self.prompt) + len(self.generated) - 1, self.pages)
+            return Chunk((self.generated[-1],), len(self.prompt) + len(self.generated) - 1, self.pages,
+                         p.temperature, p.top_k, p.top_p, p.seed)
         end = min(len(self.prompt), self.prefilled + max_tokens)
-        return Chunk(self.prompt[self.prefilled:end], self.prefilled, self.pages)
+        return Chunk(self.prompt[self.prefilled:end], self.prefilled, self.pages, p.temperature, p.top_k, p.top_p,
+                     p.seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +152,7 @@ class Scheduler:
         if pages > self.ex.num_pages - 1:
             raise RequestError(f"prompt {i} needs {pages} KV pages but a group's cache has only "
                                f"{self.ex.num_pages - 1} allocatable pages (page 0 is reserved)")
-        return _Request(i, tuple(int(t) for t in ids), max_new, pages)
+        return _Request(i, tuple(int(t) for t in ids), max_new, pages, self.sampling.for_request(i))
 
     # ---- limits -----------------------------------------------------------------------------
 
@@ -234,20 +240,19 @@ class Scheduler:
         # Unreachable: __init__ checked one token fits, and each bucket's own limits fit it.
         raise RuntimeError("no bucket can serve any pending work")
 
-    def _run(self, bucket: Bucket, plan: list[list[_Work]]) -> np.ndarray:
-        """Pack, call the executable, and check the logits' shape before trusting any row."""
+    def _run(self, bucket: Bucket, plan: list[list[_Work]]) -> dict[str, np.ndarray]:
+        """Pack, call the executable, and check the outputs' shape before trusting any row."""
         groups = [[w.chunk for w in ws] for ws in plan]
         batch = pack(groups, bucket.tokens, bucket.seqs, self.ex.pages_per_seq)
-        logits = np.asarray(self.ex.run(bucket, batch))
-        want = (self.dp, bucket.seqs, self.ex.vocab_size)
-        if logits.shape != want:
-            raise RuntimeError(f"executor returned logits of shape {logits.shape} for {bucket.name}, "
+        out = self.ex.run(bucket, batch)
+        want = (self.dp, bucket.seqs)
+        if np.shape(out["tokens"]) != want:
+            raise RuntimeError(f"executor returned tokens of shape {np.shape(out['tokens'])} for {bucket.name}, "
                                f"expected {want}")
-        return logits
+        return out
 
-    def _advance(self, plan: list[list[_Work]], logits: np.ndarray, sampler: Sampler,
-                 step: int) -> list[_Request]:
-        """Unpad: credit each real chunk, sample where a token is due. Returns finished requests."""
+    def _advance(self, plan: list[list[_Work]], out: dict[str, np.ndarray], step: int) -> list[_Request]:
+        """Unpad: credit each real chunk, take its sampled token where one is due. Returns finished requests."""
         done = []
         for g, ws in enumerate(plan):
             for j, w in enumerate(ws):
@@ -257,7 +262,8 @@ class Scheduler:
                     r.prefilled += len(w.chunk.tokens)
                     if not r.decoding:
                         continue  # mid-prompt chunk: its logits predict a token we already know
-                r.generated.append(sampler.sample(logits[g, j], r.index))
+                r.generated.append(int(out["tokens"][g, j]))
+                r.logprobs.append(float(out["logprobs"][g, j]))
                 if len(r.generated) == r.max_new or r.generated[-1] == self.eos_token_id:
                     done.append(r)
         return done
@@ -277,7 +283,6 @@ class Scheduler:
         arrivals = [0] * len(requests) if arrivals is None else [int(a) for a in arrivals]
         if len(arrivals) != len(requests):
             raise RequestError(f"{len(arrivals)} arrivals for {len(requests)} prompts")
-        sampler = Sampler(self.sampling, len(requests))
         pending = sorted(requests, key=lambda r: (arrivals[r.index], r.index))
         queue: list[_Request] = []
         active: list[list[_Request]] = [[] for _ in range(self.dp)]
@@ -293,9 +298,9 @@ class Scheduler:
             self._admit(queue, active)
             stats.max_queue = max(stats.max_queue, len(queue))
             bucket, plan = self._build(active, step)
-            logits = self._run(bucket, plan)
+            out = self._run(bucket, plan)
             stats.record(bucket, plan, self.dp)
-            for r in self._advance(plan, logits, sampler, step):
+            for r in self._advance(plan, out, step):
                 active[r.group].remove(r)
                 self._release(r)
             clock += 1
