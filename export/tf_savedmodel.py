@@ -4,19 +4,22 @@ Written through orbax-export (JaxModule -> jax2tf native serialization -> Export
 `<artifact>/tf_savedmodel/`:
 
 - one serving signature per bucket of the 1x1 mesh, named after the bucket (`max_len-t4-s4-g4`);
-- the placed weights of the 1x1 mesh (read back from the artifact's `weights/` files) as
-  non-trainable `tf.Variable`s named after the weights (`embed`, `layers.0.q_proj`, ...);
-- the KV cache as an input and an output: two stacked tensors `k_cache` and `v_cache` of shape
-  [layers, 1, pages, page_size, kv_heads, head_dim] (the runtime's per-layer cache, stacked along a
-  new leading axis). TF Serving keeps no state between requests, so the client sends the cache it
-  got back from the previous step;
+- the placed weights of the 1x1 mesh (read back from the artifact's `weights/` files; a stacked
+  weight is its per-layer files stacked again) as non-trainable `tf.Variable`s named after the
+  weights (`embed`, `layers.q_proj`, `moe.gate`, ...);
+- the KV cache as an input and an output: one tensor `kv` of the mesh's cache shape
+  [1, layers, pages, page_size, 2*kv_heads, head_dim] (K and V interleaved on the head axis) in the
+  artifact's dtype. TF Serving keeps no state between requests, so the client sends the cache it got
+  back from the previous step;
 - `assets.extra/tf_serving_warmup_requests`: a TFRecord file of `tensorflow.serving.PredictionLog`
   records, one PredictRequest per signature, made from the build's golden probe of that bucket with a
-  zero cache (a probe reads only what it writes, so its logits don't depend on the cache).
+  zero cache (a probe reads only what it writes, so its outputs don't depend on the cache).
 
-Signature inputs: `tokens`, `positions`, `seq_index` [1, T], `num_tokens` [1], `page_table`
-[1, S, pages_per_seq], `last_index` [1, S] (all int32, the step's batch), `k_cache`, `v_cache`.
-Outputs: `logits` [1, S, vocab] and the updated `k_cache`, `v_cache`.
+Signature inputs: the step's batch with its dtypes (see dp_attention/model.py): `tokens`,
+`positions`, `seq_index` [1, T], `num_tokens` [1], `page_table` [1, S, pages_per_seq], `last_index`,
+`top_k`, `seed` [1, S] (int32), `temperature`, `top_p` [1, S] (float32); and `kv`.
+Outputs: `tokens` [1, S] int32 (sampled on the device), `logprobs` [1, S] float32, `top_ids` [1, S, N]
+int32, `top_logprobs` [1, S, N] float32 (N = the artifact's `logprobs`) and the updated `kv`.
 
 TensorFlow and orbax are imported only when a SavedModel is written. The PredictionLog messages are
 a wire-compatible subset of tensorflow_serving/apis/{prediction_log,predict,model}.proto (same field
@@ -32,11 +35,14 @@ from pathlib import Path
 
 import numpy as np
 
+from dp_attention.model import BATCH_SPECS
+from runtime.verify import OUTPUT_NAMES
+
 SAVEDMODEL_DIR = "tf_savedmodel"
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
-BATCH_INPUTS = ("tokens", "positions", "seq_index", "num_tokens", "page_table", "last_index")
-CACHE_INPUTS = ("k_cache", "v_cache")
-OUTPUTS = ("logits",) + CACHE_INPUTS
+BATCH_INPUTS = tuple(BATCH_SPECS)  # tokens, positions, ..., temperature, top_k, top_p, seed
+CACHE_INPUT = "kv"
+OUTPUTS = OUTPUT_NAMES + (CACHE_INPUT,)
 
 
 def mesh_error(meshes) -> str | None:
@@ -59,37 +65,41 @@ def write_savedmodel(tmp: Path, manifest: dict, cfg, meshes, platforms) -> dict:
     manifest so far, with its weights and probes already in `tmp`); returns its manifest entry.
 
     When the build targets CPU, the SavedModel is then loaded in TensorFlow and each warmup request
-    is run through its signature: the logits must match the probe's (BuildError otherwise).
+    is run through its signature: its sampled outputs must match the probe's (BuildError otherwise).
     """
-    from .build import BuildError, tolerance
+    from runtime.verify import tolerance
+
+    from .build import BuildError
 
     reason = mesh_error(meshes)
     if reason:
         raise BuildError(reason)
+    if not manifest.get("weights_included", True):
+        raise BuildError("--tf-savedmodel needs the weights; it can't be combined with --executables-only")
 
     import jax.numpy as jnp
     import tensorflow as tf
     from orbax.export import ExportManager, JaxModule, ServingConfig
-    from safetensors.numpy import load_file
 
     from dp_attention import Bucket as StepBucket, MeshShape
     from runtime.buckets import Bucket
 
     shape = MeshShape(1, 1)
     mesh_entry = next(m for m in manifest["meshes"] if m["name"] == str(shape))
-    weights = {name: load_file(tmp / w["file"])["tensor"] for name, w in mesh_entry["weights"].items()}
+    weights = {name: _read_weight(tmp, w) for name, w in mesh_entry["weights"].items()}
     dtype = np.dtype(jnp.dtype(manifest["dtype"]))
-    cache_shape = (cfg.num_layers, *mesh_entry["cache_shape"])
+    cache_shape = tuple(mesh_entry["cache_shape"])
+    num_logprobs = int(manifest["logprobs"])
 
     entries = [e for e in manifest["executables"] if e["mesh"] == str(shape)]
     apply_fns, serving, batches = {}, [], {}
     for e in entries:
         b = Bucket.from_json(e["bucket"])
         name = signature_name(b.name)
-        step = _one_device_step(cfg, StepBucket.like(b))
-        apply_fns[name] = _apply(step, cfg.num_layers)
-        spec = {k: tf.TensorSpec(v, tf.int32, name=k) for k, v in e["batch_shapes"].items()}
-        spec |= {k: tf.TensorSpec(cache_shape, tf.as_dtype(dtype), name=k) for k in CACHE_INPUTS}
+        apply_fns[name] = _apply(_one_device_step(cfg, StepBucket.like(b), num_logprobs))
+        spec = {k: tf.TensorSpec(e["batch_shapes"][k], tf.as_dtype(np.dtype(e["batch_dtypes"][k])), name=k)
+                for k in BATCH_INPUTS}
+        spec[CACHE_INPUT] = tf.TensorSpec(cache_shape, tf.as_dtype(dtype), name=CACHE_INPUT)
         serving.append(ServingConfig(signature_key=name, input_signature=[spec], method_key=name))
         batches[name] = _probe_batch(tmp, manifest, e, b)
 
@@ -106,19 +116,43 @@ def write_savedmodel(tmp: Path, manifest: dict, cfg, meshes, platforms) -> dict:
         for name, batch in batches.items():
             w.write(warmup_record(name, batch, cache_shape, dtype).SerializeToString())
     entry = {"dir": SAVEDMODEL_DIR, "signatures": list(apply_fns), "warmup": f"{SAVEDMODEL_DIR}/{WARMUP_FILE}",
-             "inputs": list(BATCH_INPUTS + CACHE_INPUTS), "outputs": list(OUTPUTS),
+             "inputs": list(BATCH_INPUTS + (CACHE_INPUT,)), "outputs": list(OUTPUTS),
              "cache_shape": list(cache_shape), "platforms": list(platforms)}
     if "cpu" in platforms:
-        expected = {signature_name(Bucket.from_json(e["bucket"]).name): load_file(tmp / e["probe"])["expected_logits"]
-                    for e in entries if e.get("probe")}
+        expected = {}
+        for e in entries:
+            if e.get("probe"):
+                probe = _load(tmp / e["probe"])
+                expected[signature_name(Bucket.from_json(e["bucket"]).name)] = (
+                    {k: probe[f"expected_{k}"] for k in OUTPUT_NAMES}, probe["num_seqs"])
         entry["probe_max_error"] = _check(out, expected, tolerance(manifest["dtype"]))
     return entry
 
 
-def _check(saved_dir: Path, expected: dict[str, np.ndarray], tol: float) -> dict[str, float]:
-    """Load the SavedModel in TensorFlow, replay each warmup request, compare with the probe's logits."""
+def _load(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(path)
+
+
+def _read_weight(tmp: Path, w: dict) -> np.ndarray:
+    """One weight whole, as the 1x1 mesh places it: a stacked weight is its per-layer files stacked."""
+    tensors = [_load(tmp / rel)["tensor"] for rel in w["files"]]
+    array = np.stack(tensors) if w["stacked"] else tensors[0]
+    if list(array.shape) != list(w["shape"]):
+        from .build import BuildError
+
+        raise BuildError(f"weight files {w['files'][:1]}...: shape {list(array.shape)}, manifest says {w['shape']}")
+    return array
+
+
+def _check(saved_dir: Path, expected: dict[str, tuple[dict, np.ndarray]], tol: float) -> dict[str, float]:
+    """Load the SavedModel in TensorFlow, replay each warmup request, compare with the probe's outputs
+    ({signature: (expected outputs, num_seqs)}) as the runtime's verify does."""
     import tensorflow as tf
     from tensorflow.core.framework.tensor_pb2 import TensorProto
+
+    from runtime.verify import compare_outputs
 
     from .build import BuildError
 
@@ -129,36 +163,38 @@ def _check(saved_dir: Path, expected: dict[str, np.ndarray], tol: float) -> dict
         name = req.model_spec.signature_name
         if name not in expected:
             continue
-        inputs = {k: tf.constant(tf.make_ndarray(TensorProto.FromString(v.SerializeToString())))
-                  for k, v in req.inputs.items()}
-        got = loaded.signatures[name](**inputs)["logits"].numpy().astype(np.float32)
-        errors[name] = worst = float(np.abs(got - expected[name]).max())
-        if not worst <= tol:
-            raise BuildError(f"{SAVEDMODEL_DIR} signature {name} disagrees with the build's probe in TensorFlow: "
-                             f"max |logit difference| {worst:.3g} > {tol:.0e}")
+        arrays = {k: tf.make_ndarray(TensorProto.FromString(v.SerializeToString())) for k, v in req.inputs.items()}
+        outputs = loaded.signatures[name](**{k: tf.constant(v) for k, v in arrays.items()})
+        got = {k: outputs[k].numpy() for k in OUTPUT_NAMES}
+        want, num_seqs = expected[name]
+        worst, why = compare_outputs(got, want, num_seqs, arrays["temperature"] == 0, tol)
+        errors[name] = worst
+        if why:
+            raise BuildError(f"{SAVEDMODEL_DIR} signature {name} disagrees with the build's probe in TensorFlow: {why}")
     return errors
 
 
-def _one_device_step(cfg, bucket):
+def _one_device_step(cfg, bucket, num_logprobs: int):
     """The step of a 1x1 mesh with its collectives bound to size-1 vmapped axes instead of devices.
 
-    `make_step` runs the per-device step in a shard_map; on one device its psums and all-gathers
-    still compile to XLA collectives, which TensorFlow's XLA can't run (it gives them no device
-    assignment). Under vmap over a leading axis of size 1 for "data" and "tensor", the same per-device
-    code computes the same thing with no collectives at all: a 1x1 mesh places every array whole on
-    its one device, so each "device block" is the whole array.
+    `make_step` runs the per-device step in a shard_map; on one device its psums, all-gathers and
+    psum-scatters still compile to XLA collectives, which TensorFlow's XLA can't run (it gives them no
+    device assignment). Under vmap over a leading axis of size 1 for "data" and "tensor", the same
+    per-device code computes the same thing with no collectives at all (axis_index is 0, axis_size 1):
+    a 1x1 mesh places every array whole on its one device, so each "device block" is the whole array
+    (the cache and batch keep their data axis of size 1, as a device block does).
     """
     import jax
 
     from dp_attention.model import device_step
 
-    per_device = jax.vmap(jax.vmap(partial(device_step, cfg, bucket, False), axis_name="tensor"), axis_name="data")
+    per_device = jax.vmap(jax.vmap(partial(device_step, cfg, bucket, False, num_logprobs, False),
+                                   axis_name="tensor"), axis_name="data")
 
-    def step(weights, cache, batch):
+    def step(weights, kv, batch):
         add = lambda tree: jax.tree.map(lambda x: x[None, None], tree)  # noqa: E731
-        logits, cache = per_device(add(weights), add(cache), add(batch))
-        logits, cache = jax.tree.map(lambda x: x[0, 0], (logits, cache))
-        return logits[..., : cfg.vocab_size], cache
+        outputs, kv = per_device(add(weights), add(kv), add(batch))
+        return jax.tree.map(lambda x: x[0, 0], (outputs, kv))
 
     return step
 
@@ -187,15 +223,12 @@ def _stablehlo_readable_by_tf():
         hlo.get_version_from_compatibility_requirement = original
 
 
-def _apply(step, num_layers: int):
-    """(weights, inputs dict) -> outputs dict: the step with the cache stacked over layers."""
-    import jax.numpy as jnp
+def _apply(step):
+    """(weights, inputs dict) -> outputs dict: the step's sampled outputs and the updated "kv"."""
 
     def apply(weights, x):
-        cache = [{"k": x["k_cache"][i], "v": x["v_cache"][i]} for i in range(num_layers)]
-        logits, cache = step(weights, cache, {k: x[k] for k in BATCH_INPUTS})
-        return {"logits": logits, "k_cache": jnp.stack([c["k"] for c in cache]),
-                "v_cache": jnp.stack([c["v"] for c in cache])}
+        outputs, kv = step(weights, x[CACHE_INPUT], {k: x[k] for k in BATCH_INPUTS})
+        return {k: outputs[k] for k in OUTPUT_NAMES} | {CACHE_INPUT: kv}
 
     return apply
 
@@ -203,9 +236,7 @@ def _apply(step, num_layers: int):
 def _probe_batch(tmp: Path, manifest: dict, entry: dict, bucket) -> dict[str, np.ndarray]:
     """The golden probe batch of one executable (as the build wrote it, else regenerated alike)."""
     if entry.get("probe"):
-        from safetensors.numpy import load_file
-
-        data = load_file(tmp / entry["probe"])
+        data = _load(tmp / entry["probe"])
         return {k: data[k] for k in BATCH_INPUTS}
     from .probes import make_probe
 
@@ -217,9 +248,10 @@ def _probe_batch(tmp: Path, manifest: dict, entry: dict, bucket) -> dict[str, np
 # ------------------------------------------------------------------------------------ warmup records
 
 def warmup_record(signature: str, batch: dict[str, np.ndarray], cache_shape, dtype):
-    """One PredictionLog{predict_log{request}} for `signature`: the batch plus a zero KV cache.
+    """One PredictionLog{predict_log{request}} for `signature`: the batch (each input with its own
+    dtype) plus a zero KV cache `kv`.
 
-    The zero caches are stored compactly (one value, which TensorProto repeats over the shape).
+    The zero cache is stored compactly (one value, which TensorProto repeats over the shape).
     """
     import tensorflow as tf
 
@@ -227,11 +259,10 @@ def warmup_record(signature: str, batch: dict[str, np.ndarray], cache_shape, dty
     log = msgs["PredictionLog"]()
     req = log.predict_log.request
     req.model_spec.signature_name = signature
-    for k in BATCH_INPUTS:
-        req.inputs[k].MergeFromString(tf.make_tensor_proto(np.asarray(batch[k], np.int32)).SerializeToString())
+    for k, v in batch.items():
+        req.inputs[k].MergeFromString(tf.make_tensor_proto(np.asarray(v)).SerializeToString())
     zero = tf.make_tensor_proto(np.zeros((), dtype), dtype=tf.as_dtype(dtype), shape=list(cache_shape))
-    for k in CACHE_INPUTS:
-        req.inputs[k].MergeFromString(zero.SerializeToString())
+    req.inputs[CACHE_INPUT].MergeFromString(zero.SerializeToString())
     return log
 
 

@@ -20,8 +20,16 @@ def test_grouped_experts_equal_dense_reference():
     np.testing.assert_allclose(results[0], results[1], atol=1e-5, rtol=0)
 
 
-def test_experts_not_divisible_by_devices_are_padded(golden_dir):
-    cfg = load_hf_config(golden_dir / "hf-tiny-a")  # 12 experts
-    assert cfg.num_experts == 12
-    assert Layout.for_mesh(cfg, MeshShape(2, 4)).experts == 16  # exactness: test_model_vs_hf
-    assert Layout.for_mesh(cfg, MeshShape(1, 1)).experts == 12
+def test_expert_width_not_divisible_by_devices_is_padded(golden_dir):
+    """Zero columns are exact: a 3x1 mesh (width 32 -> 33) gives the logits of 2x4 (width 32 / 8)."""
+    cfg = load_hf_config(golden_dir / "hf-tiny-a")
+    assert cfg.moe_intermediate_size == 32
+    assert Layout.for_mesh(cfg, MeshShape(3, 1)).expert_width == 33
+    assert Layout.for_mesh(cfg, MeshShape(2, 4)).expert_width == 32
+    prompts = [[5, 9, 2, 7], [11, 3]]
+    logits = []
+    for shape in (MeshShape(3, 1), MeshShape(2, 4)):
+        d = StepDriver(str(golden_dir / "hf-tiny-a"), shape)
+        first, _ = d.generate([prompts] + [[] for _ in range(shape.dp - 1)], new_tokens=1)
+        logits.append(np.array(first[0]))
+    np.testing.assert_allclose(logits[0], logits[1], atol=1e-5, rtol=0)

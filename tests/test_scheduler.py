@@ -2,9 +2,10 @@
 
 The fake writes each real token into its (group, page, slot) through the page table, exactly as a
 paged cache would, and computes each row's logits from the tokens stored at positions 0..pos of
-that sequence. Its "model" is a pure function of the full history, so any wrong position, page,
-page reuse, chunk boundary or unpad order changes the tokens, and outputs must equal an unbatched
-reference that feeds each prompt alone.
+that sequence, then samples from them with the row's own sampling inputs, its randomness keyed by
+(seed, position) as the real executable's is. Its "model" is a pure function of the full history,
+so any wrong position, page, page reuse, chunk boundary, sampling input or unpad order changes the
+tokens, and outputs must equal an unbatched reference that feeds each prompt alone.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runtime.buckets import MAX_LEN, SUM_LEN, Bucket, plan
-from runtime.sampling import Sampler, SamplingParams, filtered_probs
+from runtime.sampling import SamplingParams
 from runtime.scheduler import RequestError, Scheduler, generate
 
 VOCAB = 61
@@ -31,14 +32,27 @@ def toy_logits(history: tuple[int, ...]) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal(VOCAB) * 3).astype(np.float32)
 
 
+def toy_sample(logits, temperature, top_k, top_p, seed, position) -> int:
+    """The toy sampler: argmax at temperature 0, else a draw keyed by (seed, position) alone."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    order = np.argsort(-logits, kind="stable")[: top_k or None]
+    p = np.exp((logits[order] - logits[order[0]]) / temperature)
+    p /= p.sum()
+    keep = max(1, int(np.sum(np.cumsum(p) - p < top_p)))
+    u = np.random.default_rng([seed, position]).random() * p[:keep].sum()
+    return int(order[min(int(np.searchsorted(np.cumsum(p[:keep]), u, side="right")), keep - 1)])
+
+
 def reference(prompts, max_new, sampling=None, eos=None):
     """Each prompt alone, token by token, through the same toy model and sampler."""
-    sampler = Sampler(sampling, len(prompts))
+    sampling = sampling or SamplingParams()
     outs = []
     for i, p in enumerate(prompts):
         hist, out = list(p), []
+        s = sampling.for_request(i)
         for _ in range(max_new):
-            out.append(sampler.sample(toy_logits(tuple(hist)), i))
+            out.append(toy_sample(toy_logits(tuple(hist)), s.temperature, s.top_k, s.top_p, s.seed, len(hist)))
             hist.append(out[-1])
             if out[-1] == eos:
                 break
@@ -57,19 +71,19 @@ class FakeExecutor:
         self.cache = np.full((dp, num_pages, page_size), -1, np.int64)
         self.batches = []
 
-    def run(self, bucket: Bucket, batch: dict) -> np.ndarray:
+    def run(self, bucket: Bucket, batch: dict) -> dict:
         assert bucket in self.buckets
         assert batch["tokens"].shape == (self.dp, bucket.tokens)
         assert batch["page_table"].shape == (self.dp, bucket.seqs, self.pages_per_seq)
         if bucket.mode == SUM_LEN:
             assert batch["num_tokens"].sum() <= bucket.global_len
         self.batches.append(batch)
-        logits = np.zeros((self.dp, bucket.seqs, self.vocab_size), np.float32)
-        logits[:, :, -1] = 100.0  # padding rows: a token that unpad bugs would leak
+        tokens = np.full((self.dp, bucket.seqs), self.vocab_size - 1, np.int32)  # padding rows: unpad bugs leak it
         for g in range(self.dp):
             for j, hist in self._group(g, batch).items():
-                logits[g, j] = toy_logits(hist)
-        return logits
+                params = [batch[k][g, j] for k in ("temperature", "top_k", "top_p", "seed")]
+                tokens[g, j] = toy_sample(toy_logits(hist), *params, len(hist))
+        return {"tokens": tokens, "logprobs": np.zeros(tokens.shape, np.float32)}
 
     def _group(self, g, batch) -> dict[int, tuple[int, ...]]:
         """Write group g's real tokens into the cache; return each real row's history."""
@@ -201,22 +215,6 @@ def test_sampling_deterministic_per_seed_and_batching_independent():
     other = generate(FakeExecutor(), prompts, 8, sampling=SamplingParams(1.0, 20, 0.9, seed=8))[0]
     assert other != outs
     assert outs != reference(prompts, 8)  # not greedy
-
-
-def test_filtered_probs():
-    logits = np.array([1.0, 3.0, 2.0, 0.5, 2.9], np.float32)
-    p = filtered_probs(logits, SamplingParams(temperature=1.0, top_k=1))
-    assert p.tolist() == [0, 1, 0, 0, 0]
-    p = filtered_probs(logits, SamplingParams(temperature=1.0, top_k=3))
-    assert set(np.flatnonzero(p)) == {1, 2, 4} and p.sum() == pytest.approx(1)
-    p = filtered_probs(logits, SamplingParams(temperature=1.0, top_p=0.01))
-    assert np.flatnonzero(p).tolist() == [1]
-    # top-k first, then the nucleus of what is left: token 1 alone holds over half the top-2 mass.
-    p = filtered_probs(logits, SamplingParams(temperature=1.0, top_k=2, top_p=0.5))
-    assert np.flatnonzero(p).tolist() == [1]
-    full = filtered_probs(logits, SamplingParams(temperature=0.5))
-    assert np.all(full > 0) and full.sum() == pytest.approx(1) and full.argmax() == 1
-    assert Sampler(None, 1).sample(logits, 0) == 1
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -4,29 +4,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import build_artifact
 from dp_attention import MeshShape
 from export.probes import make_probe
-from export.tf_savedmodel import BATCH_INPUTS, CACHE_INPUTS, read_warmup
+from export.tf_savedmodel import BATCH_INPUTS, CACHE_INPUT, OUTPUTS, read_warmup
 from runtime import format as fmt
 from runtime.batching import Chunk, pack
 from runtime.buckets import Bucket
 from runtime.engine import load
+from runtime.verify import OUTPUT_NAMES, compare_outputs, tolerance
 
 tf = pytest.importorskip("tensorflow")
 from safetensors.numpy import load_file  # noqa: E402
 from tensorflow.core.framework.tensor_pb2 import TensorProto  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
-    # A small cache keeps the (stacked) cache tensors that travel through TF small.
+    # A small cache keeps the cache tensor that travels through TF small.
     return build_artifact(tmp_path_factory.mktemp("tfsm") / "qwen3-moe-tiny", ladder=(4, 16),
                           meshes=(MeshShape(1, 1),), tf_savedmodel=True, pages_per_group=24, max_context=64)
 
@@ -36,18 +37,30 @@ def saved(artifact):
     return tf.saved_model.load(str(artifact / fmt.read_manifest(artifact)["tf_savedmodel"]["dir"]))
 
 
-def _stacked(cache, key):
-    return np.stack([np.asarray(layer[key]) for layer in cache])
+def _weight(artifact, w):
+    """One weight whole (1x1 mesh): a stacked weight's per-layer files stacked again."""
+    tensors = [load_file(artifact / rel)["tensor"] for rel in w["files"]]
+    return np.stack(tensors) if w["stacked"] else tensors[0]
 
 
-def _call(sig, batch, k_cache, v_cache):
-    out = sig(**{k: tf.constant(np.asarray(v, np.int32)) for k, v in batch.items()},
-              k_cache=tf.constant(k_cache), v_cache=tf.constant(v_cache))
+def _call(sig, batch, kv):
+    out = sig(**{k: tf.constant(np.asarray(v)) for k, v in batch.items()}, kv=tf.constant(kv))
     return {k: v.numpy() for k, v in out.items()}
 
 
-def _decode_step(groups, logits, page_size):
-    """Each probe sequence's next (greedy) token, one decode chunk per sequence (pages grown as needed)."""
+def _expected(probe):
+    return {k: probe[f"expected_{k}"] for k in OUTPUT_NAMES}
+
+
+def _agree(got, want, num_seqs, batch, tol, what):
+    worst, why = compare_outputs(got, want, num_seqs, np.asarray(batch["temperature"]) == 0, tol)
+    assert not why, f"{what}: {why}"
+    return worst
+
+
+def _decode_step(groups, tokens, page_size):
+    """Each probe sequence's next token (the one the step sampled), one decode chunk per sequence with
+    the same sampling (pages grown as needed)."""
     next_page = 1 + max((p for c in groups[0] for p in c.pages), default=0)
     chunks = []
     for j, c in enumerate(groups[0]):
@@ -55,7 +68,7 @@ def _decode_step(groups, logits, page_size):
         pages = c.pages
         if n % page_size == 0:
             pages, next_page = pages + (next_page,), next_page + 1
-        chunks.append(Chunk((int(np.argmax(logits[0, j])),), n, pages))
+        chunks.append(Chunk((int(tokens[0, j]),), n, pages, c.temperature, c.top_k, c.top_p, c.seed))
     return chunks
 
 
@@ -64,6 +77,9 @@ def test_manifest_lists_savedmodel_with_checksums(artifact):
     entry = m["tf_savedmodel"]
     names = sorted(Bucket.from_json(e["bucket"]).name for e in m["executables"])
     assert entry["dir"] == "tf_savedmodel" and sorted(entry["signatures"]) == names
+    assert entry["inputs"] == list(BATCH_INPUTS) + [CACHE_INPUT] and entry["outputs"] == list(OUTPUTS)
+    assert entry["cache_shape"] == m["meshes"][0]["cache_shape"]
+    assert set(entry["probe_max_error"]) == set(names)
     files = sorted(f.relative_to(artifact).as_posix() for f in (artifact / "tf_savedmodel").rglob("*") if f.is_file())
     assert "tf_savedmodel/saved_model.pb" in files and "tf_savedmodel/assets.extra/tf_serving_warmup_requests" in files
     assert all(f in m["files"] for f in files)
@@ -74,42 +90,58 @@ def test_every_signature_matches_runtime(artifact, saved):
     engine = load(artifact)
     m = engine.manifest
     entry = m["tf_savedmodel"]
+    tol = tolerance(m["dtype"])
+    cache_dtype = np.dtype(jnp.dtype(m["dtype"]))
     assert set(saved.signatures) == {b.name for b in engine.buckets}
-    weights = {name: load_file(artifact / w["file"])["tensor"] for name, w in engine.mesh_entry["weights"].items()}
+    weights = {name: _weight(artifact, w) for name, w in engine.mesh_entry["weights"].items()}
     c = m["cache"]
     for bucket in engine.buckets:
         sig = saved.signatures[bucket.name]
+        e = engine.entries[bucket]
+        # the inputs are the executable's batch (each with its dtype) and the cache
+        inputs = sig.structured_input_signature[1]
+        assert set(inputs) == set(BATCH_INPUTS) | {CACHE_INPUT}
+        for k in BATCH_INPUTS:
+            assert inputs[k].shape.as_list() == e["batch_shapes"][k]
+            assert inputs[k].dtype.as_numpy_dtype == np.dtype(e["batch_dtypes"][k]), k
+        assert inputs[CACHE_INPUT].shape.as_list() == entry["cache_shape"]
+        assert set(sig.structured_outputs) == set(OUTPUTS)
         # the weights are the signature's variables (not constants baked into the graph)
         variables = {v.name.split(":")[0]: v.numpy() for v in sig.variables}
         assert variables.keys() == weights.keys()
         assert all(np.array_equal(variables[k], weights[k]) for k in weights)
-        probe = load_file(artifact / engine.entries[bucket]["probe"])
+        probe = load_file(artifact / e["probe"])
         batch = {k: probe[k] for k in BATCH_INPUTS}
+        num_seqs = probe["num_seqs"]
+        assert (batch["temperature"][0, :num_seqs[0]] > 0).any()  # the probe samples some sequences
 
         engine.reset_cache()
         want = engine.run(bucket, batch)  # donates and replaces engine.cache
-        zeros = np.zeros(entry["cache_shape"], np.float32)
-        got = _call(sig, batch, zeros, zeros)
-        np.testing.assert_allclose(got["logits"], want, atol=TOL, rtol=0, err_msg=bucket.name)
-        np.testing.assert_allclose(got["logits"], probe["expected_logits"], atol=TOL, rtol=0, err_msg=bucket.name)
-        for key, name in (("k", "k_cache"), ("v", "v_cache")):
-            np.testing.assert_allclose(got[name], _stacked(engine.cache, key), atol=TOL, rtol=0)
+        zeros = np.zeros(entry["cache_shape"], cache_dtype)
+        got = _call(sig, batch, zeros)
+        _agree(got, want, num_seqs, batch, tol, f"{bucket.name} vs runtime")
+        _agree(got, _expected(probe), num_seqs, batch, tol, f"{bucket.name} vs probe")
+        assert got[CACHE_INPUT].dtype == cache_dtype
+        np.testing.assert_allclose(got[CACHE_INPUT], np.asarray(engine.cache), atol=tol, rtol=0)
 
-        # A decode step on the caches the probe left: the cache input really is read.
+        # A decode step on the cache the probe left: the cache input really is read.
         groups, _ = make_probe(bucket, 1, m["model"]["vocab_size"], c["page_size"], c["pages_per_seq"])
-        step2 = pack([_decode_step(groups, want, c["page_size"])], bucket.tokens, bucket.seqs, c["pages_per_seq"])
+        step2 = pack([_decode_step(groups, want["tokens"], c["page_size"])], bucket.tokens, bucket.seqs,
+                     c["pages_per_seq"])
         want2 = engine.run(bucket, step2)
-        got2 = _call(sig, step2, got["k_cache"], got["v_cache"])
-        n = len(groups[0])
-        np.testing.assert_allclose(got2["logits"][:, :n], want2[:, :n], atol=TOL, rtol=0, err_msg=bucket.name)
-        stale = _call(sig, step2, zeros, zeros)["logits"][:, :n]  # without the cache the answer differs
-        assert np.abs(stale - want2[:, :n]).max() > 1e-3
+        got2 = _call(sig, step2, got[CACHE_INPUT])
+        n = np.array([len(groups[0])], np.int32)
+        _agree(got2, want2, n, step2, tol, f"{bucket.name} decode vs runtime")
+        np.testing.assert_allclose(got2[CACHE_INPUT], np.asarray(engine.cache), atol=tol, rtol=0)
+        stale = _call(sig, step2, zeros)["top_logprobs"][:, :n[0]]  # without the cache the answer differs
+        assert np.abs(stale - want2["top_logprobs"][:, :n[0]]).max() > 1e-3
     assert engine.compiles_after_load == 0
 
 
 def test_warmup_records_one_per_signature(artifact, saved):
     m = fmt.read_manifest(artifact)
     entry = m["tf_savedmodel"]
+    tol = tolerance(m["dtype"])
     logs = read_warmup(artifact / entry["warmup"])
     assert [log.WhichOneof("log_type") for log in logs] == ["predict_log"] * len(entry["signatures"])
     assert sorted(log.predict_log.request.model_spec.signature_name for log in logs) == sorted(entry["signatures"])
@@ -117,16 +149,18 @@ def test_warmup_records_one_per_signature(artifact, saved):
     for log in logs:
         req = log.predict_log.request
         name = req.model_spec.signature_name
-        assert set(req.inputs) == set(BATCH_INPUTS + CACHE_INPUTS)
+        assert set(req.inputs) == set(BATCH_INPUTS) | {CACHE_INPUT}
         arrays = {k: tf.make_ndarray(TensorProto.FromString(v.SerializeToString())) for k, v in req.inputs.items()}
         probe = load_file(artifact / probes[name])
         for k in BATCH_INPUTS:
             np.testing.assert_array_equal(arrays[k], probe[k])
-        for k in CACHE_INPUTS:
-            assert list(arrays[k].shape) == entry["cache_shape"] and not arrays[k].any()
-        # the request is one the signature serves, with the probe's logits
-        got = saved.signatures[name](**{k: tf.constant(v) for k, v in arrays.items()})
-        np.testing.assert_allclose(got["logits"].numpy(), probe["expected_logits"], atol=TOL, rtol=0)
+            assert arrays[k].dtype == probe[k].dtype, k
+        kv = arrays[CACHE_INPUT]
+        assert list(kv.shape) == entry["cache_shape"] and kv.dtype == np.dtype(jnp.dtype(m["dtype"])) and not kv.any()
+        # the request is one the signature serves, with the probe's outputs
+        out = saved.signatures[name](**{k: tf.constant(v) for k, v in arrays.items()})
+        got = {k: out[k].numpy() for k in OUTPUT_NAMES}
+        _agree(got, _expected(probe), probe["num_seqs"], arrays, tol, name)
 
 
 def test_warmup_parses_with_tensorflow_serving_protos(artifact):
