@@ -9,6 +9,8 @@ Medians over many steps, for a decode bucket and a prefill bucket.
 import argparse
 import time
 
+import jax
+
 
 from bench.common import ARTIFACT, ensure_artifact, median_ms, write_result
 from export.probes import make_probe
@@ -21,8 +23,8 @@ def time_raw(engine, bucket, batch, n):
     compiled, samples = engine.compiled[bucket], []
     for _ in range(n):
         t0 = time.perf_counter()
-        logits, engine.cache = compiled(engine.weights, engine.cache, args)
-        logits.block_until_ready()
+        out, engine.cache = compiled(engine.weights, engine.cache, args)
+        jax.block_until_ready(out)
         samples.append(time.perf_counter() - t0)
     return samples
 

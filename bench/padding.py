@@ -19,7 +19,7 @@ DP, MAX_SEQS = 2, 8
 
 
 class PaddingOnly:
-    """Executor stand-in: same cache geometry as the default artifact, zero logits."""
+    """Executor stand-in: same cache geometry as the default artifact, token 0 for every row."""
 
     def __init__(self, buckets):
         cfg = BuildConfig()
@@ -28,7 +28,8 @@ class PaddingOnly:
         self.buckets = buckets
 
     def run(self, bucket, batch):
-        return np.zeros((self.dp, bucket.seqs, self.vocab_size), np.float32)
+        return {"tokens": np.zeros((self.dp, bucket.seqs), np.int32),
+                "logprobs": np.zeros((self.dp, bucket.seqs), np.float32)}
 
 
 def replay(tokens, sums=None, trace=None):

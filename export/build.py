@@ -199,6 +199,8 @@ def build(cfg: BuildConfig, report: Reporter | None = None) -> Path:
         Layout.for_mesh(model, s)  # fail early on heads that don't fit the mesh
     if cfg.tf_savedmodel and (reason := savedmodel_mesh_error(cfg.meshes)):
         raise BuildError(reason)
+    if cfg.tf_savedmodel and cfg.executables_only:
+        raise BuildError("--tf-savedmodel needs weights; it can't be combined with --executables-only")
     for b in (b for bs in plans.values() for b in bs):
         if b.tokens > cache.pages_per_seq * cache.page_size * b.seqs:
             raise BuildError(f"bucket {b.name} holds more tokens than its sequences can (max context {cfg.max_context})")

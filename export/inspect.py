@@ -23,12 +23,29 @@ def describe(root: Path) -> dict:
                     "compiled_here": x["compiled_here"]} for x in m["meshes"]],
         "executables": [{k: e.get(k) for k in ("mesh", "mode", "bucket", "file", "sha256", "compiled_here",
                                                "compile_seconds", "cost", "probe")} for e in m["executables"]],
+        "weights_included": m.get("weights_included", True),
+        "logprobs": m.get("logprobs"),
         "tf_savedmodel": (m.get("tf_savedmodel") or {}).get("signatures"),
         "fastload": {p: {"jax_version": s["jax_version"], "files": len(s["files"])}
                      for p, s in (m.get("fastload") or {}).items()},
         "files": len(m["files"]),
         "bytes": sum((root / f).stat().st_size for f in m["files"] if (root / f).is_file()),
     }
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def _cost_columns(cost: dict | None) -> str:
+    """Per-device memory and FLOPs of an executable compiled at build time ("" if it wasn't)."""
+    if not cost or "temp_bytes" not in cost:
+        return ""
+    return (f"              {_bytes(cost['argument_bytes']):>10s} {_bytes(cost['temp_bytes']):>10s} "
+            f"{_bytes(cost['output_bytes']):>10s} {cost['flops'] / 1e9:9.2f}")
 
 
 def inspect_main(directory: str, as_json: bool) -> int:
@@ -44,14 +61,16 @@ def inspect_main(directory: str, as_json: bool) -> int:
     print(f"{directory}: {model['name']} ({model['num_layers']} layers, {model['num_experts']} experts, "
           f"vocab {model['vocab_size']}), {d['dtype']}, format v{d['format_version']}, jax {d['jax_version']}")
     print(f"platforms: {', '.join(d['platforms'])}; {d['files']} files, {d['bytes'] / 2**20:.1f} MiB; "
-          f"fast-load: {', '.join(d['fastload']) or 'none'}")
+          f"fast-load: {', '.join(d['fastload']) or 'none'}; top-{d['logprobs']} logprobs"
+          + ("" if d["weights_included"] else "; executables only (no weights: cannot serve)"))
     for mesh in d["meshes"]:
         ex = [e for e in d["executables"] if e["mesh"] == mesh["name"]]
         print(f"mesh {mesh['name']} ({mesh['devices']} devices, "
               f"{'compiled here' if mesh['compiled_here'] else 'exported only'}): {len(ex)} executables")
+        if any(e.get("cost") for e in ex):
+            print(f"  {'':40s} per device: {'arguments':>10s} {'temp':>10s} {'outputs':>10s} {'GFLOP':>9s}")
         for e in ex:
             b = e["bucket"]
-            cost = e.get("cost") or {}
-            extra = f"  flops {cost['flops']:.3g}  {cost['collectives']}" if cost else ""
-            print(f"  {e['mode']:8s} tokens {b['tokens']:4d} seqs {b['seqs']:3d} global {b['global_len']:5d}{extra}")
+            print(f"  {e['mode']:8s} tokens {b['tokens']:4d} seqs {b['seqs']:3d} global {b['global_len']:5d}"
+                  + _cost_columns(e.get("cost")))
     return 0

@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--logprobs", type=int, default=0, metavar="N",
+                   help="with --json: each token's logprob and its top-N alternatives (N up to the artifact's)")
     g.add_argument("--mesh", default=None, help="which of the artifact's meshes (default: largest that fits)")
     g.add_argument("--no-fast-load", action="store_true", help="compile the portable exports even if fast-load fits")
     g.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
@@ -104,7 +106,8 @@ def _serve(args, printing: bool) -> int:
         if args.command == "generate":
             sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
             engine = load(args.dir, mesh=args.mesh, fast_load=not args.no_fast_load)
-            outputs, stats = engine.generate(args.prompt_ids, args.max_new_tokens, args.padding_mode, sampling)
+            outputs, stats = engine.generate(args.prompt_ids, args.max_new_tokens, args.padding_mode, sampling,
+                                             top_logprobs=args.logprobs)
             stats["load_seconds"] = round(engine.load_info.seconds, 3)
             stats["fast_load"] = engine.load_info.fast_load
             stats["fast_load_hits"] = engine.load_info.fast_load_hits

@@ -98,6 +98,7 @@ class Engine:
         cache = manifest["cache"]
         self.dp = mesh_entry["shape"][0]
         self.vocab_size = model["vocab_size"]
+        self.num_logprobs = int(manifest.get("logprobs", 0))
         self.page_size, self.num_pages, self.pages_per_seq = cache["page_size"], cache["num_pages"], cache["pages_per_seq"]
         self.entries = {Bucket.from_json(e["bucket"]): e for e in manifest["executables"]
                         if e["mesh"] == mesh_entry["name"]}

@@ -57,6 +57,7 @@ class _Request:
     prefilled: int = 0  # prompt tokens already written to the cache
     generated: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     last_step: int = -1  # last step that served it: decoders are rotated by this
 
     @property
@@ -87,13 +88,14 @@ class Scheduler:
     """Serves lists of prompts on one executor. Holds the per-group page allocators."""
 
     def __init__(self, executor: Executor, *, padding_mode: str = "auto",
-                 sampling: SamplingParams | None = None, eos_token_id: int | None = None):
+                 sampling: SamplingParams | None = None, eos_token_id: int | None = None, top_logprobs: int = 0):
         self.ex = executor
         self.dp = int(executor.dp)
         self.mode = padding_mode
         self.sampling = sampling or SamplingParams()
         self._allowed: list[Bucket] | None = None
         self.eos_token_id = eos_token_id
+        self.top_logprobs = top_logprobs
         self._check_executor()
         # Pages are handed out lowest first; freed pages are reused first (LIFO), never page 0.
         self.free_pages = [list(range(executor.num_pages - 1, 0, -1)) for _ in range(self.dp)]
@@ -112,6 +114,10 @@ class Scheduler:
         if choose(one, one, self.ex.buckets, self.dp, self.mode) is None:
             raise RequestError(f"no {self.mode} bucket can serve a single token; buckets: "
                                f"{sorted(b.name for b in self.ex.buckets)}")
+        available = int(getattr(self.ex, "num_logprobs", 0))
+        if self.top_logprobs and not 0 <= self.top_logprobs <= available:
+            raise RequestError(f"{self.top_logprobs} top logprobs asked for; this artifact returns at most "
+                               f"{available} per token (built with --logprobs {available})")
         if self.eos_token_id is not None and not 0 <= self.eos_token_id < self.ex.vocab_size:
             raise RequestError(f"eos_token_id {self.eos_token_id} is outside [0, {self.ex.vocab_size})")
 
@@ -264,6 +270,10 @@ class Scheduler:
                         continue  # mid-prompt chunk: its logits predict a token we already know
                 r.generated.append(int(out["tokens"][g, j]))
                 r.logprobs.append(float(out["logprobs"][g, j]))
+                if self.top_logprobs:
+                    r.top_logprobs.append([(int(i), float(p)) for i, p in
+                                           zip(out["top_ids"][g, j, :self.top_logprobs],
+                                               out["top_logprobs"][g, j, :self.top_logprobs])])
                 if len(r.generated) == r.max_new or r.generated[-1] == self.eos_token_id:
                     done.append(r)
         return done
@@ -305,7 +315,11 @@ class Scheduler:
                 self._release(r)
             clock += 1
         stats.generated_tokens = sum(len(r.generated) for r in requests)
-        return [list(r.generated) for r in requests], stats.as_dict()
+        result = stats.as_dict()
+        if self.top_logprobs:  # asked for: each token's logprob and its top-N alternatives, per request
+            result["logprobs"] = [r.logprobs for r in requests]
+            result["top_logprobs"] = [r.top_logprobs for r in requests]
+        return [list(r.generated) for r in requests], result
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,12 +364,14 @@ class _Stats:
 def generate(executor: Executor, prompts: Sequence[Sequence[int]], max_new_tokens, *,
              padding_mode: str = "auto", sampling: SamplingParams | None = None,
              eos_token_id: int | None = None, arrivals: Sequence[int] | None = None,
-             record_steps: bool = False) -> tuple[list[list[int]], dict]:
+             record_steps: bool = False, top_logprobs: int = 0) -> tuple[list[list[int]], dict]:
     """Serve `prompts` on `executor`: outputs (list of new-token lists, in prompt order), stats.
 
     Stats: steps, buckets {name: count}, modes {max_len, sum_len}, real_tokens, padded_tokens
     (dp * bucket.tokens per step), padding_efficiency, exchange_rows, prefill_chunks, max_queue,
-    generated_tokens (and step_tokens with record_steps).
+    generated_tokens (and step_tokens with record_steps; logprobs and top_logprobs, per request and
+    token, with top_logprobs=N > 0).
     """
-    sched = Scheduler(executor, padding_mode=padding_mode, sampling=sampling, eos_token_id=eos_token_id)
+    sched = Scheduler(executor, padding_mode=padding_mode, sampling=sampling, eos_token_id=eos_token_id,
+                      top_logprobs=top_logprobs)
     return sched.generate(prompts, max_new_tokens, arrivals=arrivals, record_steps=record_steps)

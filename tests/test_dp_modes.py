@@ -68,3 +68,32 @@ def test_all_groups_idle_but_one_decode(golden_dir, prompts):
 ])
 def test_selection_rule(sum_len, max_len, dp, expected):
     assert select_padding_mode(sum_len, max_len, dp) is expected
+
+
+def sampled_tokens(driver, prompts, placement, steps=8):
+    """Prefill then decode, every sequence sampling (its own seed); tokens by prompt index."""
+    pages = {i: driver.alloc(g, 8) for g, idx in enumerate(placement) for i in idx}
+    params = {i: dict(temperature=0.9, top_k=(0, 20)[i % 2], top_p=(1.0, 0.8)[i % 2], seed=1000 + i)
+              for i in pages}
+    out = {i: [] for i in pages}
+    for s in range(steps):
+        groups = [[Chunk(tuple(prompts[i]) if s == 0 else (out[i][-1],), 0 if s == 0 else len(prompts[i]) + s - 1,
+                         pages[i], **params[i]) for i in idx] for idx in placement]
+        driver.step(groups, DpPaddingMode.MAX_LEN, tokens=64, seqs=4)
+        for g, idx in enumerate(placement):
+            for j, i in enumerate(idx):
+                out[i].append(int(driver.last_outputs["tokens"][g, j]))
+    return out
+
+
+def test_same_seeds_same_tokens_on_every_mesh(golden_dir, prompts):
+    """Sampling happens on the device, keyed by (seed, position): 2x4, 4x2 and 1x8 agree."""
+    ckpt = str(golden_dir / "hf-tiny-a")
+    results = []
+    for shape, placement in ((MeshShape(2, 4), [[0, 1], [2, 3]]), (MeshShape(4, 2), [[3], [], [0, 2], [1]]),
+                             (MeshShape(1, 8), [[0, 1, 2, 3]])):
+        results.append(sampled_tokens(StepDriver(ckpt, shape), prompts, placement))
+    assert results[0] == results[1] == results[2]
+    greedy = StepDriver(ckpt, MeshShape(2, 4))
+    _, argmax = greedy.generate([prompts[:2], prompts[2:]], new_tokens=8)
+    assert [results[0][i] for i in range(4)] != [t for g in argmax for t in g]  # it did sample

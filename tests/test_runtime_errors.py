@@ -37,6 +37,11 @@ def assert_one_line(code, err, message):
     (["--prompt-ids", "1,x"], "expected comma-separated integers"),
     (["--prompt-ids", "1,2", "--max-new-tokens", "0"], "max_new_tokens"),
     (["--prompt-ids", ",".join(["1"] * 250), "--max-new-tokens", "16"], "context"),
+    (["--prompt-ids", "1,2", "--temperature", "-0.5"], "temperature must be"),
+    (["--prompt-ids", "1,2", "--top-p", "0"], "top_p must be in (0, 1]"),
+    (["--prompt-ids", "1,2", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["--prompt-ids", "1,2", "--logprobs", "9"], "at most 8 per token"),
+    (["--prompt-ids", "1,2", "--logprobs", "-1"], "top logprobs"),
 ])
 def test_bad_requests(tiny_artifact, capsys, args, message):
     code, out, err = run_main(capsys, "generate", str(tiny_artifact), *args)
