@@ -9,10 +9,8 @@ Medians over many steps, for a decode bucket and a prefill bucket.
 import argparse
 import time
 
-import jax
-
-
 from bench.common import ARTIFACT, ensure_artifact, median_ms, write_result
+import jax  # noqa: E402  (after bench.common, which sets the device count)
 from export.probes import make_probe
 from runtime.buckets import MAX_LEN, SUM_LEN
 from runtime.engine import _put, load

@@ -72,7 +72,8 @@ def test_selection_rule(sum_len, max_len, dp, expected):
 
 def sampled_tokens(driver, prompts, placement, steps=8):
     """Prefill then decode, every sequence sampling (its own seed); tokens by prompt index."""
-    pages = {i: driver.alloc(g, 8) for g, idx in enumerate(placement) for i in idx}
+    pages = {i: driver.alloc(g, -(-(len(prompts[i]) + steps) // driver.cache_shape.page_size))
+             for g, idx in enumerate(placement) for i in idx}
     params = {i: dict(temperature=0.9, top_k=(0, 20)[i % 2], top_p=(1.0, 0.8)[i % 2], seed=1000 + i)
               for i in pages}
     out = {i: [] for i in pages}

@@ -64,7 +64,7 @@ def edit_manifest(root, change):
 
 
 def first_weight(m):
-    return m["meshes"][0]["weights"]["embed"]["file"]
+    return m["meshes"][0]["weights"]["embed"]["files"][0]
 
 
 def _four_by_four(m):
@@ -75,14 +75,14 @@ def _four_by_four(m):
 
 def _outside(m):
     rel = first_weight(m)
-    m["meshes"][0]["weights"]["embed"]["file"] = "../outside.safetensors"
+    m["meshes"][0]["weights"]["embed"]["files"] = ["../outside.safetensors"]
     m["files"]["../outside.safetensors"] = m["files"].pop(rel)
 
 
 @pytest.mark.parametrize("case,message", [
     ("device_count", "built for meshes 4x4 (16 devices); this machine has 8 cpu devices"),
     ("platform", "built for platforms ['tpu'], this machine is cpu"),
-    ("format_version", "format_version is 99, this runtime reads 1"),
+    ("format_version", f"format_version is 99, this runtime reads {fmt.FORMAT_VERSION}"),
     ("outside", "points outside the artifact directory"),
     ("corrupted", "does not match the manifest"),
     ("truncated", "does not match the manifest"),
@@ -123,16 +123,20 @@ def test_bad_artifacts(artifact_copy, capsys, case, message):
 def test_verify_passes_and_catches_a_wrong_expectation(tiny_artifact, artifact_copy, capsys):
     code, out, _ = run_main(capsys, "verify", str(tiny_artifact))
     assert code == 0 and "probes match" in out
-    # A probe whose expected logits are wrong (checksums updated so load succeeds) fails verify.
+    # A probe whose expected outputs are wrong (checksums updated so load succeeds) fails verify:
+    # a logprob off by more than the tolerance, or a different sampled token.
     from safetensors.numpy import load_file, save_file
     m = json.loads((artifact_copy / "manifest.json").read_text())
     rel = m["executables"][0]["probe"]
-    probe = load_file(artifact_copy / rel)
-    probe["expected_logits"] = probe["expected_logits"] + 0.01
-    save_file(probe, artifact_copy / rel)
-    edit_manifest(artifact_copy, lambda m: m["files"].update({rel: fmt.sha256_file(artifact_copy / rel)}))
-    code, out, _ = run_main(capsys, "verify", str(artifact_copy))
-    assert code == 1 and "FAIL" in out
+    original = load_file(artifact_copy / rel)
+    for change, message in ((lambda p: p.update(expected_logprobs=p["expected_logprobs"] + 0.01), "logprob"),
+                            (lambda p: p.update(expected_tokens=(p["expected_tokens"] + 1) % 500), "token")):
+        probe = dict(original)
+        change(probe)
+        save_file(probe, artifact_copy / rel)
+        edit_manifest(artifact_copy, lambda m: m["files"].update({rel: fmt.sha256_file(artifact_copy / rel)}))
+        code, out, _ = run_main(capsys, "verify", str(artifact_copy))
+        assert code == 1 and "FAIL" in out and message in out, out
 
 
 def test_import_runtime_stays_slim():
