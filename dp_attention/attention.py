@@ -40,6 +40,12 @@ def interleave(k: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.stack([k, v], axis=2).reshape(T, 2 * nkv, hd)
 
 
+def pad_head_dim(x: jax.Array, size: int) -> jax.Array:
+    """Zero-pad the last axis to `size` (the fa cache's lane-aligned head_dim): exact for attention,
+    zero dimensions add nothing to q.k and give zero output columns."""
+    return x if x.shape[-1] == size else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
+
+
 def write_kv(kv: jax.Array, layer, batch: PagedBatch, k_new: jax.Array, v_new: jax.Array) -> jax.Array:
     """Scatter this step's K/V of one layer into the stacked cache (in place when kv is donated)."""
     page_size = kv.shape[2]
@@ -47,7 +53,8 @@ def write_kv(kv: jax.Array, layer, batch: PagedBatch, k_new: jax.Array, v_new: j
     page_no = jnp.clip(batch.positions // page_size, 0, pages_per_seq - 1)
     page = jnp.where(batch.valid, batch.page_table[batch.seq_index, page_no], TRASH_PAGE)
     offset = jnp.where(batch.valid, batch.positions % page_size, 0)
-    return kv.at[layer, page, offset].set(interleave(k_new, v_new).astype(kv.dtype))
+    new = pad_head_dim(interleave(k_new, v_new), kv.shape[-1])
+    return kv.at[layer, page, offset].set(new.astype(kv.dtype))
 
 
 class NativeAttentionBackend:
@@ -57,9 +64,9 @@ class NativeAttentionBackend:
     def attend(self, q, k_new, v_new, kv, layer, batch: PagedBatch):
         """q [T, nq, hd], k_new/v_new [T, nkv, hd] -> (out [T, nq, hd], kv with this layer written)."""
         kv = write_kv(kv, layer, batch, k_new, v_new)
-        _, _, page_size, two_kv, hd = kv.shape
+        _, _, page_size, two_kv, cache_hd = kv.shape
         nkv = two_kv // 2
-        T, nq, _ = q.shape
+        T, nq, hd = q.shape
         pages = batch.page_table[batch.seq_index]  # [T, pages_per_seq]
         block = max(1, min(pages.shape[1], self.block_tokens // page_size))  # pages per block
         num_blocks = -(-pages.shape[1] // block)
@@ -71,7 +78,7 @@ class NativeAttentionBackend:
         def visit(b, carry):
             m, l, acc = carry
             blk = lax.dynamic_slice_in_dim(pages, b * block, block, axis=1)  # [T, block]
-            kvb = kv[layer, blk].reshape(T, width, nkv, 2, hd)  # [T, width, kv, 2, hd]
+            kvb = kv[layer, blk].reshape(T, width, nkv, 2, cache_hd)[..., :hd]  # [T, width, kv, 2, hd]
             keys, values = kvb[..., 0, :], kvb[..., 1, :]
             s = jnp.einsum("tkgd,tckd->tkgc", qg, keys, preferred_element_type=jnp.float32)
             seen = b * width + jnp.arange(width) <= batch.positions[:, None]  # [T, width]

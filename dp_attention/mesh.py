@@ -11,7 +11,7 @@ import re
 
 import jax
 import numpy as np
-from jax.sharding import AbstractMesh, AxisType, Mesh
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType, Mesh
 
 AXES = ("data", "tensor")
 
@@ -55,6 +55,9 @@ def make_mesh(shape: MeshShape, devices=None) -> Mesh:
     return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * 2)
 
 
-def abstract_mesh(shape: MeshShape) -> AbstractMesh:
-    """A mesh of the right shape with no devices behind it, for exporting to fleets we don't have."""
-    return AbstractMesh((shape.dp, shape.tp), AXES, axis_types=(AxisType.Auto,) * 2)
+def abstract_mesh(shape: MeshShape, device_kind: str | None = None, platform: str = "tpu") -> AbstractMesh:
+    """A mesh of the right shape with no devices behind it, for exporting to fleets we don't have.
+
+    `device_kind` (e.g. "TPU v5 lite") names the target chip, for kernels whose lowering asks."""
+    device = AbstractDevice(device_kind=device_kind, num_cores=1, platform=platform) if device_kind else None
+    return AbstractMesh((shape.dp, shape.tp), AXES, axis_types=(AxisType.Auto,) * 2, abstract_device=device)

@@ -29,6 +29,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .attention import NativeAttentionBackend, PagedBatch
+from .ragged import LANES, FlashAttentionBackend, block_sizes, tpu_kernel
 from .config import ModelConfig
 from .dp_attention import DpAttentionBackend, DpAttentionMetadata, DpPaddingMode
 from .sampling import SAMPLING_INPUTS, sample
@@ -159,13 +160,16 @@ def batch_shapes(dp: int, bucket: Bucket, cache: CacheShape) -> dict[str, jax.Sh
     return {k: jax.ShapeDtypeStruct(v, BATCH_DTYPES.get(k, jnp.int32)) for k, v in shapes.items()}
 
 
-def cache_shape(cfg: ModelConfig, layout: Layout, dp: int, cache: CacheShape, dtype) -> jax.ShapeDtypeStruct:
-    shape = (dp, cfg.num_layers, cache.num_pages, cache.page_size, 2 * layout.kv_heads, cfg.head_dim)
+def cache_shape(cfg: ModelConfig, layout: Layout, dp: int, cache: CacheShape, dtype,
+                attention: str = "native") -> jax.ShapeDtypeStruct:
+    """The fa kernel reads whole 128-lane head dims: its cache pads head_dim up (zeros, exact)."""
+    hd = -(-cfg.head_dim // LANES) * LANES if attention == "fa" else cfg.head_dim
+    shape = (dp, cfg.num_layers, cache.num_pages, cache.page_size, 2 * layout.kv_heads, hd)
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
-def init_cache(cfg: ModelConfig, layout: Layout, mesh, cache: CacheShape, dtype) -> jax.Array:
-    s = cache_shape(cfg, layout, mesh.shape["data"], cache, dtype)
+def init_cache(cfg: ModelConfig, layout: Layout, mesh, cache: CacheShape, dtype, attention: str = "native") -> jax.Array:
+    s = cache_shape(cfg, layout, mesh.shape["data"], cache, dtype, attention)
     return jnp.zeros(s.shape, s.dtype, device=NamedSharding(mesh, CACHE_SPEC))
 
 
@@ -377,8 +381,41 @@ def run_layers(cfg: ModelConfig, w: Weights, x, kv, paged: PagedBatch, backend, 
 
 # ------------------------------------------------------------------------------- the step
 
-def device_step(cfg: ModelConfig, bucket: Bucket, dense_reference: bool, num_logprobs: int, with_logits: bool,
-                flat_weights, kv, batch):
+ATTENTION_BACKENDS = ("native", "fa")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """How a step is built, beyond its bucket.
+
+    attention: "native" (pure JAX, runs everywhere) or "fa" (the Pallas ragged paged attention
+    kernel, TPU only; `fa_kernel` swaps in another function of the kernel's signature, e.g. the
+    pure-JAX reference for tests). tpu_generation picks the kernel's tuned block sizes.
+    """
+
+    dense_reference: bool = False  # all-experts MoE: the test and build reference, never served
+    num_logprobs: int = DEFAULT_LOGPROBS
+    with_logits: bool = False  # also return the last-token logits: tests and the reference only
+    attention: str = "native"
+    tpu_generation: str | None = None
+    fa_kernel: object = None
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention {self.attention!r} is not one of {ATTENTION_BACKENDS}")
+
+    def base_backend(self, q_heads: int, dtype, kv, batch: PagedBatch, last_index):
+        """The attention the DP wrapper wraps, for this device's shapes."""
+        if self.attention == "native":
+            return NativeAttentionBackend()
+        _, _, page_size, two_kv, hd = kv.shape
+        tokens, pages_per_seq = batch.positions.shape[0], batch.page_table.shape[1]
+        blocks = block_sizes(self.tpu_generation, dtype, kv.dtype, q_heads, two_kv // 2, hd, page_size, tokens,
+                             pages_per_seq)
+        return FlashAttentionBackend(self.fa_kernel or tpu_kernel(), last_index, blocks)
+
+
+def device_step(cfg: ModelConfig, bucket: Bucket, opts: StepOptions, flat_weights, kv, batch):
     """Runs on one device: weights are its shards, kv and batch its group's (data axis of size 1)."""
     w = Weights.from_flat(flat_weights)
     b = {k: (v if k == "num_tokens" else v[0]) for k, v in batch.items()}
@@ -387,33 +424,34 @@ def device_step(cfg: ModelConfig, bucket: Bucket, dense_reference: bool, num_log
     paged = PagedBatch(positions=jnp.where(valid, b["positions"], 0), seq_index=jnp.where(valid, b["seq_index"], 0),
                        valid=valid, page_table=b["page_table"])
     meta = DpAttentionMetadata(bucket.mode, lax.axis_size("data"), T, bucket.global_len, b["num_tokens"])
-    backend = DpAttentionBackend(NativeAttentionBackend(), meta)
-    experts_fn = dense_experts if dense_reference else routed_experts
-
     x = w.embed[b["tokens"]]
-    x, kv = run_layers(cfg, w, x, kv[0], paged, backend, experts_fn)
+    kv = kv[0]
+    base = opts.base_backend(w.layers.q_proj.shape[2], x.dtype, kv, paged, b["last_index"])
+    backend = DpAttentionBackend(base, meta)
+    experts_fn = dense_experts if opts.dense_reference else routed_experts
+    x, kv = run_layers(cfg, w, x, kv, paged, backend, experts_fn)
 
     last = rms_norm(x[b["last_index"]], w.final_norm, cfg.rms_norm_eps)  # [S, H]
     logits = lax.all_gather(last @ w.lm_head, "tensor", axis=1, tiled=True).astype(jnp.float32)
     logits = jnp.where(jnp.arange(logits.shape[1]) < cfg.vocab_size, logits, -jnp.inf)
     position = paged.positions[b["last_index"]] + 1  # of the token being sampled
-    out = sample(logits, {k: b[k] for k in SAMPLING_INPUTS}, position, num_logprobs)
-    if with_logits:
+    out = sample(logits, {k: b[k] for k in SAMPLING_INPUTS}, position, opts.num_logprobs)
+    if opts.with_logits:
         out["logits"] = logits[:, :cfg.vocab_size]
     return {k: v[None] for k, v in out.items()}, kv[None]
 
 
-def make_step(cfg: ModelConfig, bucket: Bucket, mesh, weight_specs: dict, dense_reference: bool = False,
-              num_logprobs: int = DEFAULT_LOGPROBS, with_logits: bool = False):
+def make_step(cfg: ModelConfig, bucket: Bucket, mesh, weight_specs: dict, **options):
     """The step for one bucket as a function of (weights, kv, batch) -> (outputs, kv).
 
-    `mesh` may be an AbstractMesh: exporting for a fleet needs no devices. `with_logits` adds the
-    last-token logits [D, S, vocab] to the outputs: for tests and the build's reference, never served.
+    `mesh` may be an AbstractMesh: exporting for a fleet needs no devices. `options` are
+    StepOptions' fields.
     """
+    opts = StepOptions(**options)
     w_specs = {k: s.spec for k, s in weight_specs.items()}
-    out_specs = dict(OUTPUT_SPECS) | ({"logits": P("data", None, None)} if with_logits else {})
+    out_specs = dict(OUTPUT_SPECS) | ({"logits": P("data", None, None)} if opts.with_logits else {})
     return jax.shard_map(
-        partial(device_step, cfg, bucket, dense_reference, num_logprobs, with_logits),
+        partial(device_step, cfg, bucket, opts),
         mesh=mesh,
         in_specs=(w_specs, CACHE_SPEC, BATCH_SPECS),
         out_specs=(out_specs, CACHE_SPEC),
@@ -421,14 +459,13 @@ def make_step(cfg: ModelConfig, bucket: Bucket, mesh, weight_specs: dict, dense_
     )
 
 
-def jit_step(cfg: ModelConfig, bucket: Bucket, mesh, weight_specs: dict, dense_reference: bool = False,
-             num_logprobs: int = DEFAULT_LOGPROBS, with_logits: bool = False):
+def jit_step(cfg: ModelConfig, bucket: Bucket, mesh, weight_specs: dict, **options):
     """jit with the cache donated, inputs and outputs pinned to their shardings."""
     ns = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
     w_sh = {k: ns(s.spec) for k, s in weight_specs.items()}
     b_sh = {k: ns(s) for k, s in BATCH_SPECS.items()}
     return jax.jit(
-        make_step(cfg, bucket, mesh, weight_specs, dense_reference, num_logprobs, with_logits),
+        make_step(cfg, bucket, mesh, weight_specs, **options),
         in_shardings=(w_sh, ns(CACHE_SPEC), b_sh),
         # Outputs replicated: every host of a multi-host mesh reads every group's sampled tokens,
         # so all of them can take the same scheduling decisions. They are a few bytes per sequence.

@@ -8,6 +8,7 @@ options, versions, this package's source) hash the same as the existing artifact
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -22,13 +23,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import AbstractMesh, NamedSharding
 from safetensors.numpy import save_file
 
 from dp_attention import (DEFAULT_LOGPROBS, Bucket as StepBucket, CacheShape, DpPaddingMode, Layout, MeshShape,
                           abstract_mesh, batch_shapes, cache_shape, init_cache, jit_step, make_mesh, placed_numpy,
                           weight_specs)
 from dp_attention.model import BATCH_SPECS, CACHE_SPEC, OUTPUT_SPECS
+from dp_attention.ragged import TPU_DEVICE_KINDS
 from runtime import engine as rt_engine
 from runtime import format as fmt
 from runtime.batching import pack
@@ -68,6 +70,17 @@ class BuildConfig:
     tf_savedmodel: bool = False  # also write a TF SavedModel for TensorFlow Serving (1x1 builds only)
     logprobs: int = DEFAULT_LOGPROBS  # top-N logprobs every executable returns per sequence
     executables_only: bool = False  # no weights, no probes: exports (and their costs) from config.json alone
+    attention: str | None = None  # "fa" (the Pallas kernel, TPU only) or "native"; default: fa for tpu builds
+    tpu_generation: str | None = None  # v5e, v5p, v6e: the chip the fa kernel is lowered and tuned for
+
+    @property
+    def attention_backend(self) -> str:
+        return self.attention or ("fa" if self.platforms == ("tpu",) else "native")
+
+    @property
+    def device_kind(self) -> str | None:
+        """The TPU device kind the exports are lowered for (None for builds without tpu)."""
+        return TPU_DEVICE_KINDS[self.tpu_generation or "v5e"] if "tpu" in self.platforms else None
 
     def cache(self) -> CacheShape:
         return CacheShape(self.pages_per_group, self.page_size, -(-self.max_context // self.page_size))
@@ -136,22 +149,28 @@ def _spec_json(spec) -> list:
     return [list(a) if isinstance(a, tuple) else a for a in spec]
 
 
-def _abstract_args(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShape):
+def _abstract_args(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShape, attention: str):
     specs = weight_specs(cfg, shape)
     dtype = jnp.dtype(cfg.dtype)
     ns = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
     weights = {k: jax.ShapeDtypeStruct(s.shape, dtype, sharding=ns(s.spec)) for k, s in specs.items()}
-    kv = cache_shape(cfg, Layout.for_mesh(cfg, shape), shape.dp, cache, dtype)
+    kv = cache_shape(cfg, Layout.for_mesh(cfg, shape), shape.dp, cache, dtype, attention)
     kv = jax.ShapeDtypeStruct(kv.shape, kv.dtype, sharding=ns(CACHE_SPEC))
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=ns(BATCH_SPECS[k]))
              for k, v in batch_shapes(shape.dp, StepBucket.like(bucket), cache).items()}
     return specs, weights, kv, batch
 
 
-def export_one(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShape, platforms, logprobs: int) -> bytes:
-    specs, weights, kv, batch = _abstract_args(cfg, shape, mesh, bucket, cache)
-    step = jit_step(cfg, StepBucket.like(bucket), mesh, specs, num_logprobs=logprobs)
-    return bytes(jax.export.export(step, platforms=platforms)(weights, kv, batch).serialize())
+def export_one(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShape, build: "BuildConfig") -> bytes:
+    """One serialized export. The fa kernel's lowering asks which TPU it is for: exports for tpu
+    run under an abstract mesh that names the chip, so they need no TPU here."""
+    attention = build.attention_backend
+    specs, weights, kv, batch = _abstract_args(cfg, shape, mesh, bucket, cache, attention)
+    step = jit_step(cfg, StepBucket.like(bucket), mesh, specs, num_logprobs=build.logprobs, attention=attention,
+                    tpu_generation=build.tpu_generation)
+    context = jax.sharding.use_abstract_mesh(mesh) if isinstance(mesh, AbstractMesh) else contextlib.nullcontext()
+    with context:
+        return bytes(jax.export.export(step, platforms=build.platforms)(weights, kv, batch).serialize())
 
 
 def _analysis(compiled) -> dict:
@@ -188,6 +207,13 @@ def _reference_outputs(source: ModelSource, shape: MeshShape, groups, batch_para
 
 def build(cfg: BuildConfig, report: Reporter | None = None) -> Path:
     report = report or Reporter(quiet=True)
+    if cfg.attention not in (None, "fa", "native"):
+        raise BuildError(f"--attention {cfg.attention!r}: expected fa or native")
+    if cfg.attention_backend == "fa" and cfg.platforms != ("tpu",):
+        raise BuildError(f"--attention fa is the Pallas TPU kernel: build it for --platform tpu alone, not "
+                         f"{','.join(cfg.platforms)} (use --attention native for other platforms)")
+    if cfg.tpu_generation is not None and cfg.tpu_generation not in TPU_DEVICE_KINDS:
+        raise BuildError(f"--tpu-generation {cfg.tpu_generation!r}: expected one of {', '.join(TPU_DEVICE_KINDS)}")
     if cfg.logprobs < 1:
         raise BuildError(f"--logprobs must be at least 1, got {cfg.logprobs}")
     source = open_model(cfg.model, cfg.dtype, weights=not cfg.executables_only)
@@ -252,6 +278,8 @@ def _build_into(tmp: Path, cfg: BuildConfig, source: ModelSource, cache: CacheSh
         "build": {"inputs_hash": digest, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                   "token_ladder": list(cfg.token_ladder), "max_seqs": cfg.max_seqs},
         "weights_included": not cfg.executables_only,
+        "attention": cfg.attention_backend,
+        "tpu_device_kind": cfg.device_kind,
         "logprobs": cfg.logprobs,
     }
     written: dict = {}
@@ -260,12 +288,13 @@ def _build_into(tmp: Path, cfg: BuildConfig, source: ModelSource, cache: CacheSh
     report.start(sum(len(b) for b in plans.values()), weight_files)
     for shape in cfg.meshes:
         here = local_platform in cfg.platforms and shape.num_devices <= len(local)
-        mesh = make_mesh(shape) if here else abstract_mesh(shape)
+        mesh = make_mesh(shape) if here else abstract_mesh(shape, cfg.device_kind)
         entry = {"name": str(shape), "shape": [shape.dp, shape.tp], "devices": shape.num_devices,
                  "compiled_here": here, "axes": ["data", "tensor"],
                  "weights": _weight_entries(tmp, source, shape, written, report, cfg.executables_only),
                  "cache_spec": _spec_json(CACHE_SPEC),
-                 "cache_shape": list(cache_shape(model, Layout.for_mesh(model, shape), shape.dp, cache, jnp.float32).shape),
+                 "cache_shape": list(cache_shape(model, Layout.for_mesh(model, shape), shape.dp, cache, jnp.float32,
+                                                 cfg.attention_backend).shape),
                  "batch_specs": {k: _spec_json(v) for k, v in BATCH_SPECS.items()},
                  "output_specs": {k: _spec_json(v) for k, v in OUTPUT_SPECS.items()}}
         manifest["meshes"].append(entry)
@@ -273,7 +302,7 @@ def _build_into(tmp: Path, cfg: BuildConfig, source: ModelSource, cache: CacheSh
             t0 = time.perf_counter()
             rel = fmt.exec_path(str(shape), bucket.name)
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / rel).write_bytes(export_one(model, shape, mesh, bucket, cache, cfg.platforms, cfg.logprobs))
+            (tmp / rel).write_bytes(export_one(model, shape, mesh, bucket, cache, cfg))
             batch = batch_shapes(shape.dp, StepBucket.like(bucket), cache)
             manifest["executables"].append({
                 "mesh": str(shape), "mode": bucket.mode, "bucket": bucket.to_json(), "file": rel,

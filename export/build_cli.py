@@ -63,7 +63,8 @@ def _config(args, meshes) -> BuildConfig:
                        platforms=platforms, dtype=args.dtype, modes=modes, page_size=args.page_size,
                        max_context=args.max_context, pages_per_group=args.pages_per_group, jobs=args.jobs,
                        fast_load=not args.no_fast_load, tf_savedmodel=args.tf_savedmodel, logprobs=args.logprobs,
-                       executables_only=args.executables_only, **_ladders(args))
+                       executables_only=args.executables_only, attention=args.attention,
+                       tpu_generation=args.tpu_generation, **_ladders(args))
 
 
 def run_build(args, meshes) -> int:

@@ -1,4 +1,4 @@
-"""Command line for `python -m export build|inspect`.
+"""Command line for `python -m export build|inspect|warm`.
 
 Arguments are parsed before jax is imported: on a CPU machine the virtual device count must be set
 in XLA_FLAGS first, and it depends on the meshes asked for.
@@ -7,6 +7,7 @@ in XLA_FLAGS first, and it depends on the meshes asked for.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -44,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-fast-load", action="store_true", help="skip the fast-load compilation cache")
     b.add_argument("--logprobs", type=int, default=8, metavar="N",
                    help="top-N log-probabilities every step returns per sequence (default 8)")
+    b.add_argument("--attention", choices=["fa", "native"], default=None,
+                   help="fa: the Pallas ragged paged attention kernel (TPU); native: pure JAX (default: fa for "
+                        "--platform tpu, native otherwise)")
+    b.add_argument("--tpu-generation", choices=["v5e", "v5p", "v6e"], default=None,
+                   help="the TPU the exports are lowered and tuned for (default v5e); the runtime checks it")
     b.add_argument("--executables-only", action="store_true",
                    help="exports from config.json alone (no weights, no probes): to check memory and cost")
     b.add_argument("--tf-savedmodel", action="store_true",
@@ -52,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="describe an artifact")
     i.add_argument("dir")
     i.add_argument("--json", action="store_true")
+    w = sub.add_parser("warm", help="compile every export here and add this platform's fast-load section")
+    w.add_argument("dir")
+    w.add_argument("--jobs", type=int, default=2)
     return p
 
 
@@ -63,11 +72,23 @@ def _set_device_count(meshes: list[str]) -> None:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {DEVICE_FLAG}={min(need, 256)}").strip()
 
 
+def _artifact_meshes(directory: str) -> list[str]:
+    try:
+        with open(os.path.join(directory, "manifest.json")) as f:
+            return [m["name"] for m in json.load(f)["meshes"]]
+    except Exception:  # the loader reports a bad manifest properly
+        return []
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "inspect":
         from .inspect import inspect_main
         return inspect_main(args.dir, args.json)
+    if args.command == "warm":
+        _set_device_count(_artifact_meshes(args.dir))
+        from .warm import warm_main
+        return warm_main(args.dir, args.jobs)
     meshes = args.mesh or ["2x4"]
     _set_device_count(meshes)
     from .build_cli import run_build

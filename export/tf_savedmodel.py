@@ -186,9 +186,9 @@ def _one_device_step(cfg, bucket, num_logprobs: int):
     """
     import jax
 
-    from dp_attention.model import device_step
+    from dp_attention.model import StepOptions, device_step
 
-    per_device = jax.vmap(jax.vmap(partial(device_step, cfg, bucket, False, num_logprobs, False),
+    per_device = jax.vmap(jax.vmap(partial(device_step, cfg, bucket, StepOptions(num_logprobs=num_logprobs)),
                                    axis_name="tensor"), axis_name="data")
 
     def step(weights, kv, batch):

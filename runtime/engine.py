@@ -209,6 +209,14 @@ class Engine:
                 self.compiled[bucket] = compiled
 
 
+def check_device_kind(root: Path, manifest: dict, devices) -> None:
+    """An artifact lowered for one TPU generation (its fa kernel tuned for it) runs only there."""
+    kind = manifest.get("tpu_device_kind")
+    if devices[0].platform == "tpu" and kind and devices[0].device_kind != kind:
+        raise fmt.ArtifactError(f"{root}: built for {kind} (--tpu-generation), this machine's TPUs are "
+                                f"{devices[0].device_kind}; build again for this generation")
+
+
 def _pick_mesh(root: Path, manifest: dict, devices, mesh: str | None) -> dict:
     meshes = manifest["meshes"]
     names = ", ".join(f"{m['name']} ({m['devices']} devices)" for m in meshes)
@@ -280,6 +288,7 @@ def load(path: str | Path, *, mesh: str | None = None, devices=None, jobs: int =
     platform = devices[0].platform
     if platform not in manifest["platforms"]:
         raise fmt.ArtifactError(f"{root}: built for platforms {manifest['platforms']}, this machine is {platform}")
+    check_device_kind(root, manifest, devices)
     chosen = _pick_mesh(root, manifest, devices, mesh)
     dp, tp = chosen["shape"]
     grid = np.array(devices[: dp * tp]).reshape(dp, tp)

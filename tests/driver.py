@@ -22,7 +22,8 @@ def round_up(n, m):
 
 
 class StepDriver:
-    def __init__(self, model, mesh_shape, dtype="float32", cache=CACHE, dense_reference=False):
+    def __init__(self, model, mesh_shape, dtype="float32", cache=CACHE, dense_reference=False, **step_options):
+        """step_options: the step's other StepOptions (e.g. attention="fa" with a reference fa_kernel)."""
         if model in PRESETS:
             self.cfg = PRESETS[model]
             read = random_reader(self.cfg, seed=0)
@@ -37,12 +38,14 @@ class StepDriver:
             ckpt.check(self.specs)
         self.weights = place(self.specs, read, self.mesh, dtype)
         self.dense_reference = dense_reference
+        self.step_options = step_options
         self.reset()
         self._steps = {}
 
     def reset(self):
         layout = Layout.for_mesh(self.cfg, self.shape)
-        self.cache = init_cache(self.cfg, layout, self.mesh, self.cache_shape, jnp.dtype(self.dtype))
+        self.cache = init_cache(self.cfg, layout, self.mesh, self.cache_shape, jnp.dtype(self.dtype),
+                                self.step_options.get("attention", "native"))
         self.next_page = [1] * self.shape.dp
 
     def alloc(self, group, n_pages):
@@ -61,8 +64,8 @@ class StepDriver:
             G = global_len or round_up(sum(counts), 8)
         bucket = Bucket(mode, T, S, G)
         if bucket not in self._steps:
-            self._steps[bucket] = jit_step(self.cfg, bucket, self.mesh, self.specs, self.dense_reference,
-                                           with_logits=True)
+            self._steps[bucket] = jit_step(self.cfg, bucket, self.mesh, self.specs, dense_reference=self.dense_reference,
+                                           with_logits=True, **self.step_options)
         batch = pack(groups, T, S, self.cache_shape.pages_per_seq)
         out, self.cache = self._steps[bucket](self.weights, self.cache, batch)
         self.last_outputs = {k: np.asarray(v) for k, v in out.items()}

@@ -22,7 +22,7 @@ def compiled(mode, global_len, dense_reference=False, tokens=8):
     bucket = Bucket(mode, tokens, 2, global_len)
     weights = {k: jax.ShapeDtypeStruct(s.shape, jnp.float32) for k, s in specs.items()}
     cache = cache_shape(CFG, Layout.for_mesh(CFG, shape), 2, CACHE, jnp.float32)
-    step = jit_step(CFG, bucket, make_mesh(shape), specs, dense_reference)
+    step = jit_step(CFG, bucket, make_mesh(shape), specs, dense_reference=dense_reference)
     return step.lower(weights, cache, batch_shapes(2, bucket, CACHE)).compile()
 
 
