@@ -187,3 +187,24 @@ def test_bad_cli_input(args, message, tmp_path):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_warm_adds_a_fast_load_section_and_nothing_else(tmp_path):
+    """Built without fast-load (as on a CPU box for TPU), warmed on a host of the platform: the next
+    load takes every executable from the cache; no other file changed."""
+    out = build_artifact(tmp_path / "cold", ladder=(4, 16), fast_load=False, modes=("max_len",))
+    before = fmt.read_manifest(out)
+    assert not before["fastload"]
+    cold = load(out)
+    assert cold.load_info.fast_load_hits == 0
+    r = run_cli("export", "warm", str(out))
+    assert r.returncode == 0, r.stderr
+    after = fmt.read_manifest(out)
+    section = after["fastload"]["cpu"]
+    assert section["executables"] == len(cold.buckets) and section["files"]
+    fmt.verify_all(out, after)
+    assert {k: v for k, v in after["files"].items() if not k.startswith("fastload/")} == before["files"]
+    warm = load(out)
+    assert warm.load_info.fast_load and warm.load_info.fast_load_hits == len(warm.buckets)
+    r = run_cli("export", "warm", str(tmp_path / "nothing-here"))
+    assert r.returncode == 2 and "no such artifact directory" in r.stderr
