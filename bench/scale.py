@@ -33,6 +33,7 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from bench.common import RESULTS, ROOT, write_result  # noqa: E402
@@ -126,12 +127,41 @@ def main(argv=None) -> int:
                   Case("qwen3-235b-a22b", "2x4", "float32"), Case("qwen3-235b-a22b", "2x4", "bfloat16")]
     with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
         rows = [r for case in cases for r in measure(case, Path(tmp))]
-    result = {"rows": rows, "goals": GOALS, "checks": checks(rows)}
+        tpu = [] if args.quick else tpu_exports(Path(tmp))
+    result = {"rows": rows, "tpu_exports": tpu, "goals": GOALS, "checks": checks(rows)}
     for name, c in result["checks"].items():
         print(f"{name}: {c['figure']}  goal {c['goal']}  {'met' if c['met'] else 'NOT met'}")
     write_result("scale", result)
     plot(rows)
     return 0
+
+
+def tpu_exports(work: Path) -> list[dict]:
+    """Qwen3-30B-A3B for a TPU v5e fleet (4x8, bfloat16, the fa kernel), exported on this machine:
+    how long each export takes, its size, and that it holds the Pallas kernel."""
+    import jax
+
+    from dp_attention import parse_mesh
+    from export.build import BuildConfig, build
+
+    out = work / "tpu-30b-4x8"
+    t0 = time.perf_counter()
+    build(BuildConfig(model=str(CONFIGS / "qwen3-30b-a3b"), meshes=(parse_mesh("4x8"),), out=out, dtype="bfloat16",
+                      platforms=("tpu",), tpu_generation="v5e", modes=("max_len",), token_ladder=(64, 512),
+                      max_seqs=64, page_size=16, max_context=4096, pages_per_group=8192, executables_only=True))
+    total = time.perf_counter() - t0
+    rows = []
+    for e in json.loads((out / "manifest.json").read_text())["executables"]:
+        exported = jax.export.deserialize(bytearray((out / e["file"]).read_bytes()))
+        text = exported.mlir_module()
+        rows.append({"bucket": e["bucket"], "export_seconds": e["export_seconds"],
+                     "bytes": (out / e["file"]).stat().st_size, "platforms": list(exported.platforms),
+                     "pallas_kernel": "tpu_custom_call" in text, "ragged_dot": "ragged_dot" in text})
+        print(f"tpu v5e 4x8 T={e['bucket']['tokens']:4d}: export {e['export_seconds']:.1f}s "
+              f"{rows[-1]['bytes'] / 1024:.0f} KiB  Pallas kernel {rows[-1]['pallas_kernel']}  "
+              f"ragged_dot {rows[-1]['ragged_dot']}")
+    print(f"tpu build in all: {total:.1f} s")
+    return rows
 
 
 def checks(rows) -> dict:
@@ -171,7 +201,8 @@ def plot(rows):
     import matplotlib.pyplot as plt
 
     full = [r for r in rows if r["layers"] in (48, 94)]
-    labels = [f"{r['config'].split('-')[1]} {r['dtype'][:4]}\nT={r['tokens_per_group']}" for r in full]
+    short = {"float32": "f32", "bfloat16": "bf16 (CPU emulation)"}
+    labels = [f"{r['config'].split('-')[1]} {short[r['dtype']]}\nT={r['tokens_per_group']}" for r in full]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     a.bar(range(len(full)), [r["temp_bytes"] / GiB for r in full], color="tab:blue")
     a.axhline(2, color="grey", linestyle=":", label="2 GiB goal (512 tokens/group)")

@@ -59,6 +59,8 @@ class _Request:
     logprobs: list[float] = dataclasses.field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     last_step: int = -1  # last step that served it: decoders are rotated by this
+    finish_reason: str | None = None  # "stop" (an EOS id), "length" (max_new), "cancelled"
+    tag: object = None  # the caller's handle (a server's request id)
 
     @property
     def decoding(self) -> bool:
@@ -88,18 +90,24 @@ class Scheduler:
     """Serves lists of prompts on one executor. Holds the per-group page allocators."""
 
     def __init__(self, executor: Executor, *, padding_mode: str = "auto",
-                 sampling: SamplingParams | None = None, eos_token_id: int | None = None, top_logprobs: int = 0):
+                 sampling: SamplingParams | None = None, eos_token_id=None, top_logprobs: int = 0):
         self.ex = executor
         self.dp = int(executor.dp)
         self.mode = padding_mode
         self.sampling = sampling or SamplingParams()
         self._allowed: list[Bucket] | None = None
-        self.eos_token_id = eos_token_id
+        # One EOS id, several (a checkpoint's generation_config lists them), or None.
+        self.eos_ids = frozenset() if eos_token_id is None else frozenset(
+            [int(eos_token_id)] if np.isscalar(eos_token_id) else [int(e) for e in eos_token_id])
         self.top_logprobs = top_logprobs
         self._check_executor()
         # Pages are handed out lowest first; freed pages are reused first (LIFO), never page 0.
         self.free_pages = [list(range(executor.num_pages - 1, 0, -1)) for _ in range(self.dp)]
         self.committed = [0] * self.dp
+        self.queue: list[_Request] = []
+        self.active: list[list[_Request]] = [[] for _ in range(self.dp)]
+        self.stats = _Stats()
+        self._submitted = 0
 
     # ---- validation -------------------------------------------------------------------------
 
@@ -118,8 +126,9 @@ class Scheduler:
         if self.top_logprobs and not 0 <= self.top_logprobs <= available:
             raise RequestError(f"{self.top_logprobs} top logprobs asked for; this artifact returns at most "
                                f"{available} per token (built with --logprobs {available})")
-        if self.eos_token_id is not None and not 0 <= self.eos_token_id < self.ex.vocab_size:
-            raise RequestError(f"eos_token_id {self.eos_token_id} is outside [0, {self.ex.vocab_size})")
+        bad = [e for e in self.eos_ids if not 0 <= e < self.ex.vocab_size]
+        if bad:
+            raise RequestError(f"eos_token_id {bad[0]} is outside [0, {self.ex.vocab_size})")
 
     @property
     def max_context(self) -> int:
@@ -138,7 +147,8 @@ class Scheduler:
                 raise RequestError(f"max_new_tokens must be an integer >= 1, got {n!r}")
         return [self._make_request(i, p, int(n)) for i, (p, n) in enumerate(zip(prompts, per_request))]
 
-    def _make_request(self, i: int, prompt: Sequence[int], max_new: int) -> _Request:
+    def _make_request(self, i: int, prompt: Sequence[int], max_new: int,
+                      sampling: SamplingParams | None = None) -> _Request:
         ids = np.asarray(prompt)
         if ids.ndim != 1 or ids.size == 0:
             raise RequestError(f"prompt {i} is empty or not a flat list of token ids; "
@@ -158,7 +168,7 @@ class Scheduler:
         if pages > self.ex.num_pages - 1:
             raise RequestError(f"prompt {i} needs {pages} KV pages but a group's cache has only "
                                f"{self.ex.num_pages - 1} allocatable pages (page 0 is reserved)")
-        return _Request(i, tuple(int(t) for t in ids), max_new, pages, self.sampling.for_request(i))
+        return _Request(i, tuple(int(t) for t in ids), max_new, pages, sampling or self.sampling.for_request(i))
 
     # ---- limits -----------------------------------------------------------------------------
 
@@ -258,8 +268,9 @@ class Scheduler:
         return out
 
     def _advance(self, plan: list[list[_Work]], out: dict[str, np.ndarray], step: int) -> list[_Request]:
-        """Unpad: credit each real chunk, take its sampled token where one is due. Returns finished requests."""
-        done = []
+        """Unpad: credit each real chunk, take its sampled token where one is due. Returns the
+        requests that got a token this step (finished ones have their finish_reason set)."""
+        served = []
         for g, ws in enumerate(plan):
             for j, w in enumerate(ws):
                 r = w.request
@@ -274,11 +285,67 @@ class Scheduler:
                     r.top_logprobs.append([(int(i), float(p)) for i, p in
                                            zip(out["top_ids"][g, j, :self.top_logprobs],
                                                out["top_logprobs"][g, j, :self.top_logprobs])])
-                if len(r.generated) == r.max_new or r.generated[-1] == self.eos_token_id:
-                    done.append(r)
-        return done
+                if r.generated[-1] in self.eos_ids:
+                    r.finish_reason = "stop"
+                elif len(r.generated) == r.max_new:
+                    r.finish_reason = "length"
+                served.append(r)
+        return served
 
-    # ---- the loop ---------------------------------------------------------------------------
+    # ---- online serving: submit, step, cancel ------------------------------------------------
+
+    def submit(self, prompt: Sequence[int], max_new_tokens: int, sampling: SamplingParams | None = None,
+               tag=None) -> _Request:
+        """Validate one request and queue it (RequestError if it can never be served)."""
+        if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) \
+                or max_new_tokens < 1:
+            raise RequestError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        r = self._make_request(self._submitted, prompt, int(max_new_tokens), sampling)
+        self._submitted += 1
+        r.tag = tag
+        self.queue.append(r)
+        return r
+
+    def cancel(self, r: _Request) -> None:
+        """Drop a queued or running request now; its pages are free for the next step."""
+        if r in self.queue:
+            self.queue.remove(r)
+        elif r.group >= 0 and r in self.active[r.group]:
+            self.active[r.group].remove(r)
+            self._release(r)
+        if r.finish_reason is None:
+            r.finish_reason = "cancelled"
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue) or any(self.active)
+
+    @property
+    def running(self) -> int:
+        return sum(map(len, self.active))
+
+    @property
+    def pages_used(self) -> int:
+        return sum(self.committed)
+
+    def step(self) -> list[_Request]:
+        """Admit what fits, run one step, and retire finished requests. Returns the requests that
+        got a token (nothing runs, and [] comes back, when there is no work)."""
+        self._admit(self.queue, self.active)
+        self.stats.max_queue = max(self.stats.max_queue, len(self.queue))
+        if not any(self.active):
+            return []
+        bucket, plan = self._build(self.active, self.stats.steps)
+        out = self._run(bucket, plan)
+        self.stats.record(bucket, plan, self.dp)
+        served = self._advance(plan, out, self.stats.steps - 1)
+        for r in served:
+            if r.finish_reason is not None:
+                self.active[r.group].remove(r)
+                self._release(r)
+        return served
+
+    # ---- the offline loop -------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens, arrivals: Sequence[int] | None = None,
                  record_steps: bool = False) -> tuple[list[list[int]], dict]:
@@ -294,28 +361,18 @@ class Scheduler:
         if len(arrivals) != len(requests):
             raise RequestError(f"{len(arrivals)} arrivals for {len(requests)} prompts")
         pending = sorted(requests, key=lambda r: (arrivals[r.index], r.index))
-        queue: list[_Request] = []
-        active: list[list[_Request]] = [[] for _ in range(self.dp)]
-        stats = _Stats(step_tokens=[] if record_steps else None)
+        self.stats = _Stats(step_tokens=[] if record_steps else None)
         clock = 0
-        while pending or queue or any(active):
+        while pending or self.busy:
             while pending and arrivals[pending[0].index] <= clock:
-                queue.append(pending.pop(0))
-            if not queue and not any(active):
+                self.queue.append(pending.pop(0))
+            if not self.busy:
                 clock = arrivals[pending[0].index]  # idle until the next arrival
                 continue
-            step = stats.steps
-            self._admit(queue, active)
-            stats.max_queue = max(stats.max_queue, len(queue))
-            bucket, plan = self._build(active, step)
-            out = self._run(bucket, plan)
-            stats.record(bucket, plan, self.dp)
-            for r in self._advance(plan, out, step):
-                active[r.group].remove(r)
-                self._release(r)
+            self.step()
             clock += 1
-        stats.generated_tokens = sum(len(r.generated) for r in requests)
-        result = stats.as_dict()
+        self.stats.generated_tokens = sum(len(r.generated) for r in requests)
+        result = self.stats.as_dict()
         if self.top_logprobs:  # asked for: each token's logprob and its top-N alternatives, per request
             result["logprobs"] = [r.logprobs for r in requests]
             result["top_logprobs"] = [r.top_logprobs for r in requests]

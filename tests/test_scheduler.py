@@ -304,3 +304,45 @@ def test_per_request_lengths_must_match_prompts():
         generate(FakeExecutor(), [[1], [2], [3]], [1, 2])
     with pytest.raises(RequestError, match="1 arrivals for 2 prompts"):
         generate(FakeExecutor(), [[1], [2]], 1, arrivals=[0])
+
+
+def test_online_submit_step_cancel():
+    """Requests join while others run, one is cancelled mid-decode: the rest give the offline
+    tokens, the cancelled one's pages come back at once, and nothing is left behind."""
+    rng = np.random.default_rng(11)
+    prompts = random_prompts(rng, 9, 1, 20)
+    ex = FakeExecutor()
+    sched = Scheduler(ex)
+    reqs, tokens_seen = [], {}
+    for i, p in enumerate(prompts):
+        reqs.append(sched.submit(p, 6, SamplingParams().for_request(i), tag=i))
+        for r in sched.step():
+            tokens_seen.setdefault(r.tag, []).append(r.generated[-1])
+    victim = next(r for r in reqs if r.finish_reason is None and r.generated)
+    used = sched.pages_used
+    sched.cancel(victim)
+    assert victim.finish_reason == "cancelled" and sched.pages_used == used - victim.num_pages
+    while sched.busy:
+        for r in sched.step():
+            tokens_seen.setdefault(r.tag, []).append(r.generated[-1])
+    want = reference(prompts, 6)
+    for r in reqs:
+        if r is victim:
+            assert r.generated == want[r.tag][:len(r.generated)]
+        else:
+            assert r.finish_reason == "length" and r.generated == want[r.tag] == tokens_seen[r.tag]
+    assert sched.pages_used == 0 and all(sorted(f) == list(range(1, ex.num_pages)) for f in sched.free_pages)
+
+
+def test_several_eos_ids_stop_with_reason_stop():
+    prompts = random_prompts(np.random.default_rng(12), 5, 2, 10)
+    full = reference(prompts, 8)
+    eos = {full[0][1], full[1][3]}
+    sched = Scheduler(FakeExecutor(), eos_token_id=sorted(eos))
+    reqs = [sched.submit(p, 8) for p in prompts]
+    while sched.busy:
+        sched.step()
+    for r, want in zip(reqs, full):
+        cut = next((k + 1 for k, t in enumerate(want) if t in eos), len(want))
+        assert r.generated == want[:cut]
+        assert r.finish_reason == ("stop" if r.generated[-1] in eos else "length")
