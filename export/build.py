@@ -314,10 +314,28 @@ def _build_into(tmp: Path, cfg: BuildConfig, source: ModelSource, cache: CacheSh
     for shape in cfg.meshes:
         if manifest["meshes"][cfg.meshes.index(shape)]["compiled_here"]:
             _compile_and_verify(tmp, manifest, shape, source, cache, cfg, report)
+    manifest["tokenizer"] = _copy_tokenizer(tmp, source)
     if cfg.tf_savedmodel:
         manifest["tf_savedmodel"] = write_savedmodel(tmp, manifest, model, cfg.meshes, cfg.platforms)
     _checksum(tmp, manifest)
     return manifest
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+def _copy_tokenizer(tmp: Path, source: ModelSource) -> list[str] | None:
+    """The checkpoint's tokenizer files into `tokenizer/` (checksummed like every file): the
+    runtime serves text with exactly the tokenizer the model was trained with."""
+    if source.tokenizer_dir is None or not (source.tokenizer_dir / "tokenizer.json").is_file():
+        return None
+    (tmp / "tokenizer").mkdir()
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source.tokenizer_dir / name).is_file():
+            shutil.copyfile(source.tokenizer_dir / name, tmp / "tokenizer" / name)
+            copied.append(f"tokenizer/{name}")
+    return copied
 
 
 def _checksum(tmp: Path, manifest: dict) -> None:

@@ -7,9 +7,11 @@ import hashlib
 import json
 from pathlib import Path
 
+import dp_attention
 from dp_attention import PRESETS, ConfigError, HFCheckpoint, ModelConfig, load_hf_config, random_reader
 
 PRESET_SEED = 0
+ASSETS = Path(dp_attention.__file__).resolve().parent / "assets"  # the presets' tokenizers
 
 
 @dataclasses.dataclass
@@ -18,6 +20,7 @@ class ModelSource:
     read: object  # dp_attention.weights.Reader
     fingerprint: str  # changes whenever the weights could have changed
     checkpoint: HFCheckpoint | None = None
+    tokenizer_dir: Path | None = None  # holds tokenizer.json (+ tokenizer_config.json, generation_config.json)
 
 
 def open_model(model: str, dtype: str | None = None, weights: bool = True) -> ModelSource:
@@ -28,7 +31,10 @@ def open_model(model: str, dtype: str | None = None, weights: bool = True) -> Mo
         cfg = PRESETS[model]
         if dtype:
             cfg = dataclasses.replace(cfg, dtype=dtype)
-        return ModelSource(cfg, random_reader(cfg, PRESET_SEED), f"preset:{model}:seed{PRESET_SEED}")
+        assets = sorted((ASSETS / model).glob("*.json"))
+        tokenizer = hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in assets)).hexdigest()
+        return ModelSource(cfg, random_reader(cfg, PRESET_SEED), f"preset:{model}:seed{PRESET_SEED}:{tokenizer}",
+                           tokenizer_dir=ASSETS / model)
     path = Path(model)
     if not path.is_dir():
         raise ConfigError(f"unknown model {model!r}: not a preset ({', '.join(PRESETS)}) and not a directory")
@@ -36,9 +42,9 @@ def open_model(model: str, dtype: str | None = None, weights: bool = True) -> Mo
     if dtype:
         cfg = dataclasses.replace(cfg, dtype=dtype)
     if not weights:
-        return ModelSource(cfg, None, _dir_fingerprint(path))
+        return ModelSource(cfg, None, _dir_fingerprint(path), tokenizer_dir=path)
     ckpt = HFCheckpoint(path)
-    return ModelSource(cfg, ckpt.read, _dir_fingerprint(path), ckpt)
+    return ModelSource(cfg, ckpt.read, _dir_fingerprint(path), ckpt, tokenizer_dir=path)
 
 
 def _dir_fingerprint(path: Path) -> str:

@@ -50,7 +50,16 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="replay the artifact's golden probes")
     v.add_argument("dir")
     v.add_argument("--mesh", default=None)
-    for cmd in (g, v):
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server")
+    s.add_argument("dir")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 429")
+    s.add_argument("--padding-mode", choices=["auto", "max_len", "sum_len"], default="auto")
+    s.add_argument("--mesh", default=None)
+    s.add_argument("--no-fast-load", action="store_true")
+    s.add_argument("--served-model-name", default=None, help="the model id clients use (default: the artifact's)")
+    for cmd in (g, v, s):
         d = cmd.add_argument_group("multi-process serving (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
                                    "JAX_PROCESS_ID)")
         d.add_argument("--coordinator", default=None, metavar="HOST:PORT")
@@ -89,6 +98,15 @@ def main(argv=None) -> int:
         return _fail(str(e))
     if cluster is not None and not distributed.is_worker():
         return distributed.supervise(argv, cluster)
+    if args.command == "serve":
+        if args.max_queue < 1 or not 0 < args.port < 65536:
+            return _fail(f"--max-queue must be >= 1 and --port in 1..65535, got {args.max_queue} and {args.port}")
+        _set_device_count(args.dir, 1)
+        from .server import run
+
+        return run(args.dir, host=args.host, port=args.port, max_queue=args.max_queue,
+                   padding_mode=args.padding_mode, mesh=args.mesh, fast_load=not args.no_fast_load,
+                   model_name=args.served_model_name)
     _set_device_count(args.dir, cluster.num_processes if cluster else 1)
     if cluster is not None:
         distributed.redirect_results()

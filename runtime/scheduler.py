@@ -306,6 +306,10 @@ class Scheduler:
         self.queue.append(r)
         return r
 
+    def check(self, prompt: Sequence[int], max_new_tokens: int) -> None:
+        """Raise RequestError if this request could never be served (ids, context, pages)."""
+        self._make_request(-1, prompt, int(max_new_tokens))
+
     def cancel(self, r: _Request) -> None:
         """Drop a queued or running request now; its pages are free for the next step."""
         if r in self.queue:

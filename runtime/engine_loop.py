@@ -1,0 +1,166 @@
+"""One thread owns the engine: it admits requests as they come, steps, and hands tokens back.
+
+The HTTP side never touches the scheduler or the devices. It submits a request with a callback and
+may cancel it; the loop thread drains both inboxes before every step, so a request joins the very
+next step after it arrives (continuous batching with online admission), and a cancelled request's
+KV pages are free for that step. Callbacks run on the loop thread: they must only hand data over
+(e.g. `asyncio.AbstractEventLoop.call_soon_threadsafe`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+from typing import Callable, Sequence
+
+from .sampling import SamplingParams
+from .scheduler import RequestError, Scheduler
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the server accepts (HTTP 429)."""
+
+
+@dataclasses.dataclass
+class TokenEvent:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+    finish_reason: str | None  # set on the last event of a request
+
+
+@dataclasses.dataclass(eq=False)
+class Handle:
+    """A submitted request as the HTTP side sees it."""
+
+    prompt: tuple[int, ...]
+    max_tokens: int
+    sampling: SamplingParams
+    on_event: Callable[[TokenEvent | Exception], None]
+    request: object = None  # the scheduler's, once admitted by the loop
+    done: bool = False
+
+
+@dataclasses.dataclass
+class LoopStats:
+    steps: int = 0
+    step_seconds: list = dataclasses.field(default_factory=list)  # since the last drain by metrics
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    finished: dict = dataclasses.field(default_factory=dict)  # finish_reason -> count
+
+
+class EngineLoop:
+    def __init__(self, engine, *, padding_mode: str = "auto", eos_ids: Sequence[int] = (), max_queue: int = 256):
+        self.engine = engine
+        self.scheduler = Scheduler(engine, padding_mode=padding_mode, eos_token_id=list(eos_ids) or None,
+                                   top_logprobs=engine.num_logprobs)
+        self.max_queue = max_queue
+        self.stats = LoopStats()
+        self._inbox: queue.Queue = queue.Queue()
+        self._cancels: queue.Queue = queue.Queue()
+        self._waiting = 0  # submitted, not yet admitted by the scheduler (guarded by _lock)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self.error: BaseException | None = None
+
+    # ---------------------------------------------------------------- the HTTP side
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, prompt: Sequence[int], max_tokens: int, sampling: SamplingParams, on_event) -> Handle:
+        with self._lock:
+            if self._waiting + len(self.scheduler.queue) >= self.max_queue:
+                raise QueueFull(f"{self.max_queue} requests are already waiting; retry later")
+            self._waiting += 1
+        handle = Handle(tuple(prompt), max_tokens, sampling, on_event)
+        self._inbox.put(handle)
+        self._wake.set()
+        return handle
+
+    def cancel(self, handle: Handle) -> None:
+        if not handle.done:
+            self._cancels.put(handle)
+            self._wake.set()
+
+    def stop(self, timeout: float | None = None) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    @property
+    def idle(self) -> bool:
+        return not self.scheduler.busy and self._inbox.empty()
+
+    # ---------------------------------------------------------------- the loop thread
+
+    def _admit_new(self) -> None:
+        while True:
+            try:
+                h = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            with self._lock:
+                self._waiting -= 1
+            try:
+                h.request = self.scheduler.submit(h.prompt, h.max_tokens, h.sampling, tag=h)
+                self.stats.prompt_tokens += len(h.prompt)
+            except RequestError as e:
+                h.done = True
+                h.on_event(e)
+
+    def _apply_cancels(self) -> None:
+        while True:
+            try:
+                h = self._cancels.get_nowait()
+            except queue.Empty:
+                return
+            if h.request is not None and not h.done:
+                self.scheduler.cancel(h.request)
+                h.done = True
+                self.stats.finished["cancelled"] = self.stats.finished.get("cancelled", 0) + 1
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._admit_new()
+                self._apply_cancels()
+                if not self.scheduler.busy:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
+                t0 = time.perf_counter()
+                served = self.scheduler.step()
+                self.stats.steps += 1
+                self.stats.step_seconds.append(time.perf_counter() - t0)
+                for r in served:
+                    self._deliver(r)
+        except BaseException as e:  # the engine failed: every open request hears of it
+            self.error = e
+            for h in self._open_handles():
+                h.done = True
+                h.on_event(e)
+
+    def _deliver(self, r) -> None:
+        h: Handle = r.tag
+        if h.done:
+            return
+        self.stats.generated_tokens += 1
+        top = r.top_logprobs[-1] if r.top_logprobs else []
+        if r.finish_reason is not None:
+            h.done = True
+            self.stats.finished[r.finish_reason] = self.stats.finished.get(r.finish_reason, 0) + 1
+        h.on_event(TokenEvent(r.generated[-1], r.logprobs[-1], top, r.finish_reason))
+
+    def _open_handles(self) -> list[Handle]:
+        hs = [r.tag for r in self.scheduler.queue] + [r.tag for g in self.scheduler.active for r in g]
+        while True:
+            try:
+                hs.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return [h for h in hs if not h.done]

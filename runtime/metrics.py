@@ -1,0 +1,74 @@
+"""Prometheus metrics of a serving process, read from the engine loop when /metrics is scraped.
+
+Counts and gauges are taken from the scheduler and the loop's own tallies at scrape time (one
+source of truth, nothing to keep in sync); step times are drained from the loop into a histogram.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+PREFIX = "qwen3_moe"
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    def __init__(self, state):
+        self.state = state
+        self.registry = CollectorRegistry()
+        self.step_seconds = Histogram(f"{PREFIX}_step_seconds", "Wall time of one engine step", buckets=STEP_BUCKETS,
+                                      registry=self.registry)
+        self.registry.register(_Collector(state))
+
+    def render(self) -> bytes:
+        loop = self.state.loop
+        if loop is not None:
+            times, loop.stats.step_seconds = loop.stats.step_seconds, []
+            for t in times:
+                self.step_seconds.observe(t)
+        return generate_latest(self.registry)
+
+
+class _Collector:
+    def __init__(self, state):
+        self.state = state
+
+    def collect(self):
+        ready = GaugeMetricFamily(f"{PREFIX}_ready", "1 when the artifact is loaded and serving")
+        ready.add_metric([], float(self.state.status == "ready"))
+        yield ready
+        loop = self.state.loop
+        if loop is None:
+            return
+        sched, stats, engine = loop.scheduler, loop.stats, loop.engine
+
+        def gauge(name, doc, value):
+            g = GaugeMetricFamily(f"{PREFIX}_{name}", doc)
+            g.add_metric([], float(value))
+            return g
+
+        def counter(name, doc, value):
+            c = CounterMetricFamily(f"{PREFIX}_{name}", doc)
+            c.add_metric([], float(value))
+            return c
+
+        yield gauge("requests_running", "Requests admitted to a DP group (prefilling or decoding)", sched.running)
+        yield gauge("requests_queued", "Requests waiting for KV pages or a sequence slot",
+                    len(sched.queue) + loop._inbox.qsize())
+        yield counter("prompt_tokens", "Prompt tokens of admitted requests", stats.prompt_tokens)
+        yield counter("generation_tokens", "Tokens generated", stats.generated_tokens)
+        yield counter("steps", "Engine steps run", stats.steps)
+        finished = CounterMetricFamily(f"{PREFIX}_requests_finished", "Requests finished, by reason",
+                                       labels=["reason"])
+        for reason, n in sorted(stats.finished.items()):
+            finished.add_metric([reason], float(n))
+        yield finished
+        s = sched.stats
+        yield gauge("padding_efficiency", "Real tokens / padded tokens over every step so far",
+                    s.real_tokens / s.padded_tokens if s.padded_tokens else 0.0)
+        total = sched.dp * (engine.num_pages - 1)
+        yield gauge("kv_pages_used", "KV cache pages held by requests (all DP groups)", sched.pages_used)
+        yield gauge("kv_pages_free", "KV cache pages free (all DP groups)", total - sched.pages_used)
+        yield gauge("compiles_after_load", "Backend compilations since load (should stay 0)",
+                    engine.compiles_after_load)

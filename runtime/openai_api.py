@@ -1,0 +1,230 @@
+"""The OpenAI API's request and response shapes, with no HTTP framework in sight.
+
+Requests are checked field by field: anything this server does not implement is refused with a
+400 that names the field, rather than silently ignored (a client asking for n=3 or a logit bias
+must not get something else). Responses follow the OpenAI schema; `token_ids` on each choice is an
+extension that carries the generated ids (useful for token-id prompts and for artifacts without a
+tokenizer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+import time
+import uuid
+
+from .sampling import SamplingParams
+
+
+class ApiError(Exception):
+    """An error with its HTTP status and OpenAI error type; `param` names the offending field."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+        self.code = code or {400: "invalid_request", 404: "model_not_found", 429: "rate_limit_exceeded",
+                             503: "unavailable"}.get(status, "error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# Fields accepted with any value (informational), and fields accepted only at their neutral value.
+_IGNORED = {"user", "stream_options", "service_tier", "metadata", "store"}
+_NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "presence_penalty": 0, "frequency_penalty": 0,
+            "logit_bias": None, "suffix": None, "parallel_tool_calls": None, "tools": None, "tool_choice": None,
+            "functions": None, "function_call": None, "response_format": None, "modalities": None}
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream"}
+COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs"}
+CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
+
+
+@dataclasses.dataclass
+class Request:
+    """A validated request, whichever endpoint it came from."""
+
+    kind: str  # "completion" | "chat"
+    model: str
+    prompt_text: str | None  # to tokenize (None: prompt_ids given)
+    prompt_ids: list[int] | None
+    max_tokens: int
+    sampling: SamplingParams
+    stop: list[str]
+    stream: bool
+    logprobs: int | None  # None: no logprobs; else that many top alternatives
+    include_usage: bool = False
+    id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:24])
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+
+
+def _number(body, name, default, lo=None, hi=None, integer=False, lo_open=False):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if integer:
+        ok = ok and float(value).is_integer()
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value <= hi
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]" if lo is not None else ""
+        kind = "an integer" if integer else "a number"
+        raise ApiError(400, f"'{name}' must be {kind}{' in ' + rng if rng else ''}, got {value!r}", param=name)
+    return int(value) if integer else float(value)
+
+
+def _check_fields(body: dict, allowed: set[str]) -> None:
+    for name, value in body.items():
+        if name in allowed or name in _IGNORED:
+            continue
+        if name in _NEUTRAL:
+            if value is not None and value != _NEUTRAL[name] and value not in ({}, []):
+                raise ApiError(400, f"'{name}'={value!r} is not supported by this server "
+                                    f"(only {_NEUTRAL[name]!r})", param=name)
+            continue
+        raise ApiError(400, f"unsupported field '{name}'", param=name)
+
+
+def _sampling(body: dict) -> SamplingParams:
+    temperature = _number(body, "temperature", 1.0, lo=0, hi=2)
+    top_p = _number(body, "top_p", 1.0, lo=0, hi=1, lo_open=True)
+    top_k = _number(body, "top_k", 0, lo=-1, integer=True)
+    seed = body.get("seed")
+    seed = secrets.randbelow(2**31) if seed is None else _number(body, "seed", 0, integer=True)
+    return SamplingParams(temperature, max(top_k, 0), top_p, seed % 2**31)
+
+
+def _stop(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
+        raise ApiError(400, "'stop' must be a non-empty string or a list of up to 4 of them", param="stop")
+    return stops
+
+
+def parse_completion(body: dict, max_logprobs: int) -> Request:
+    _check_fields(body, COMPLETION_FIELDS)
+    prompt = body.get("prompt")
+    text, ids = None, None
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        text = prompt
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        ids = list(prompt)
+    else:
+        raise ApiError(400, "'prompt' must be a string or a non-empty list of token ids (one prompt per request)",
+                       param="prompt")
+    logprobs = body.get("logprobs")
+    if logprobs is not None:
+        logprobs = _number(body, "logprobs", 0, lo=0, hi=max_logprobs, integer=True)
+    return Request("completion", _model(body), text, ids, _max_tokens(body, "max_tokens", 16), _sampling(body),
+                   _stop(body), _bool(body, "stream"), logprobs, _include_usage(body))
+
+
+def parse_chat(body: dict, max_logprobs: int) -> Request:
+    _check_fields(body, CHAT_FIELDS)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects with text content",
+                       param="messages")
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    logprobs = None
+    if _bool(body, "logprobs"):
+        logprobs = _number(body, "top_logprobs", 0, lo=0, hi=max_logprobs, integer=True)
+    elif body.get("top_logprobs") is not None:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    req = Request("chat", _model(body), None, None, _max_tokens(body, name, None), _sampling(body), _stop(body),
+                  _bool(body, "stream"), logprobs, _include_usage(body))
+    req.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    return req
+
+
+def _model(body) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "'model' is required", param="model")
+    return model
+
+
+def _max_tokens(body, name, default):
+    if body.get(name) is None and default is None:
+        return None  # until the end of the context
+    return _number(body, name, default, lo=1, integer=True)
+
+
+def _bool(body, name) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ApiError(400, f"'{name}' must be true or false, got {value!r}", param=name)
+    return value
+
+
+def _include_usage(body) -> bool:
+    options = body.get("stream_options") or {}
+    return isinstance(options, dict) and bool(options.get("include_usage"))
+
+
+# ------------------------------------------------------------------------------------ responses
+
+def completion_choice(req: Request, text: str, token_ids, finish_reason, logprobs=None) -> dict:
+    if req.kind == "chat":
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                "finish_reason": finish_reason, "token_ids": list(token_ids)}
+    return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
+            "token_ids": list(token_ids)}
+
+
+def response(req: Request, choice: dict, prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"id": ("chatcmpl-" if req.kind == "chat" else "cmpl-") + req.id,
+            "object": "chat.completion" if req.kind == "chat" else "text_completion",
+            "created": req.created, "model": req.model, "choices": [choice],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chunk(req: Request, text: str | None, token_ids, finish_reason=None, logprobs=None, first=False) -> dict:
+    """One server-sent event of a stream."""
+    if req.kind == "chat":
+        delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text is not None else {})
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason,
+                  "token_ids": list(token_ids)}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason,
+                  "token_ids": list(token_ids)}
+        obj = "text_completion"
+    return {"id": ("chatcmpl-" if req.kind == "chat" else "cmpl-") + req.id, "object": obj,
+            "created": req.created, "model": req.model, "choices": [choice]}
+
+
+def logprobs_block(req: Request, entries: list[tuple[str, float, list[tuple[str, float]]]], offset: int = 0):
+    """OpenAI logprobs for some tokens: entries are (token text, logprob, [(alt text, logprob)])."""
+    if req.logprobs is None or not entries:
+        return None
+    if req.kind == "chat":
+        return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")),
+                             "top_logprobs": [{"token": a, "logprob": alp, "bytes": list(a.encode("utf-8"))}
+                                              for a, alp in top[:req.logprobs]]}
+                            for t, lp, top in entries]}
+    offsets, at = [], offset
+    for t, _, _ in entries:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [dict(top[:req.logprobs]) for _, _, top in entries], "text_offset": offsets}
