@@ -96,22 +96,46 @@ def main(argv=None) -> int:
         cluster = distributed.Cluster.from_args(args.coordinator, args.num_processes, args.process_id, args.timeout)
     except ValueError as e:
         return _fail(str(e))
+    if args.command == "serve" and (args.max_queue < 1 or not 0 < args.port < 65536):
+        return _fail(f"--max-queue must be >= 1 and --port in 1..65535, got {args.max_queue} and {args.port}")
     if cluster is not None and not distributed.is_worker():
         return distributed.supervise(argv, cluster)
-    if args.command == "serve":
-        if args.max_queue < 1 or not 0 < args.port < 65536:
-            return _fail(f"--max-queue must be >= 1 and --port in 1..65535, got {args.max_queue} and {args.port}")
-        _set_device_count(args.dir, 1)
-        from .server import run
-
-        return run(args.dir, host=args.host, port=args.port, max_queue=args.max_queue,
-                   padding_mode=args.padding_mode, mesh=args.mesh, fast_load=not args.no_fast_load,
-                   model_name=args.served_model_name)
     _set_device_count(args.dir, cluster.num_processes if cluster else 1)
     if cluster is not None:
         distributed.redirect_results()
         distributed.initialize(cluster)
+    if args.command == "serve":
+        return _http(args, cluster)
     return _serve(args, printing=cluster is None or cluster.process_id == 0)
+
+
+def _http(args, cluster) -> int:
+    """Process 0 serves HTTP; the others follow its schedule step by step."""
+    if cluster is not None and cluster.process_id != 0:
+        return _follow(args)
+    from .server import run
+
+    return run(args.dir, host=args.host, port=args.port, max_queue=args.max_queue, padding_mode=args.padding_mode,
+               mesh=args.mesh, fast_load=not args.no_fast_load, model_name=args.served_model_name,
+               multi_process=cluster is not None)
+
+
+def _follow(args) -> int:
+    from pathlib import Path
+
+    from .distributed import StepChannel
+    from .engine import load
+    from .engine_loop import follow
+    from .format import ArtifactError
+    from .tokenizer import TextTokenizer
+
+    try:
+        engine = load(args.dir, mesh=args.mesh, fast_load=not args.no_fast_load)
+    except ArtifactError as e:
+        return _fail(str(e))
+    tokenizer = TextTokenizer.from_dir(Path(args.dir) / "tokenizer")
+    follow(engine, StepChannel(), padding_mode=args.padding_mode, eos_ids=tokenizer.eos_ids if tokenizer else ())
+    return 0
 
 
 def _serve(args, printing: bool) -> int:

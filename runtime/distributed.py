@@ -13,6 +13,7 @@ a worker that ends that way is reported as one clear line, within the configured
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -117,3 +118,37 @@ def _explain(err: str, cluster: Cluster) -> str:
         return f"lost contact with a peer process ({where}): it stopped or became unreachable"
     last = next((line for line in reversed(err.splitlines()) if line.strip() and not line.startswith(" ")), "")
     return f"worker aborted ({where}): {last[:300]}"
+
+
+class StepChannel:
+    """The serving leader (process 0, which takes HTTP requests) tells the other processes what to
+    do before each step, through the coordination service's key-value store: record n holds the
+    submissions and cancellations to apply before step n. Every process applies the same records
+    in the same order to the same deterministic scheduler, so all of them run the same steps and
+    their collectives match. A record is published only right before a step, so once the leader
+    publishes record n every process has finished step n-2: that record is deleted.
+    """
+
+    PREFIX = "qwen3-aot/serve/step"
+
+    def __init__(self):
+        from jax._src.distributed import global_state
+
+        if global_state.client is None:
+            raise RuntimeError("jax.distributed is not initialized")
+        self.client = global_state.client
+
+    def publish(self, n: int, record: dict) -> None:
+        self.client.key_value_set(f"{self.PREFIX}/{n}", json.dumps(record))
+        if n >= 2:
+            self.client.key_value_delete(f"{self.PREFIX}/{n - 2}")
+
+    def receive(self, n: int) -> dict:
+        """Wait for record n as long as it takes: an idle server publishes nothing, and a peer that
+        dies is detected by the coordination service's heartbeat, which ends this process."""
+        while True:
+            try:
+                return json.loads(self.client.blocking_key_value_get(f"{self.PREFIX}/{n}", 10_000))
+            except Exception as e:  # noqa: BLE001 - the client raises a runtime error on its deadline
+                if "DEADLINE_EXCEEDED" not in str(e) and "timed out" not in str(e).lower():
+                    raise

@@ -53,10 +53,12 @@ class LoopStats:
 
 
 class EngineLoop:
-    def __init__(self, engine, *, padding_mode: str = "auto", eos_ids: Sequence[int] = (), max_queue: int = 256):
+    def __init__(self, engine, *, padding_mode: str = "auto", eos_ids: Sequence[int] = (), max_queue: int = 256,
+                 channel=None):
         self.engine = engine
-        self.scheduler = Scheduler(engine, padding_mode=padding_mode, eos_token_id=list(eos_ids) or None,
-                                   top_logprobs=engine.num_logprobs)
+        self.scheduler = make_scheduler(engine, padding_mode, eos_ids)
+        self.channel = channel  # multi-process: where the other processes learn what to apply before each step
+        self._events: list[dict] = []  # applied here since the last published record
         self.max_queue = max_queue
         self.stats = LoopStats()
         self._inbox: queue.Queue = queue.Queue()
@@ -92,6 +94,8 @@ class EngineLoop:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
+        if self.channel is not None:
+            self.channel.publish(self.stats.steps, {"stop": True})
 
     @property
     def idle(self) -> bool:
@@ -107,6 +111,8 @@ class EngineLoop:
                 return
             with self._lock:
                 self._waiting -= 1
+            self._events.append({"op": "submit", "prompt": list(h.prompt), "max_tokens": h.max_tokens,
+                                 "sampling": dataclasses.asdict(h.sampling)})
             try:
                 h.request = self.scheduler.submit(h.prompt, h.max_tokens, h.sampling, tag=h)
                 self.stats.prompt_tokens += len(h.prompt)
@@ -121,6 +127,7 @@ class EngineLoop:
             except queue.Empty:
                 return
             if h.request is not None and not h.done:
+                self._events.append({"op": "cancel", "index": h.request.index})
                 self.scheduler.cancel(h.request)
                 h.done = True
                 self.stats.finished["cancelled"] = self.stats.finished.get("cancelled", 0) + 1
@@ -134,6 +141,9 @@ class EngineLoop:
                     self._wake.wait(0.05)
                     self._wake.clear()
                     continue
+                if self.channel is not None:
+                    self.channel.publish(self.stats.steps, {"events": self._events})
+                    self._events = []
                 t0 = time.perf_counter()
                 served = self.scheduler.step()
                 self.stats.steps += 1
@@ -164,3 +174,35 @@ class EngineLoop:
                 hs.append(self._inbox.get_nowait())
             except queue.Empty:
                 return [h for h in hs if not h.done]
+
+
+def make_scheduler(engine, padding_mode: str, eos_ids: Sequence[int]) -> Scheduler:
+    """The serving scheduler; every process of a multi-process server builds the same one."""
+    return Scheduler(engine, padding_mode=padding_mode, eos_token_id=list(eos_ids) or None,
+                     top_logprobs=engine.num_logprobs)
+
+
+def follow(engine, channel, *, padding_mode: str = "auto", eos_ids: Sequence[int] = ()) -> int:
+    """A process other than the leader: apply the leader's records and step with it, until told to
+    stop. Returns the number of steps run."""
+    scheduler = make_scheduler(engine, padding_mode, eos_ids)
+    requests = {}
+    n = 0
+    while True:
+        record = channel.receive(n)
+        if record.get("stop"):
+            return n
+        for ev in record["events"]:
+            if ev["op"] == "submit":
+                try:
+                    r = scheduler.submit(ev["prompt"], ev["max_tokens"], SamplingParams(**ev["sampling"]))
+                    requests[r.index] = r
+                except RequestError:
+                    pass  # refused by the leader alike
+            elif ev["index"] in requests:
+                scheduler.cancel(requests.pop(ev["index"]))
+        if scheduler.busy:
+            for r in scheduler.step():
+                if r.finish_reason is not None:
+                    requests.pop(r.index, None)
+        n += 1

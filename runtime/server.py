@@ -32,8 +32,10 @@ from .scheduler import RequestError
 class ServerState:
     """What the HTTP side shares: status, the engine loop once loaded, the tokenizer."""
 
-    def __init__(self, artifact: str, model_name: str | None, load_kwargs: dict, loop_kwargs: dict):
+    def __init__(self, artifact: str, model_name: str | None, load_kwargs: dict, loop_kwargs: dict,
+                 multi_process: bool = False):
         self.artifact, self.load_kwargs, self.loop_kwargs = artifact, load_kwargs, loop_kwargs
+        self.multi_process = multi_process
         self.status = "loading"
         self.model_name = model_name
         self.loop: EngineLoop | None = None
@@ -51,7 +53,12 @@ class ServerState:
             self.tokenizer = TextTokenizer.from_dir(Path(self.artifact) / "tokenizer")
             self.model_name = self.model_name or engine.manifest["model"]["name"]
             eos = self.tokenizer.eos_ids if self.tokenizer else ()
-            self.loop = EngineLoop(engine, eos_ids=eos, **self.loop_kwargs)
+            channel = None
+            if self.multi_process:
+                from .distributed import StepChannel
+
+                channel = StepChannel()
+            self.loop = EngineLoop(engine, eos_ids=eos, channel=channel, **self.loop_kwargs)
             self.loop.start()
             self.status = "ready"
         except Exception as e:  # noqa: BLE001 - reported on /health and in the log, the process stays up
@@ -292,11 +299,11 @@ def prompt_ids(state: ServerState, req: Request) -> list[int]:
 # ------------------------------------------------------------------------------------ running it
 
 def run(artifact: str, *, host: str, port: int, max_queue: int, padding_mode: str, mesh: str | None,
-        fast_load: bool, model_name: str | None) -> int:
+        fast_load: bool, model_name: str | None, multi_process: bool = False) -> int:
     import uvicorn
 
     state = ServerState(artifact, model_name, {"mesh": mesh, "fast_load": fast_load},
-                        {"padding_mode": padding_mode, "max_queue": max_queue})
+                        {"padding_mode": padding_mode, "max_queue": max_queue}, multi_process)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # SIGTERM / SIGINT: stop admitting, let running requests finish

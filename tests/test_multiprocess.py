@@ -77,3 +77,56 @@ def test_peer_that_never_starts_is_a_clear_error_within_the_timeout(small_artifa
 def test_bad_cluster_flags(small_artifact, args, message):
     r = run_cli("runtime", "generate", str(small_artifact), "--prompt-ids", "1", *args, timeout=60)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_serve_across_two_processes_and_a_peer_dying_mid_request(small_artifact):
+    """Process 0 serves HTTP, process 1 steps the same schedule: the single-process tokens come back;
+    killing process 1 during a streaming request ends process 0 with one clear line within the timeout."""
+    import httpx
+
+    single = run_cli("runtime", "generate", str(small_artifact), "--prompt-ids", "1,2,3", "--max-new-tokens", "8",
+                     "--json", env=env_with_devices(8))
+    expected = json.loads(single.stdout)["outputs"][0]
+    http_port, port = free_port(), free_port()
+    cluster = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--timeout", "15"]
+    procs = [subprocess.Popen([sys.executable, "-m", "runtime", "serve", str(small_artifact), "--port", str(http_port),
+                               *cluster, "--process-id", str(i)], cwd=ROOT, env=env_with_devices(4),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+             for i in (0, 1)]
+    try:
+        url = f"http://127.0.0.1:{http_port}"
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert procs[0].poll() is None, procs[0].communicate()
+            time.sleep(0.5)
+        body = {"model": "qwen3-moe-tiny", "prompt": [1, 2, 3], "max_tokens": 8, "temperature": 0}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["token_ids"] == expected
+
+        with httpx.Client(timeout=120) as client:
+            with client.stream("POST", url + "/v1/completions", json=body | {"max_tokens": 200, "stream": True}) as s:
+                lines = s.iter_lines()
+                assert next(lines).startswith("data:")
+                os.killpg(procs[1].pid, 9)  # the peer dies mid-request
+                t0 = time.perf_counter()
+                try:
+                    for _ in lines:
+                        pass
+                except httpx.HTTPError:
+                    pass  # the connection drops when process 0 ends
+        _, err = procs[0].communicate(timeout=120)
+        elapsed = time.perf_counter() - t0
+        assert procs[0].returncode != 0
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "lost contact with a peer process" in lines[0], err
+        assert elapsed < 15 + 30
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
