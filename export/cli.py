@@ -82,6 +82,11 @@ def _artifact_meshes(directory: str) -> list[str]:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        print("python -m export: error: building needs the export extra: pip install '.[export]'", file=sys.stderr)
+        return 2
     if args.command == "inspect":
         from .inspect import inspect_main
         return inspect_main(args.dir, args.json)
