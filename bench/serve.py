@@ -347,6 +347,7 @@ def main():
         print(f"rate {row['rate']!s:>4}: {row['identical_to_offline']}/{row['requests']} requests with the offline tokens")
     base.pop("_outputs")
 
+    workload["load_average_after"] = os.getloadavg()[0]
     saturation = next((r for r in runs if r["rate"] == "inf"), max(runs, key=lambda r: r["output_tok_s"]))
     ratio = saturation["output_tok_s"] / base["output_tok_s"]
     compiles = max([server_info["compiles_after_load"]] + [r["compiles_after_load"] for r in runs])

@@ -37,7 +37,7 @@ from runtime.batching import pack
 from runtime.buckets import Bucket, plan
 from runtime.verify import OUTPUT_NAMES, compare_outputs, tolerance
 
-from .hlo_cost import matmul_flops_report
+from .hlo_cost import collective_bytes, matmul_flops_report
 from .probes import make_probe
 from .progress import Reporter
 from .source import ModelSource, open_model
@@ -182,6 +182,7 @@ def _analysis(compiled) -> dict:
     cost = cost[0] if isinstance(cost, list) else cost
     mem = compiled.memory_analysis()
     out = {"flops": counted["flops"], "xla_flops": float(cost.get("flops", 0.0)),
+           "collective_bytes": collective_bytes(text),
            "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
            "collectives": dict(collections.Counter(COLLECTIVE.findall(text)))}
     if mem is not None:

@@ -22,7 +22,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-__all__ = ["matmul_flops", "matmul_flops_report"]
+__all__ = ["matmul_flops", "matmul_flops_report", "collective_bytes"]
 
 # `ENTRY %main.4 (x: f32[2]) -> f32[2] {` or `%region_0.2 (...) -> (...) {`
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([^\s(]+)\s*\(.*->.*\{\s*$")
@@ -183,11 +183,53 @@ def _called(instr: _Instr) -> list[tuple[str, str]]:
     return found
 
 
-class _Walker:
-    """Rolls dot/convolution FLOPs up the call graph, memoized per computation."""
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+          "s64": 8, "u64": 8, "f64": 8}
+# Bytes a ring moves per device, as a multiple of the (n-1)/n share of the buffer.
+_RING = {"all-gather": 1.0, "reduce-scatter": 1.0, "all-reduce": 2.0, "all-to-all": 1.0}
 
-    def __init__(self, comps: dict[str, _Computation]):
+
+def _group_size(attrs: str) -> int:
+    """Devices per replica group: `{{0,1},{2,3}}`, `[2,4]<=[8]` or `mesh['a'=2,'b'=4] {'a'}`."""
+    m = re.search(r"replica_groups=\{\{([^}]*)\}", attrs)
+    if m:
+        return len(m.group(1).split(","))
+    m = re.search(r"replica_groups=\[([\d,]+)\]<=", attrs)
+    if m:
+        return int(m.group(1).split(",")[-1])
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+    if m:
+        sizes = dict((k.strip(" '"), int(v)) for k, v in (kv.split("=") for kv in m.group(1).split(",")))
+        return math.prod(sizes[a.strip(" '")] for a in m.group(2).split(",") if a.strip())
+    return 1
+
+
+def _collective_bytes(instr: _Instr, shapes: dict[str, str]) -> float:
+    """Bytes one device sends for a collective, as a ring moves them: an all-gather's result and
+    a reduce-scatter's operand once, an all-reduce's buffer twice, each times (n-1)/n."""
+    op = instr.opcode.removesuffix("-start")
+    if op not in _RING:
+        return 0.0
+    typed = shapes.get(instr.operands[0], "") if op == "reduce-scatter" and instr.operands else instr.type
+    arrays = re.findall(r"(\w+)\[([\d,]*)\]", typed)
+    if op == "all-gather" and instr.opcode.endswith("-start"):
+        arrays = arrays[len(arrays) // 2:]  # (operands, results): the results
+    size = sum(_BYTES.get(t, 4) * math.prod(int(d) for d in dims.split(",") if d) for t, dims in arrays)
+    n = _group_size(instr.attrs)
+    return _RING[op] * size * (n - 1) / n if n > 1 else 0.0
+
+
+def _matmul_cost(instr: _Instr, shapes: dict[str, str]) -> float:
+    own = {"dot": _dot_flops, "convolution": _conv_flops}.get(instr.opcode)
+    return own(instr, shapes) if own else 0.0
+
+
+class _Walker:
+    """Rolls a per-instruction cost up the call graph, memoized per computation."""
+
+    def __init__(self, comps: dict[str, _Computation], cost=_matmul_cost):
         self.comps = comps
+        self.cost = cost
         self.memo: dict[str, float] = {}
         self.loops: dict[str, int | None] = {}  # every while reached, in visit order
 
@@ -199,8 +241,7 @@ class _Walker:
         return self.memo[name]
 
     def instruction(self, instr: _Instr, shapes: dict[str, str]) -> float:
-        own = {"dot": _dot_flops, "convolution": _conv_flops}.get(instr.opcode)
-        total = own(instr, shapes) if own else 0.0
+        total = self.cost(instr, shapes)
         if instr.opcode == "while":
             self.loops.setdefault(instr.name, instr.trip_count)
         trips = instr.trip_count or 1  # unknown: count the body once, as XLA does
@@ -241,3 +282,9 @@ def matmul_flops_report(hlo_text: str) -> dict:
 def matmul_flops(hlo_text: str) -> float:
     """Total dot/convolution FLOPs of an optimized HLO module, respecting loop trip counts."""
     return matmul_flops_report(hlo_text)["flops"]
+
+
+def collective_bytes(hlo_text: str) -> float:
+    """Bytes one device sends through collectives in one run, loop bodies times their trip count."""
+    comps, entry = _parse_module(hlo_text)
+    return _Walker(comps, _collective_bytes).computation(entry)

@@ -9,7 +9,7 @@ picks among those that exist with `choose`. Both live here so they can't drift a
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 MAX_LEN, SUM_LEN = "max_len", "sum_len"
 MODES = (MAX_LEN, SUM_LEN)
@@ -71,17 +71,21 @@ def plan(dp: int, token_ladder: Iterable[int], max_seqs: int, modes: Iterable[st
 
 
 def choose(token_counts: Sequence[int], seq_counts: Sequence[int], available: Iterable[Bucket],
-           dp: int, mode: str = "auto") -> Bucket | None:
+           dp: int, mode: str = "auto", cost: Mapping[Bucket, float] | None = None) -> Bucket | None:
     """The cheapest available bucket that holds the batch, or None if none does.
 
-    `auto` applies the padding rule (MAX_LEN when sum*2 > max*dp) to padded sizes, i.e. it compares
-    the buckets that exist: the smallest MAX_LEN bucket against the smallest SUM_LEN bucket.
+    `cost` (bytes each executable's collectives move per step, measured from its compiled HLO at
+    build time) decides when every fitting bucket has one: the cheapest, ties to fewer tokens.
+    Otherwise `auto` applies the padding rule (MAX_LEN when sum*2 > max*dp) to padded sizes, i.e.
+    it compares the buckets that exist: the smallest MAX_LEN bucket against the smallest SUM_LEN one.
     """
     fitting = [b for b in available if b.fits(token_counts, seq_counts)]
     if mode != "auto":
         fitting = [b for b in fitting if b.mode == mode]
     if not fitting:
         return None
+    if cost is not None and all(b in cost for b in fitting):
+        return min(fitting, key=lambda b: (cost[b], b.tokens, b.global_len, b.seqs, b.mode))
     # Ties go to SUM_LEN: the rule picks MAX_LEN only when it is strictly cheaper.
     return min(fitting, key=lambda b: (b.exchange_rows(dp), b.mode != SUM_LEN, b.tokens, b.seqs))
 

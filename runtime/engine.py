@@ -103,6 +103,9 @@ class Engine:
         self.entries = {Bucket.from_json(e["bucket"]): e for e in manifest["executables"]
                         if e["mesh"] == mesh_entry["name"]}
         self.buckets = sorted(self.entries)
+        # Bytes each executable's collectives move per step, measured at build: what `choose` weighs.
+        self.bucket_cost = {b: e["cost"]["collective_bytes"] for b, e in self.entries.items()
+                            if "collective_bytes" in (e.get("cost") or {})} or None
         self._batch_shardings = {k: NamedSharding(mesh, spec_of(v)) for k, v in mesh_entry["batch_specs"].items()}
         self.compiled: dict[Bucket, jax.stages.Compiled] = {}
         self._single_process = jax.process_count() == 1

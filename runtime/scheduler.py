@@ -250,7 +250,8 @@ class Scheduler:
             tokens = [sum(len(w.chunk.tokens) for w in ws) for ws in plan]
             if sum(tokens) == 0:
                 continue
-            bucket = choose(tokens, [len(ws) for ws in plan], self.ex.buckets, self.dp, self.mode)
+            bucket = choose(tokens, [len(ws) for ws in plan], self.ex.buckets, self.dp, self.mode,
+                            getattr(self.ex, "bucket_cost", None))
             if bucket is not None:
                 return bucket, plan
         # Unreachable: __init__ checked one token fits, and each bucket's own limits fit it.
