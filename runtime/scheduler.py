@@ -5,13 +5,18 @@ chunks (decode sequences feed their last token, prefilling ones the next piece o
 map the step to a ready executable with `buckets.choose`, pack, run, unpad, sample. The executor
 is anything with the `Executor` shape below, so this runs and is tested without an artifact.
 
-Policies, all chosen for being simple and obviously correct rather than clever:
-- A request's pages (prompt + max_new_tokens - 1 positions: the last token is never fed back) are
-  all allocated when it is admitted and freed when it finishes, so a running request can never
-  run out of cache mid-way and no preemption is needed.
+Policies:
+- KV on demand (the default): a request is admitted when a group has the pages its known tokens
+  need now, and takes a page more whenever its next token starts one. When a group runs out, its
+  newest request is preempted: its pages are freed and it goes back to the head of the queue, to
+  be prefilled again (prompt and the tokens generated so far) when pages free up. Its output does
+  not change: the same tokens are fed at the same positions, and sampling is keyed by (seed,
+  position). `kv="reserve"` instead allocates prompt + max_new_tokens - 1 positions at admission
+  and never preempts.
 - Admission is FIFO: the head of the queue waits until some group can hold it, later requests
   wait behind it, so a large request can't be starved by small ones.
-- Groups are balanced by committed pages (fewest first, ties to the lowest index).
+- A new request goes to the group with the least work pending (tokens still to feed), then the
+  fewest pages held, so groups stay balanced in tokens per step, not only in pages.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from runtime.buckets import MAX_LEN, MODES, SUM_LEN, Bucket, choose
 from runtime.sampling import SamplingParams
 
 PADDING_MODES = ("auto",) + MODES
+KV_POLICIES = ("on_demand", "reserve")
 
 
 class RequestError(ValueError):
@@ -50,11 +56,13 @@ class _Request:
     index: int  # position in the caller's prompt list
     prompt: tuple[int, ...]
     max_new: int
-    num_pages: int
+    num_pages: int  # the most pages it can ever hold: prompt + max_new - 1 positions
     sampling: SamplingParams = SamplingParams()
     group: int = -1
-    pages: tuple[int, ...] = ()
-    prefilled: int = 0  # prompt tokens already written to the cache
+    pages: list[int] = dataclasses.field(default_factory=list)
+    written: int = 0  # tokens (prompt, then generated) whose K/V are in the cache
+    admitted: int = -1  # admission order: the newest is preempted first
+    preemptions: int = 0
     generated: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
@@ -63,18 +71,25 @@ class _Request:
     tag: object = None  # the caller's handle (a server's request id)
 
     @property
-    def decoding(self) -> bool:
-        return self.prefilled == len(self.prompt)
+    def known(self) -> int:
+        """Tokens known so far: the prompt and what was generated."""
+        return len(self.prompt) + len(self.generated)
 
-    def next_chunk(self, max_tokens: int) -> Chunk:
-        """The tokens this request feeds next, at most max_tokens of them."""
+    @property
+    def pending(self) -> int:
+        """Tokens still to feed before the next one can be sampled."""
+        return self.known - self.written
+
+    @property
+    def decoding(self) -> bool:
+        return self.pending == 1
+
+    def chunk(self, n: int) -> Chunk:
+        """The next n tokens it feeds, with the pages it holds now."""
+        a, b, P = self.written, self.written + n, len(self.prompt)
+        tokens = self.prompt[a:b] + tuple(self.generated[max(a - P, 0):max(b - P, 0)])
         p = self.sampling
-        if self.decoding:
-            return Chunk((self.generated[-1],), len(self.prompt) + len(self.generated) - 1, self.pages,
-                         p.temperature, p.top_k, p.top_p, p.seed)
-        end = min(len(self.prompt), self.prefilled + max_tokens)
-        return Chunk(self.prompt[self.prefilled:end], self.prefilled, self.pages, p.temperature, p.top_k, p.top_p,
-                     p.seed)
+        return Chunk(tokens, a, tuple(self.pages), p.temperature, p.top_k, p.top_p, p.seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +105,12 @@ class Scheduler:
     """Serves lists of prompts on one executor. Holds the per-group page allocators."""
 
     def __init__(self, executor: Executor, *, padding_mode: str = "auto",
-                 sampling: SamplingParams | None = None, eos_token_id=None, top_logprobs: int = 0):
+                 sampling: SamplingParams | None = None, eos_token_id=None, top_logprobs: int = 0,
+                 kv: str = "on_demand"):
+        if kv not in KV_POLICIES:
+            raise RequestError(f"kv {kv!r} is not one of {KV_POLICIES}")
+        self.kv = kv
+        self._admissions = 0
         self.ex = executor
         self.dp = int(executor.dp)
         self.mode = padding_mode
@@ -189,6 +209,9 @@ class Scheduler:
 
     # ---- admission and pages ----------------------------------------------------------------
 
+    def _pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.ex.page_size)
+
     def _admit(self, queue: list[_Request], active: list[list[_Request]]) -> None:
         """Move requests from the head of the queue into groups while some group holds them.
 
@@ -198,68 +221,106 @@ class Scheduler:
         max_seqs = max(b.seqs for b in self._allowed_buckets())
         while queue:
             r = queue[0]
-            fits = [g for g in range(self.dp)
-                    if len(self.free_pages[g]) >= r.num_pages and len(active[g]) < max_seqs]
+            need = r.num_pages if self.kv == "reserve" else self._pages_for(r.known)
+            fits = [g for g in range(self.dp) if len(self.free_pages[g]) >= need and len(active[g]) < max_seqs]
             if not fits:
                 return
-            g = min(fits, key=lambda g: (self.committed[g], g))
-            r.group = g
-            r.pages = tuple(self.free_pages[g].pop() for _ in range(r.num_pages))
-            self.committed[g] += r.num_pages
+            g = min(fits, key=lambda g: (sum(x.pending for x in active[g]), self.committed[g], g))
+            r.group, r.admitted = g, self._admissions
+            self._admissions += 1
+            self._take_pages(r, need)
             active[g].append(queue.pop(0))
+
+    def _take_pages(self, r: _Request, total: int) -> None:
+        """Grow r's pages to `total` (the caller checked they are free)."""
+        while len(r.pages) < total:
+            r.pages.append(self.free_pages[r.group].pop())
+            self.committed[r.group] += 1
 
     def _release(self, r: _Request) -> None:
         self.free_pages[r.group].extend(reversed(r.pages))
-        self.committed[r.group] -= r.num_pages
+        self.committed[r.group] -= len(r.pages)
+        r.pages = []
+
+    def _preempt(self, r: _Request) -> None:
+        """Free a running request's pages and queue it first, to be prefilled again from scratch."""
+        self.active[r.group].remove(r)
+        self._release(r)
+        r.group, r.written = -1, 0
+        r.preemptions += 1
+        self.stats.preemptions += 1
+        self.queue.insert(0, r)
+
+    def _make_room(self) -> None:
+        """Before planning (KV on demand): every decoder gets the page its next token needs, and a
+        group where no request can write another token makes room, by preempting its newest
+        requests. A request alone in its group always fits (checked at submission)."""
+        ps = self.ex.page_size
+        for g in range(self.dp):
+            while True:
+                group = self.active[g]
+                starved = [r for r in group if r.decoding and len(r.pages) * ps <= r.written]
+                stuck = bool(group) and not self.free_pages[g] and all(len(r.pages) * ps <= r.written for r in group)
+                if len(starved) <= len(self.free_pages[g]) and not stuck:
+                    break
+                self._preempt(max(group, key=lambda r: r.admitted))
+            for r in starved:
+                self._take_pages(r, len(r.pages) + 1)
 
     # ---- one step ---------------------------------------------------------------------------
 
     def _plan(self, active: list[list[_Request]], lim: _Limits, step: int) -> list[list[_Work]]:
-        """What each group serves this step, within `lim`.
+        """What each group serves this step, within `lim` and the pages it can have.
 
         Decoders go first (one token each, least recently served first, so all progress when a
         forced bucket holds fewer sequences); prefills then fill the remaining token budget in
-        arrival order. The group order rotates by step so a shared SUM_LEN row cap is fair.
+        arrival order, each up to what its pages and the group's free pages can hold. The group
+        order rotates by step so a shared SUM_LEN row cap is fair.
         """
+        ps = self.ex.page_size
         plan: list[list[_Work]] = [[] for _ in range(self.dp)]
         used = [0] * self.dp
+        free = [len(f) for f in self.free_pages]
         budget = lim.total
         order = [(step + k) % self.dp for k in range(self.dp)]
         for g in order:
             for r in sorted((r for r in active[g] if r.decoding), key=lambda r: (r.last_step, r.index)):
                 if len(plan[g]) >= lim.seqs or used[g] >= lim.tokens or budget < 1:
                     break
-                plan[g].append(_Work(r, r.next_chunk(1)))
+                plan[g].append(_Work(r, 1))
                 used[g] += 1
                 budget -= 1
         for g in order:
-            for r in (r for r in active[g] if not r.decoding):
-                room = min(lim.tokens - used[g], budget)
+            for r in sorted((r for r in active[g] if not r.decoding), key=lambda r: r.admitted):
+                room = min(lim.tokens - used[g], budget, r.pending, len(r.pages) * ps - r.written + free[g] * ps)
                 if len(plan[g]) >= lim.seqs or room < 1:
-                    break
-                work = _Work(r, r.next_chunk(room))
-                plan[g].append(work)
-                used[g] += len(work.chunk.tokens)
-                budget -= len(work.chunk.tokens)
+                    continue
+                plan[g].append(_Work(r, room))
+                free[g] -= max(0, self._pages_for(r.written + room) - len(r.pages))
+                used[g] += room
+                budget -= room
         return plan
 
     def _build(self, active: list[list[_Request]], step: int) -> tuple[Bucket, list[list[_Work]]]:
-        """The step's work and the bucket that serves it, shrinking the step if need be."""
+        """The step's work and the bucket that serves it, shrinking the step if need be; then the
+        pages its prefill chunks write into."""
         for lim in self._limits():
             plan = self._plan(active, lim, step)
-            tokens = [sum(len(w.chunk.tokens) for w in ws) for ws in plan]
+            tokens = [sum(w.n for w in ws) for ws in plan]
             if sum(tokens) == 0:
                 continue
             bucket = choose(tokens, [len(ws) for ws in plan], self.ex.buckets, self.dp, self.mode,
                             getattr(self.ex, "bucket_cost", None))
             if bucket is not None:
+                for w in (w for ws in plan for w in ws):
+                    self._take_pages(w.request, self._pages_for(w.request.written + w.n))
                 return bucket, plan
         # Unreachable: __init__ checked one token fits, and each bucket's own limits fit it.
         raise RuntimeError("no bucket can serve any pending work")
 
     def _run(self, bucket: Bucket, plan: list[list[_Work]]) -> dict[str, np.ndarray]:
         """Pack, call the executable, and check the outputs' shape before trusting any row."""
-        groups = [[w.chunk for w in ws] for ws in plan]
+        groups = [[w.request.chunk(w.n) for w in ws] for ws in plan]
         batch = pack(groups, bucket.tokens, bucket.seqs, self.ex.pages_per_seq)
         out = self.ex.run(bucket, batch)
         want = (self.dp, bucket.seqs)
@@ -276,10 +337,9 @@ class Scheduler:
             for j, w in enumerate(ws):
                 r = w.request
                 r.last_step = step
-                if not r.decoding:
-                    r.prefilled += len(w.chunk.tokens)
-                    if not r.decoding:
-                        continue  # mid-prompt chunk: its logits predict a token we already know
+                r.written += w.n
+                if r.pending:
+                    continue  # a chunk short of the last known token predicts a token we already know
                 r.generated.append(int(out["tokens"][g, j]))
                 r.logprobs.append(float(out["logprobs"][g, j]))
                 if self.top_logprobs:
@@ -340,6 +400,8 @@ class Scheduler:
         self.stats.max_queue = max(self.stats.max_queue, len(self.queue))
         if not any(self.active):
             return []
+        if self.kv == "on_demand":
+            self._make_room()
         bucket, plan = self._build(self.active, self.stats.steps)
         out = self._run(bucket, plan)
         self.stats.record(bucket, plan, self.dp)
@@ -387,7 +449,7 @@ class Scheduler:
 @dataclasses.dataclass(frozen=True)
 class _Work:
     request: _Request
-    chunk: Chunk
+    n: int  # tokens it feeds this step, from request.written on
 
 
 @dataclasses.dataclass
@@ -400,6 +462,7 @@ class _Stats:
     exchange_rows: int = 0
     prefill_chunks: int = 0
     max_queue: int = 0
+    preemptions: int = 0
     generated_tokens: int = 0
     step_tokens: list | None = None
 
@@ -408,12 +471,12 @@ class _Stats:
         self.steps += 1
         self.buckets[bucket.name] = self.buckets.get(bucket.name, 0) + 1
         self.modes[bucket.mode] += 1
-        self.real_tokens += sum(len(w.chunk.tokens) for ws in plan for w in ws)
+        self.real_tokens += sum(w.n for ws in plan for w in ws)
         self.padded_tokens += dp * bucket.tokens
         self.exchange_rows += bucket.exchange_rows(dp)
         self.prefill_chunks += sum(not w.request.decoding for ws in plan for w in ws)
         if self.step_tokens is not None:
-            self.step_tokens.append([sum(len(w.chunk.tokens) for w in ws) for ws in plan])
+            self.step_tokens.append([sum(w.n for w in ws) for ws in plan])
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -426,7 +489,7 @@ class _Stats:
 def generate(executor: Executor, prompts: Sequence[Sequence[int]], max_new_tokens, *,
              padding_mode: str = "auto", sampling: SamplingParams | None = None,
              eos_token_id: int | None = None, arrivals: Sequence[int] | None = None,
-             record_steps: bool = False, top_logprobs: int = 0) -> tuple[list[list[int]], dict]:
+             record_steps: bool = False, top_logprobs: int = 0, kv: str = "on_demand") -> tuple[list[list[int]], dict]:
     """Serve `prompts` on `executor`: outputs (list of new-token lists, in prompt order), stats.
 
     Stats: steps, buckets {name: count}, modes {max_len, sum_len}, real_tokens, padded_tokens
@@ -435,5 +498,5 @@ def generate(executor: Executor, prompts: Sequence[Sequence[int]], max_new_token
     token, with top_logprobs=N > 0).
     """
     sched = Scheduler(executor, padding_mode=padding_mode, sampling=sampling, eos_token_id=eos_token_id,
-                      top_logprobs=top_logprobs)
+                      top_logprobs=top_logprobs, kv=kv)
     return sched.generate(prompts, max_new_tokens, arrivals=arrivals, record_steps=record_steps)

@@ -10,6 +10,7 @@ tokens, and outputs must equal an unbatched reference that feeds each prompt alo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import zlib
 
@@ -275,7 +276,8 @@ def test_random_batch_compositions(data):
     num_pages = 1 + need * data.draw(st.integers(1, 3), "requests per group")
     ex = FakeExecutor(dp=dp, page_size=page_size, num_pages=num_pages, pages_per_seq=pages_per_seq,
                       ladder=ladder, max_seqs=max_seqs)
-    sched = Scheduler(ex, padding_mode=mode)
+    kv = data.draw(st.sampled_from(["on_demand", "reserve"]), "kv")
+    sched = Scheduler(ex, padding_mode=mode, kv=kv)
     outs, stats = sched.generate(prompts, max_new)
     assert outs == reference(prompts, max_new)
     check_stats(stats, outs, ex)
@@ -346,3 +348,24 @@ def test_several_eos_ids_stop_with_reason_stop():
         cut = next((k + 1 for k, t in enumerate(want) if t in eos), len(want))
         assert r.generated == want[:cut]
         assert r.finish_reason == ("stop" if r.generated[-1] in eos else "length")
+
+
+@pytest.mark.parametrize("sampling", [None, SamplingParams(temperature=0.9, top_k=30, top_p=0.95, seed=5)])
+def test_kv_on_demand_preempts_and_changes_no_token(sampling):
+    """A pool that holds a quarter of what the requests reserve: requests grow page by page, the
+    newest are preempted and prefilled again, and every output equals the unpreempted reference."""
+    rng = np.random.default_rng(13)
+    prompts = random_prompts(rng, 16, 2, 14)
+    max_new = [int(n) for n in rng.integers(8, 24, len(prompts))]
+    reserve_need = sum(-(-(len(p) + n - 1) // 2) for p, n in zip(prompts, max_new))
+    ex = FakeExecutor(dp=2, page_size=2, num_pages=1 + reserve_need // 8, pages_per_seq=24, ladder=(4, 8, 16))
+    sched = Scheduler(ex, sampling=sampling)
+    outs, stats = sched.generate(prompts, max_new)
+    assert stats["preemptions"] > 0
+    for i, (p, n) in enumerate(zip(prompts, max_new)):
+        want = reference([p], n, sampling and dataclasses.replace(sampling, seed=sampling.seed + i))[0]
+        assert outs[i] == want
+    assert all(sorted(f) == list(range(1, ex.num_pages)) for f in sched.free_pages)
+    reserved, rstats = generate(FakeExecutor(dp=2, page_size=2, num_pages=1 + reserve_need // 8, pages_per_seq=24,
+                                             ladder=(4, 8, 16)), prompts, max_new, sampling=sampling, kv="reserve")
+    assert reserved == outs and rstats["preemptions"] == 0 and rstats["steps"] > stats["steps"]
