@@ -103,6 +103,8 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
                 print("the server did not exit within 60 s of SIGTERM; killed")
+        if self.proc.returncode != 0:
+            print(f"server log (exit code {self.proc.returncode}):\n{self.log_tail()}")
         os.unlink(self.log.name)
         return self.proc.returncode
 
@@ -256,14 +258,14 @@ def serve_all(args, trace, eos) -> tuple[dict, list[dict]]:
     info = {"ready_s": server.ready_s, "exit_code": exit_code,
             "compiles_after_load": int(final.get("qwen3_moe_compiles_after_load", -1)),
             "steps": int(final.get("qwen3_moe_steps_total", 0)),
-            "finished": {k.split('"')[1]: int(v) for k, v in final.items() if k.startswith("qwen3_moe_requests_finished")}}
+            "finished": {k.split('"')[1]: int(v) for k, v in final.items() if k.startswith("qwen3_moe_requests_finished_total{")}}
     print(f"server stopped with SIGTERM: exit code {exit_code}; compiles after load {info['compiles_after_load']}")
     return info, runs
 
 
 # ------------------------------------------------------------------------------------ offline baseline
 
-def offline(trace, eos, repeats: int = 3) -> dict:
+def offline(trace, eos, repeats: int = 5) -> dict:
     """`runtime generate` on the same requests in this process: all at once, the median of
     `repeats` timed runs after one untimed warm-up (the same statistic as the server's saturation)."""
     from runtime.engine import load
@@ -309,8 +311,8 @@ def main():
     parser.add_argument("--rates", type=parse_rates, default=None,
                         help="Poisson arrival rates in requests/s, inf = all at once (default 2,4,8,inf; 4,inf with --quick)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer requests and rates")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="saturation (inf) and offline runs to take the median of (default 3)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="saturation (inf) and offline runs to take the median of (default 5)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     args.requests = args.requests or (24 if args.quick else 96)

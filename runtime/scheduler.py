@@ -222,7 +222,11 @@ class Scheduler:
         while queue:
             r = queue[0]
             need = r.num_pages if self.kv == "reserve" else self._pages_for(r.known)
-            fits = [g for g in range(self.dp) if len(self.free_pages[g]) >= need and len(active[g]) < max_seqs]
+            # On demand, leave a page of headroom per running request: each will want one soon, and
+            # admitting into a group that must preempt at once only wastes a prefill.
+            headroom = (lambda g: 0) if self.kv == "reserve" else (lambda g: len(active[g]))
+            fits = [g for g in range(self.dp)
+                    if len(self.free_pages[g]) >= need + headroom(g) and len(active[g]) < max_seqs]
             if not fits:
                 return
             g = min(fits, key=lambda g: (sum(x.pending for x in active[g]), self.committed[g], g))
