@@ -164,7 +164,8 @@ def test_warmup_records_one_per_signature(artifact, saved):
 
 
 def test_warmup_parses_with_tensorflow_serving_protos(artifact):
-    prediction_log_pb2 = pytest.importorskip("tensorflow_serving.apis.prediction_log_pb2")
+    # installed by .ci/run with --no-deps (it would otherwise pull the full tensorflow beside tensorflow-cpu)
+    from tensorflow_serving.apis import prediction_log_pb2
     path = artifact / fmt.read_manifest(artifact)["tf_savedmodel"]["warmup"]
     names = []
     for raw in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
