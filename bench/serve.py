@@ -144,7 +144,8 @@ async def one_request(client, url: str, model: str, prompt: list[int], max_token
                     rec["finish_reason"] = choice["finish_reason"]
     except Exception as e:  # noqa: BLE001 - a lost request is a result, not a crash of the benchmark
         rec["error"] = f"{type(e).__name__}: {e}"
-    rec["end"] = time.perf_counter()
+    finally:
+        rec["end"] = time.perf_counter()
     return rec
 
 

@@ -111,8 +111,8 @@ class EngineLoop:
                 return
             with self._lock:
                 self._waiting -= 1
-            self._events.append({"op": "submit", "prompt": list(h.prompt), "max_tokens": h.max_tokens,
-                                 "sampling": dataclasses.asdict(h.sampling)})
+            self._record({"op": "submit", "prompt": list(h.prompt), "max_tokens": h.max_tokens,
+                          "sampling": dataclasses.asdict(h.sampling)})
             try:
                 h.request = self.scheduler.submit(h.prompt, h.max_tokens, h.sampling, tag=h)
                 self.stats.prompt_tokens += len(h.prompt)
@@ -127,10 +127,15 @@ class EngineLoop:
             except queue.Empty:
                 return
             if h.request is not None and not h.done:
-                self._events.append({"op": "cancel", "index": h.request.index})
+                self._record({"op": "cancel", "index": h.request.index})
                 self.scheduler.cancel(h.request)
                 h.done = True
                 self.stats.finished["cancelled"] = self.stats.finished.get("cancelled", 0) + 1
+
+    def _record(self, event: dict) -> None:
+        """Keep what the other processes must replay (nothing to keep when serving alone)."""
+        if self.channel is not None:
+            self._events.append(event)
 
     def _run(self) -> None:
         try:

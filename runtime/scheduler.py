@@ -478,7 +478,7 @@ class _Stats:
         self.real_tokens += sum(w.n for ws in plan for w in ws)
         self.padded_tokens += dp * bucket.tokens
         self.exchange_rows += bucket.exchange_rows(dp)
-        self.prefill_chunks += sum(not w.request.decoding for ws in plan for w in ws)
+        self.prefill_chunks += sum(w.request.written < len(w.request.prompt) for ws in plan for w in ws)
         if self.step_tokens is not None:
             self.step_tokens.append([sum(w.n for w in ws) for ws in plan])
 
