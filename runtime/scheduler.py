@@ -168,25 +168,26 @@ class Scheduler:
         return [self._make_request(i, p, int(n)) for i, (p, n) in enumerate(zip(prompts, per_request))]
 
     def _make_request(self, i: int, prompt: Sequence[int], max_new: int,
-                      sampling: SamplingParams | None = None) -> _Request:
+                      sampling: SamplingParams | None = None, name: str | None = None) -> _Request:
+        name = name or f"prompt {i}"
         ids = np.asarray(prompt)
         if ids.ndim != 1 or ids.size == 0:
-            raise RequestError(f"prompt {i} is empty or not a flat list of token ids; "
+            raise RequestError(f"{name} is empty or not a flat list of token ids; "
                                "each prompt needs at least one token")
         if not np.issubdtype(ids.dtype, np.integer):
-            raise RequestError(f"prompt {i} holds non-integer token ids ({ids.dtype})")
+            raise RequestError(f"{name} holds non-integer token ids ({ids.dtype})")
         vocab = self.ex.vocab_size
         bad = ids[(ids < 0) | (ids >= vocab)]
         if bad.size:
-            raise RequestError(f"prompt {i} has token id {int(bad[0])} outside [0, {vocab})")
+            raise RequestError(f"{name} has token id {int(bad[0])} outside [0, {vocab})")
         if ids.size + max_new > self.max_context:
-            raise RequestError(f"prompt {i}: {ids.size} prompt tokens + {max_new} new tokens exceed "
+            raise RequestError(f"{name}: {ids.size} prompt tokens + {max_new} new tokens exceed "
                                f"the max context of {self.max_context} "
                                f"({self.ex.pages_per_seq} pages x {self.ex.page_size})")
         # The last generated token is never fed back, so it takes no cache slot.
         pages = math.ceil((ids.size + max_new - 1) / self.ex.page_size)
         if pages > self.ex.num_pages - 1:
-            raise RequestError(f"prompt {i} needs {pages} KV pages but a group's cache has only "
+            raise RequestError(f"{name} needs {pages} KV pages but a group's cache has only "
                                f"{self.ex.num_pages - 1} allocatable pages (page 0 is reserved)")
         return _Request(i, tuple(int(t) for t in ids), max_new, pages, sampling or self.sampling.for_request(i))
 
@@ -365,7 +366,7 @@ class Scheduler:
         if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) \
                 or max_new_tokens < 1:
             raise RequestError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        r = self._make_request(self._submitted, prompt, int(max_new_tokens), sampling)
+        r = self._make_request(self._submitted, prompt, int(max_new_tokens), sampling, name="the prompt")
         self._submitted += 1
         r.tag = tag
         self.queue.append(r)
@@ -373,7 +374,7 @@ class Scheduler:
 
     def check(self, prompt: Sequence[int], max_new_tokens: int) -> None:
         """Raise RequestError if this request could never be served (ids, context, pages)."""
-        self._make_request(-1, prompt, int(max_new_tokens))
+        self._make_request(-1, prompt, int(max_new_tokens), name="the prompt")
 
     def cancel(self, r: _Request) -> None:
         """Drop a queued or running request now; its pages are free for the next step."""
