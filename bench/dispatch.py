@@ -13,11 +13,11 @@ from bench.common import ARTIFACT, ensure_artifact, median_ms, write_result
 import jax  # noqa: E402  (after bench.common, which sets the device count)
 from export.probes import make_probe
 from runtime.buckets import MAX_LEN, SUM_LEN
-from runtime.engine import _put, load
+from runtime.engine import load
 
 
 def time_raw(engine, bucket, batch, n):
-    args = {k: _put(v, engine._batch_shardings[k]) for k, v in batch.items()}
+    args = engine.put_batch(batch)
     compiled, samples = engine.compiled[bucket], []
     for _ in range(n):
         t0 = time.perf_counter()

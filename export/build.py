@@ -37,6 +37,7 @@ from runtime.batching import pack
 from runtime.buckets import Bucket, plan
 from runtime.verify import OUTPUT_NAMES, compare_outputs, tolerance
 
+from .errors import BuildError
 from .hlo_cost import collective_bytes, matmul_flops_report
 from .probes import make_probe
 from .progress import Reporter
@@ -45,10 +46,6 @@ from .tf_savedmodel import mesh_error as savedmodel_mesh_error, write_savedmodel
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 COLLECTIVE = re.compile(r"= \S+ (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
-
-
-class BuildError(RuntimeError):
-    """The build produced something wrong (e.g. an executable that disagrees with the reference)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,8 @@ import jax
 from dp_attention import ConfigError, MeshError, WeightError, parse_mesh
 from runtime.buckets import MODES, ladder_from_trace
 
-from .build import BuildConfig, BuildError, build
+from .build import BuildConfig, build
+from .errors import BuildError
 from .progress import Reporter
 from .tf_savedmodel import mesh_error as savedmodel_mesh_error
 

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import BuildError
+
 from dp_attention.model import BATCH_SPECS
 from runtime.verify import OUTPUT_NAMES
 
@@ -69,7 +71,6 @@ def write_savedmodel(tmp: Path, manifest: dict, cfg, meshes, platforms) -> dict:
     """
     from runtime.verify import tolerance
 
-    from .build import BuildError
 
     reason = mesh_error(meshes)
     if reason:
@@ -140,8 +141,7 @@ def _read_weight(tmp: Path, w: dict) -> np.ndarray:
     tensors = [_load(tmp / rel)["tensor"] for rel in w["files"]]
     array = np.stack(tensors) if w["stacked"] else tensors[0]
     if list(array.shape) != list(w["shape"]):
-        from .build import BuildError
-
+    
         raise BuildError(f"weight files {w['files'][:1]}...: shape {list(array.shape)}, manifest says {w['shape']}")
     return array
 
@@ -154,7 +154,6 @@ def _check(saved_dir: Path, expected: dict[str, tuple[dict, np.ndarray]], tol: f
 
     from runtime.verify import compare_outputs
 
-    from .build import BuildError
 
     loaded = tf.saved_model.load(str(saved_dir))
     errors = {}

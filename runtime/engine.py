@@ -125,15 +125,17 @@ class Engine:
         """One step on a ready executable: {"tokens", "logprobs" [dp, seqs]; "top_ids", "top_logprobs"
         [dp, seqs, N]} as numpy. The cache is donated."""
         before = compile_count()
-        if self._single_process:  # one batched transfer for all inputs
-            args = jax.device_put(batch, {k: self._batch_shardings[k] for k in batch})
-        else:
-            args = {k: _put(v, self._batch_shardings[k]) for k, v in batch.items()}
-        out, self.cache = self.compiled[bucket](self.weights, self.cache, args)
+        out, self.cache = self.compiled[bucket](self.weights, self.cache, self.put_batch(batch))
         # Replicated: every host has all of it, a few bytes per sequence.
         out = {k: np.asarray(v.addressable_data(0)) for k, v in out.items()}
         self._compiles_after_load += compile_count() - before
         return out
+
+    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """A step's host arrays onto their shardings (each process places only its own shards)."""
+        if self._single_process:  # one batched transfer for all inputs
+            return jax.device_put(batch, {k: self._batch_shardings[k] for k in batch})
+        return {k: _put(v, self._batch_shardings[k]) for k, v in batch.items()}
 
     def generate(self, prompts, max_new_tokens, padding_mode="auto", sampling=None, **options):
         """Serve prompts (see runtime.scheduler.generate for options); stats include compiles_after_load."""
