@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ class ServerState:
         self.tokenizer = None
         self.load_error: str | None = None
         self.created = int(time.time())
+        self.on_failure = lambda: None  # the HTTP server sets it: stop serving
 
     def load(self) -> None:
         """Runs in a thread at startup: the HTTP side answers 503 until this is done."""
@@ -61,9 +63,13 @@ class ServerState:
             self.loop = EngineLoop(engine, eos_ids=eos, channel=channel, **self.loop_kwargs)
             self.loop.start()
             self.status = "ready"
-        except Exception as e:  # noqa: BLE001 - reported on /health and in the log, the process stays up
-            self.status, self.load_error = "failed", f"{type(e).__name__}: {e}"
-            print(f"python -m runtime serve: error: {self.load_error}", flush=True)
+        except Exception as e:  # noqa: BLE001 - one line, then the server exits with status 2
+            from .format import ArtifactError
+
+            self.status = "failed"
+            self.load_error = str(e) if isinstance(e, ArtifactError) else f"{type(e).__name__}: {e}"
+            print(f"python -m runtime: error: {self.load_error}", file=sys.stderr, flush=True)
+            self.on_failure()
 
     def check_ready(self) -> None:
         if self.status != "ready":
@@ -327,5 +333,6 @@ def run(artifact: str, *, host: str, port: int, max_queue: int, padding_mode: st
     config = uvicorn.Config(make_app(state), host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=None)
     server = Server(config)
+    state.on_failure = lambda: setattr(server, "should_exit", True)
     server.run()
-    return 0 if state.status in ("ready", "draining") else 1
+    return 2 if state.status == "failed" else 0

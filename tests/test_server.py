@@ -223,3 +223,17 @@ def test_queue_full_429_and_sigterm_drains(tiny_artifact):
         assert finished and all(f in ("length", "stop") for _, f in finished)
     finally:
         s.stop()
+
+
+def test_an_artifact_that_fails_to_load_ends_the_server_with_one_line(tiny_artifact, tmp_path):
+    import shutil
+
+    copy = tmp_path / "bad"
+    shutil.copytree(tiny_artifact, copy)
+    victim = next((copy / "weights").iterdir())
+    victim.write_bytes(victim.read_bytes() + b"x")
+    r = subprocess.run([sys.executable, "-m", "runtime", "serve", str(copy), "--port", str(free_port())], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.strip().splitlines() if line]
+    assert len(lines) == 1 and "does not match the manifest" in lines[0] and str(victim.name) in lines[0], r.stderr
