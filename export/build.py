@@ -128,7 +128,7 @@ def _weight_entries(tmp: Path, source: ModelSource, shape: MeshShape, written: d
     specs = weight_specs(source.config, shape)
     for name, spec in specs.items():
         entries[name] = {"files": [], "shape": list(spec.shape), "dtype": source.config.dtype,
-                         "spec": _spec_json(spec.spec), "stacked": bool(spec.layers)}
+                         "spec": fmt.spec_to_json(spec.spec), "stacked": bool(spec.layers)}
     if executables_only:
         return entries
     for name, _, array in placed_numpy(specs, source.read, source.config.dtype):
@@ -140,10 +140,6 @@ def _weight_entries(tmp: Path, source: ModelSource, shape: MeshShape, written: d
         entries[name]["files"].append(rel)
         report.advance_weights()
     return entries
-
-
-def _spec_json(spec) -> list:
-    return [list(a) if isinstance(a, tuple) else a for a in spec]
 
 
 def _abstract_args(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShape, attention: str):
@@ -290,11 +286,11 @@ def _build_into(tmp: Path, cfg: BuildConfig, source: ModelSource, cache: CacheSh
         entry = {"name": str(shape), "shape": [shape.dp, shape.tp], "devices": shape.num_devices,
                  "compiled_here": here, "axes": ["data", "tensor"],
                  "weights": _weight_entries(tmp, source, shape, written, report, cfg.executables_only),
-                 "cache_spec": _spec_json(CACHE_SPEC),
+                 "cache_spec": fmt.spec_to_json(CACHE_SPEC),
                  "cache_shape": list(cache_shape(model, Layout.for_mesh(model, shape), shape.dp, cache, jnp.float32,
                                                  cfg.attention_backend).shape),
-                 "batch_specs": {k: _spec_json(v) for k, v in BATCH_SPECS.items()},
-                 "output_specs": {k: _spec_json(v) for k, v in OUTPUT_SPECS.items()}}
+                 "batch_specs": {k: fmt.spec_to_json(v) for k, v in BATCH_SPECS.items()},
+                 "output_specs": {k: fmt.spec_to_json(v) for k, v in OUTPUT_SPECS.items()}}
         manifest["meshes"].append(entry)
         for bucket in plans[str(shape)]:
             t0 = time.perf_counter()

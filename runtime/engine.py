@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from jax.experimental.compilation_cache import compilation_cache
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 from safetensors import safe_open
 
 from . import format as fmt
@@ -75,10 +75,6 @@ def _shard_shape(shape, index) -> tuple[int, ...]:
     return tuple(len(range(*sl.indices(n))) for sl, n in zip(index, shape))
 
 
-def spec_of(entry) -> P:
-    return P(*[tuple(a) if isinstance(a, list) else a for a in entry])
-
-
 @dataclasses.dataclass
 class LoadInfo:
     mesh: str
@@ -106,7 +102,7 @@ class Engine:
         # Bytes each executable's collectives move per step, measured at build: what `choose` weighs.
         self.bucket_cost = {b: e["cost"]["collective_bytes"] for b, e in self.entries.items()
                             if "collective_bytes" in (e.get("cost") or {})} or None
-        self._batch_shardings = {k: NamedSharding(mesh, spec_of(v)) for k, v in mesh_entry["batch_specs"].items()}
+        self._batch_shardings = {k: NamedSharding(mesh, fmt.spec_from_json(v)) for k, v in mesh_entry["batch_specs"].items()}
         self.compiled: dict[Bucket, jax.stages.Compiled] = {}
         self._single_process = jax.process_count() == 1
         self.weights = None
@@ -154,7 +150,7 @@ class Engine:
     # ---------------------------------------------------------------- loading
 
     def zero_cache(self) -> jax.Array:
-        sharding = NamedSharding(self.mesh, spec_of(self.mesh_entry["cache_spec"]))
+        sharding = NamedSharding(self.mesh, fmt.spec_from_json(self.mesh_entry["cache_spec"]))
         shape, dtype = tuple(self.mesh_entry["cache_shape"]), np.dtype(jax.numpy.dtype(self.manifest["dtype"]))
         # Each device's zeros made on the host one shard at a time: the whole cache never is.
         return jax.make_array_from_callback(shape, sharding, lambda idx: np.zeros(_shard_shape(shape, idx), dtype))
@@ -185,11 +181,11 @@ class Engine:
                 return tensors[0][idx]
             return np.stack([t[idx[1:]] for t in tensors[idx[0]]])
 
-        return jax.make_array_from_callback(shape, NamedSharding(self.mesh, spec_of(w["spec"])), shard)
+        return jax.make_array_from_callback(shape, NamedSharding(self.mesh, fmt.spec_from_json(w["spec"])), shard)
 
     def abstract_args(self, bucket: Bucket):
         """The executable's arguments as shapes and shardings, from the manifest alone."""
-        ns = lambda spec: NamedSharding(self.mesh, spec_of(spec))  # noqa: E731
+        ns = lambda spec: NamedSharding(self.mesh, fmt.spec_from_json(spec))  # noqa: E731
         sds = lambda shape, dtype, spec: jax.ShapeDtypeStruct(tuple(shape), jax.numpy.dtype(dtype), sharding=ns(spec))  # noqa: E731
         weights = {k: sds(w["shape"], w["dtype"], w["spec"]) for k, w in self.mesh_entry["weights"].items()}
         cache = sds(self.mesh_entry["cache_shape"], self.manifest["dtype"], self.mesh_entry["cache_spec"])

@@ -35,6 +35,18 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def spec_to_json(spec) -> list:
+    """A PartitionSpec as the manifest stores it: axis names, lists for several axes, null."""
+    return [list(a) if isinstance(a, tuple) else a for a in spec]
+
+
+def spec_from_json(entry: list):
+    """The PartitionSpec a manifest entry describes."""
+    from jax.sharding import PartitionSpec
+
+    return PartitionSpec(*[tuple(a) if isinstance(a, list) else a for a in entry])
+
+
 def mesh_name(shape) -> str:
     return f"{shape[0]}x{shape[1]}"
 
