@@ -44,7 +44,7 @@ def _cost_columns(cost: dict | None) -> str:
     """Per-device memory and FLOPs of an executable compiled at build time ("" if it wasn't)."""
     if not cost or "temp_bytes" not in cost:
         return ""
-    return (f"              {_bytes(cost['argument_bytes']):>10s} {_bytes(cost['temp_bytes']):>10s} "
+    return (f"{'':14s} {_bytes(cost['argument_bytes']):>10s} {_bytes(cost['temp_bytes']):>10s} "
             f"{_bytes(cost['output_bytes']):>10s} {cost['flops'] / 1e9:9.2f}")
 
 
@@ -68,7 +68,7 @@ def inspect_main(directory: str, as_json: bool) -> int:
         print(f"mesh {mesh['name']} ({mesh['devices']} devices, "
               f"{'compiled here' if mesh['compiled_here'] else 'exported only'}): {len(ex)} executables")
         if any(e.get("cost") for e in ex):
-            print(f"  {'':40s} per device: {'arguments':>10s} {'temp':>10s} {'outputs':>10s} {'GFLOP':>9s}")
+            print(f"  {'per device:':>56s} {'arguments':>10s} {'temp':>10s} {'outputs':>10s} {'GFLOP':>9s}")
         for e in ex:
             b = e["bucket"]
             print(f"  {e['mode']:8s} tokens {b['tokens']:4d} seqs {b['seqs']:3d} global {b['global_len']:5d}"

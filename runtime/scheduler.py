@@ -47,6 +47,9 @@ class Executor(Protocol):
     vocab_size: int
     buckets: list[Bucket]
 
+    # Optional: num_logprobs (top-N an executable returns), bucket_cost ({Bucket: bytes its
+    # collectives move per step}, what `choose` weighs when present).
+
     def run(self, bucket: Bucket, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """{"tokens": [dp, seqs] sampled ids, "logprobs": [dp, seqs], ...} for one step."""
 
