@@ -97,18 +97,10 @@ class EngineLoop:
         if self.channel is not None:
             self.channel.publish(self.stats.steps, {"stop": True})
 
-    @property
-    def idle(self) -> bool:
-        return not self.scheduler.busy and self._inbox.empty()
-
     # ---------------------------------------------------------------- the loop thread
 
     def _admit_new(self) -> None:
-        while True:
-            try:
-                h = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        for h in _drain(self._inbox):
             with self._lock:
                 self._waiting -= 1
             self._record({"op": "submit", "prompt": list(h.prompt), "max_tokens": h.max_tokens,
@@ -121,11 +113,7 @@ class EngineLoop:
                 h.on_event(e)
 
     def _apply_cancels(self) -> None:
-        while True:
-            try:
-                h = self._cancels.get_nowait()
-            except queue.Empty:
-                return
+        for h in _drain(self._cancels):
             if h.request is not None and not h.done:
                 self._record({"op": "cancel", "index": h.request.index})
                 self.scheduler.cancel(h.request)
@@ -174,11 +162,16 @@ class EngineLoop:
 
     def _open_handles(self) -> list[Handle]:
         hs = [r.tag for r in self.scheduler.queue] + [r.tag for g in self.scheduler.active for r in g]
-        while True:
-            try:
-                hs.append(self._inbox.get_nowait())
-            except queue.Empty:
-                return [h for h in hs if not h.done]
+        return [h for h in hs + list(_drain(self._inbox)) if not h.done]
+
+
+def _drain(q: queue.Queue):
+    """Everything in a queue now, without waiting."""
+    while True:
+        try:
+            yield q.get_nowait()
+        except queue.Empty:
+            return
 
 
 def make_scheduler(engine, padding_mode: str, eos_ids: Sequence[int]) -> Scheduler:
