@@ -74,7 +74,7 @@ class JitExecutor:
         shape = MeshShape(*entry["shape"])
         self._engine = rt.Engine(artifact, manifest, entry, make_mesh(shape))
         self._engine.load_weights()
-        self._engine.cache = self._engine.zero_cache()
+        self._engine.reset_cache()
         self.cfg = ModelConfig.from_json(manifest["model"])
         self.dp, self.vocab_size = shape.dp, self.cfg.vocab_size
         self.page_size, self.num_pages = self._engine.page_size, self._engine.num_pages

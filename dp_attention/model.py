@@ -9,8 +9,15 @@ group, fixed by the executable's bucket; N log-probabilities per sequence, fixed
   batch["last_index"]                              [D, S] int32   row of each sequence's last token
   batch["temperature"], ["top_p"]                  [D, S] float32 sampling, per sequence
   batch["top_k"], ["seed"]                         [D, S] int32
+  batch["feed"]                                    [D, T] int32   >= 0: take this token from prev_tokens[row]
+  batch["prev_tokens"]                             [D, C] int32   the previous step's "carry"
   kv                                               [D, layers, pages, page_size, 2*kv_heads, head_dim]
-  -> {"tokens", "logprobs" [D, S]; "top_ids", "top_logprobs" [D, S, N]} and the updated kv (donate it).
+  -> {"tokens", "logprobs" [D, S]; "top_ids", "top_logprobs" [D, S, N]; "carry" [D, C]} and the updated
+     kv (donate it).
+
+"carry" is this step's sampled tokens padded to C (the widest bucket's S), left on the device: the
+next step can take a sequence's new token from it (`feed`) without the host having read it, so the
+host can plan and launch step n+1 while step n runs.
 
 The whole step is one `shard_map` over ("data", "tensor"), so every collective is written out: a
 psum over "tensor" after o_proj and the dense MLP (tensor parallel), the DP gather / scatter around
@@ -145,17 +152,27 @@ BATCH_SPECS = {
     "top_k": P("data", None),
     "top_p": P("data", None),
     "seed": P("data", None),
+    "feed": P("data", None),
+    "prev_tokens": P("data", None),
 }
 BATCH_DTYPES = {"temperature": jnp.float32, "top_p": jnp.float32}  # the rest int32
 CACHE_SPEC = P("data", None, None, None, "tensor", None)
 OUTPUT_SPECS = {"tokens": P("data", None), "logprobs": P("data", None),
-                "top_ids": P("data", None, None), "top_logprobs": P("data", None, None)}
+                "top_ids": P("data", None, None), "top_logprobs": P("data", None, None),
+                "carry": P("data", None)}
+# Inputs that bring the previous step's sampled tokens from the device: a caller without a previous
+# step (a probe, a stateless server) passes feed = -1 everywhere and any prev_tokens.
+FEED_INPUTS = ("feed", "prev_tokens")
+REPLICATED_OUTPUTS = ("tokens", "logprobs", "top_ids", "top_logprobs")  # what the host reads
 
 
-def batch_shapes(dp: int, bucket: Bucket, cache: CacheShape) -> dict[str, jax.ShapeDtypeStruct]:
+def batch_shapes(dp: int, bucket: Bucket, cache: CacheShape, carry_seqs: int | None = None
+                 ) -> dict[str, jax.ShapeDtypeStruct]:
+    """carry_seqs: the carry's width C, the same for every executable of a mesh (default S)."""
     T, S = bucket.tokens, bucket.seqs
     shapes = {"tokens": (dp, T), "positions": (dp, T), "seq_index": (dp, T), "num_tokens": (dp,),
-              "page_table": (dp, S, cache.pages_per_seq), "last_index": (dp, S)}
+              "page_table": (dp, S, cache.pages_per_seq), "last_index": (dp, S), "feed": (dp, T),
+              "prev_tokens": (dp, carry_seqs or S)}
     shapes |= {k: (dp, S) for k in SAMPLING_INPUTS}
     return {k: jax.ShapeDtypeStruct(v, BATCH_DTYPES.get(k, jnp.int32)) for k, v in shapes.items()}
 
@@ -424,7 +441,8 @@ def device_step(cfg: ModelConfig, bucket: Bucket, opts: StepOptions, flat_weight
     paged = PagedBatch(positions=jnp.where(valid, b["positions"], 0), seq_index=jnp.where(valid, b["seq_index"], 0),
                        valid=valid, page_table=b["page_table"])
     meta = DpAttentionMetadata(bucket.mode, lax.axis_size("data"), T, bucket.global_len, b["num_tokens"])
-    x = w.embed[b["tokens"]]
+    fed = b["prev_tokens"][jnp.clip(b["feed"], 0, b["prev_tokens"].shape[0] - 1)]
+    x = w.embed[jnp.where(b["feed"] >= 0, fed, b["tokens"])]
     kv = kv[0]
     base = opts.base_backend(w.layers.q_proj.shape[2], x.dtype, kv, paged, b["last_index"])
     backend = DpAttentionBackend(base, meta)
@@ -438,6 +456,8 @@ def device_step(cfg: ModelConfig, bucket: Bucket, opts: StepOptions, flat_weight
     out = sample(logits, {k: b[k] for k in SAMPLING_INPUTS}, position, opts.num_logprobs)
     if opts.with_logits:
         out["logits"] = logits[:, :cfg.vocab_size]
+    carry = b["prev_tokens"].shape[0]
+    out["carry"] = jnp.zeros((carry,), jnp.int32).at[:min(carry, out["tokens"].shape[0])].set(out["tokens"][:carry])
     return {k: v[None] for k, v in out.items()}, kv[None]
 
 
@@ -469,6 +489,7 @@ def jit_step(cfg: ModelConfig, bucket: Bucket, mesh, weight_specs: dict, **optio
         in_shardings=(w_sh, ns(CACHE_SPEC), b_sh),
         # Outputs replicated: every host of a multi-host mesh reads every group's sampled tokens,
         # so all of them can take the same scheduling decisions. They are a few bytes per sequence.
-        out_shardings=(ns(P()), ns(CACHE_SPEC)),
+        out_shardings=({k: ns(P()) for k in REPLICATED_OUTPUTS + ("logits",) * bool(options.get("with_logits"))}
+                       | {"carry": ns(OUTPUT_SPECS["carry"])}, ns(CACHE_SPEC)),
         donate_argnums=(1,),
     )

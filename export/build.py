@@ -79,6 +79,11 @@ class BuildConfig:
         """The TPU device kind the exports are lowered for (None for builds without tpu)."""
         return TPU_DEVICE_KINDS[self.tpu_generation or "v5e"] if "tpu" in self.platforms else None
 
+    @property
+    def carry_seqs(self) -> int:
+        """Width of the sampled-token carry, shared by every executable: the widest bucket's seqs."""
+        return min(max(self.token_ladder), self.max_seqs)
+
     def cache(self) -> CacheShape:
         return CacheShape(self.pages_per_group, self.page_size, -(-self.max_context // self.page_size))
 
@@ -142,7 +147,7 @@ def _weight_entries(tmp: Path, source: ModelSource, shape: MeshShape, written: d
     return entries
 
 
-def _abstract_args(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShape, attention: str):
+def _abstract_args(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShape, attention: str, carry_seqs: int):
     specs = weight_specs(cfg, shape)
     dtype = jnp.dtype(cfg.dtype)
     ns = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
@@ -150,7 +155,7 @@ def _abstract_args(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShap
     kv = cache_shape(cfg, Layout.for_mesh(cfg, shape), shape.dp, cache, dtype, attention)
     kv = jax.ShapeDtypeStruct(kv.shape, kv.dtype, sharding=ns(CACHE_SPEC))
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=ns(BATCH_SPECS[k]))
-             for k, v in batch_shapes(shape.dp, StepBucket.like(bucket), cache).items()}
+             for k, v in batch_shapes(shape.dp, StepBucket.like(bucket), cache, carry_seqs).items()}
     return specs, weights, kv, batch
 
 
@@ -158,7 +163,7 @@ def export_one(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShape, b
     """One serialized export. The fa kernel's lowering asks which TPU it is for: exports for tpu
     run under an abstract mesh that names the chip, so they need no TPU here."""
     attention = build.attention_backend
-    specs, weights, kv, batch = _abstract_args(cfg, shape, mesh, bucket, cache, attention)
+    specs, weights, kv, batch = _abstract_args(cfg, shape, mesh, bucket, cache, attention, build.carry_seqs)
     step = jit_step(cfg, StepBucket.like(bucket), mesh, specs, num_logprobs=build.logprobs, attention=attention,
                     tpu_generation=build.tpu_generation)
     context = jax.sharding.use_abstract_mesh(mesh) if isinstance(mesh, AbstractMesh) else contextlib.nullcontext()
@@ -297,7 +302,7 @@ def _build_into(tmp: Path, cfg: BuildConfig, source: ModelSource, cache: CacheSh
             rel = fmt.exec_path(str(shape), bucket.name)
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_bytes(export_one(model, shape, mesh, bucket, cache, cfg))
-            batch = batch_shapes(shape.dp, StepBucket.like(bucket), cache)
+            batch = batch_shapes(shape.dp, StepBucket.like(bucket), cache, cfg.carry_seqs)
             manifest["executables"].append({
                 "mesh": str(shape), "mode": bucket.mode, "bucket": bucket.to_json(), "file": rel,
                 "compiled_here": here, "export_seconds": round(time.perf_counter() - t0, 3),
@@ -370,7 +375,7 @@ def _compile_and_verify(tmp: Path, manifest: dict, shape: MeshShape, source: Mod
                     report.compiled(str(shape), bucket, entry)
     if not cfg.executables_only:
         engine.load_weights()
-        engine.cache = engine.zero_cache()
+        engine.reset_cache()
         for bucket in engine.buckets:
             entry = engine.entries[bucket]
             _probe(tmp, engine, bucket, entry, shape, source, cache, cfg.logprobs)
@@ -384,7 +389,8 @@ def _compile_and_verify(tmp: Path, manifest: dict, shape: MeshShape, source: Mod
 def _probe(tmp: Path, engine, bucket: Bucket, entry: dict, shape: MeshShape, source: ModelSource, cache: CacheShape,
            logprobs: int):
     model = source.config
-    groups, batch = make_probe(bucket, shape.dp, model.vocab_size, cache.page_size, cache.pages_per_seq)
+    groups, batch = make_probe(bucket, shape.dp, model.vocab_size, cache.page_size, cache.pages_per_seq,
+                               carry_seqs=engine.carry.shape[1])
     got = engine.run(bucket, batch)
     ref = _reference_outputs(source, shape, groups, {"logprobs": logprobs}, cache, engine.weights, engine.mesh)
     num_seqs = np.array([len(chunks) for chunks in groups], np.int32)

@@ -31,8 +31,9 @@ def group_token_counts(bucket: Bucket, dp: int) -> list[int]:
     return counts
 
 
-def make_probe(bucket: Bucket, dp: int, vocab: int, page_size: int, pages_per_seq: int, seed: int = 0):
-    """(groups of Chunks, packed batch dict) for one bucket."""
+def make_probe(bucket: Bucket, dp: int, vocab: int, page_size: int, pages_per_seq: int, seed: int = 0,
+               carry_seqs: int | None = None):
+    """(groups of Chunks, packed batch dict) for one bucket; carry_seqs: the executables' carry width."""
     rng = np.random.default_rng([seed, bucket.tokens, bucket.seqs, bucket.global_len, dp])
     groups = []
     for n in group_token_counts(bucket, dp):
@@ -50,4 +51,4 @@ def make_probe(bucket: Bucket, dp: int, vocab: int, page_size: int, pages_per_se
                                 tuple(range(next_page, next_page + pages)), **sampling))
             next_page += pages
         groups.append(chunks)
-    return groups, pack(groups, bucket.tokens, bucket.seqs, pages_per_seq)
+    return groups, pack(groups, bucket.tokens, bucket.seqs, pages_per_seq, carry_seqs)

@@ -37,12 +37,14 @@ import numpy as np
 
 from .errors import BuildError
 
-from dp_attention.model import BATCH_SPECS
+from dp_attention.model import BATCH_SPECS, FEED_INPUTS
 from runtime.verify import OUTPUT_NAMES
 
 SAVEDMODEL_DIR = "tf_savedmodel"
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
-BATCH_INPUTS = tuple(BATCH_SPECS)  # tokens, positions, ..., temperature, top_k, top_p, seed
+# tokens, positions, ..., temperature, top_k, top_p, seed. TF Serving keeps nothing between requests,
+# so there is no previous step to take tokens from: the feed inputs are fixed inside the signature.
+BATCH_INPUTS = tuple(k for k in BATCH_SPECS if k not in FEED_INPUTS)
 CACHE_INPUT = "kv"
 OUTPUTS = OUTPUT_NAMES + (CACHE_INPUT,)
 
@@ -226,7 +228,11 @@ def _apply(step):
     """(weights, inputs dict) -> outputs dict: the step's sampled outputs and the updated "kv"."""
 
     def apply(weights, x):
-        outputs, kv = step(weights, x[CACHE_INPUT], {k: x[k] for k in BATCH_INPUTS})
+        import jax.numpy as jnp
+
+        batch = {k: x[k] for k in BATCH_INPUTS}
+        batch |= {"feed": jnp.full_like(batch["tokens"], -1), "prev_tokens": jnp.zeros((1, 1), jnp.int32)}
+        outputs, kv = step(weights, x[CACHE_INPUT], batch)
         return {k: outputs[k] for k in OUTPUT_NAMES} | {CACHE_INPUT: kv}
 
     return apply

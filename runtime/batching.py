@@ -4,6 +4,11 @@ A step is, per DP group, a list of chunks: some new tokens of one sequence start
 with the pages that sequence owns. Prefill is a long chunk at position 0, decode a one-token chunk,
 chunked prefill a chunk in the middle. Padding tokens are marked by `num_tokens`; padding
 sequences point at page 0, which is never allocated.
+
+A chunk may end with a token the host has not read yet: the one the previous step sampled for that
+sequence (`prev_row`, its row in the previous step's outputs). Its place in `tokens` is left 0 and
+`feed` tells the executable to take it from the previous step's carry, which never leaves the
+device. `prev_tokens` here is a placeholder of the carry's shape; the engine passes its carry.
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ class Chunk:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    prev_row: int = -1  # >= 0: the last token is the previous step's sample in this row (not in `tokens`)
 
 
-def pack(groups: list[list[Chunk]], tokens: int, seqs: int, pages_per_seq: int) -> dict[str, np.ndarray]:
-    """Arrays for one step. Logits row [g, j] belongs to groups[g][j]."""
+def pack(groups: list[list[Chunk]], tokens: int, seqs: int, pages_per_seq: int,
+         carry_seqs: int | None = None) -> dict[str, np.ndarray]:
+    """Arrays for one step. Logits row [g, j] belongs to groups[g][j]. carry_seqs: the carry's
+    width (default: seqs)."""
     dp = len(groups)
     out = {
         "tokens": np.zeros((dp, tokens), np.int32),
@@ -40,6 +48,8 @@ def pack(groups: list[list[Chunk]], tokens: int, seqs: int, pages_per_seq: int) 
         "top_k": np.zeros((dp, seqs), np.int32),
         "top_p": np.ones((dp, seqs), np.float32),
         "seed": np.zeros((dp, seqs), np.int32),
+        "feed": np.full((dp, tokens), -1, np.int32),
+        "prev_tokens": np.zeros((dp, carry_seqs or seqs), np.int32),
     }
     for g, chunks in enumerate(groups):
         if len(chunks) > seqs:
@@ -58,6 +68,8 @@ def pack(groups: list[list[Chunk]], tokens: int, seqs: int, pages_per_seq: int) 
             out["last_index"][g, j] = n + k - 1
             for name in SAMPLING_FIELDS:
                 out[name][g, j] = getattr(c, name)
+            if c.prev_row >= 0:
+                out["feed"][g, n + k - 1] = c.prev_row
             n += k
         out["num_tokens"][g] = n
     return out

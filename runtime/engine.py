@@ -107,6 +107,7 @@ class Engine:
         self._single_process = jax.process_count() == 1
         self.weights = None
         self.cache = None
+        self.carry = None  # the last step's sampled tokens, on the device (see dispatch)
         self.load_info: LoadInfo | None = None
         self._compiles_after_load = 0
 
@@ -120,10 +121,26 @@ class Engine:
     def run(self, bucket: Bucket, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One step on a ready executable: {"tokens", "logprobs" [dp, seqs]; "top_ids", "top_logprobs"
         [dp, seqs, N]} as numpy. The cache is donated."""
+        return self.fetch(self.dispatch(bucket, batch))
+
+    def dispatch(self, bucket: Bucket, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Launch one step and return at once (JAX dispatch is asynchronous): its outputs are still
+        being computed. The executable takes `prev_tokens` from the previous step's carry, on the
+        device, whatever the host batch holds there; a batch without `feed` takes no token from it."""
         before = compile_count()
-        out, self.cache = self.compiled[bucket](self.weights, self.cache, self.put_batch(batch))
-        # Replicated: every host has all of it, a few bytes per sequence.
-        out = {k: np.asarray(v.addressable_data(0)) for k, v in out.items()}
+        host = {k: v for k, v in batch.items() if k != "prev_tokens"}
+        host.setdefault("feed", np.full(np.shape(batch["tokens"]), -1, np.int32))  # no token from the device
+        args = self.put_batch(host) | {"prev_tokens": self.carry}
+        out, self.cache = self.compiled[bucket](self.weights, self.cache, args)
+        self.carry = out.pop("carry")
+        self._compiles_after_load += compile_count() - before
+        return out
+
+    def fetch(self, outputs: dict[str, jax.Array]) -> dict[str, np.ndarray]:
+        """A dispatched step's outputs as numpy (waits for it). Replicated: every host has all of
+        it, a few bytes per sequence."""
+        before = compile_count()
+        out = {k: np.asarray(v.addressable_data(0)) for k, v in outputs.items()}
         self._compiles_after_load += compile_count() - before
         return out
 
@@ -144,8 +161,9 @@ class Engine:
         return outputs, stats
 
     def reset_cache(self) -> None:
-        """Zero the KV cache (between independent runs)."""
+        """Zero the KV cache and the token carry (between independent runs)."""
         self.cache = self.zero_cache()
+        self.carry = self.zero_carry()
 
     # ---------------------------------------------------------------- loading
 
@@ -154,6 +172,12 @@ class Engine:
         shape, dtype = tuple(self.mesh_entry["cache_shape"]), np.dtype(jax.numpy.dtype(self.manifest["dtype"]))
         # Each device's zeros made on the host one shard at a time: the whole cache never is.
         return jax.make_array_from_callback(shape, sharding, lambda idx: np.zeros(_shard_shape(shape, idx), dtype))
+
+    def zero_carry(self) -> jax.Array:
+        """The sampled-token carry before any step: [dp, C] int32, sharded like the batch."""
+        shape = tuple(next(iter(self.entries.values()))["batch_shapes"]["prev_tokens"])
+        sharding = self._batch_shardings["prev_tokens"]
+        return jax.make_array_from_callback(shape, sharding, lambda idx: np.zeros(_shard_shape(shape, idx), np.int32))
 
     def load_weights(self):
         if not self.manifest.get("weights_included", True):
@@ -297,7 +321,7 @@ def load(path: str | Path, *, mesh: str | None = None, devices=None, jobs: int =
     if not engine.buckets:
         raise fmt.ArtifactError(f"{root}: mesh {chosen['name']} has no executables")
     engine.load_weights()
-    engine.cache = engine.zero_cache()
+    engine.reset_cache()
 
     cache_dir, note = _fast_load_dir(root, manifest, platform) if fast_load else (None, "fast-load disabled")
     hits_before = _the_counter().cache_hits

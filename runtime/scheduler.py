@@ -17,6 +17,13 @@ Policies:
   wait behind it, so a large request can't be starved by small ones.
 - A new request goes to the group with the least work pending (tokens still to feed), then the
   fewest pages held, so groups stay balanced in tokens per step, not only in pages.
+
+Pipelining: with an executor that can `dispatch` a step and `fetch` its outputs later (the engine:
+JAX dispatch is asynchronous), each `step()` plans and launches step n+1 before it reads step n's
+sampled tokens, so the host's planning, packing and transfers overlap the device's work. A sequence
+whose newest token is still on the device feeds it from there (`Chunk.prev_row`). Positions, pages
+and lengths are all known on the host; only an EOS is learnt a step late, and the one token computed
+past it is dropped, so outputs are the same as unpipelined.
 """
 
 from __future__ import annotations
@@ -53,6 +60,10 @@ class Executor(Protocol):
     def run(self, bucket: Bucket, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """{"tokens": [dp, seqs] sampled ids, "logprobs": [dp, seqs], ...} for one step."""
 
+    # Optional, together: dispatch(bucket, batch) launches a step and returns a handle at once;
+    # fetch(handle) waits for its outputs (as run returns them). Then steps are pipelined, and a
+    # batch's `feed` entries (>= 0) name rows of the previous dispatched step's sampled tokens.
+
 
 @dataclasses.dataclass(eq=False)  # identity: requests are removed from lists by object
 class _Request:
@@ -63,7 +74,9 @@ class _Request:
     sampling: SamplingParams = SamplingParams()
     group: int = -1
     pages: list[int] = dataclasses.field(default_factory=list)
-    written: int = 0  # tokens (prompt, then generated) whose K/V are in the cache
+    written: int = 0  # tokens (prompt, then generated) whose K/V are in the cache or being written
+    owed: int = 0  # tokens launched steps are sampling for it that the host has not read (0 to 2)
+    owed_row: int = -1  # the newest one's row in its step's outputs
     admitted: int = -1  # admission order: the newest is preempted first
     preemptions: int = 0
     generated: list[int] = dataclasses.field(default_factory=list)
@@ -75,8 +88,13 @@ class _Request:
 
     @property
     def known(self) -> int:
-        """Tokens known so far: the prompt and what was generated."""
-        return len(self.prompt) + len(self.generated)
+        """Tokens known so far: the prompt, what was generated, and one being sampled."""
+        return len(self.prompt) + len(self.generated) + self.owed
+
+    @property
+    def complete(self) -> bool:
+        """Every token it may generate is sampled or being sampled: nothing left to run."""
+        return len(self.generated) + self.owed >= self.max_new
 
     @property
     def pending(self) -> int:
@@ -88,11 +106,14 @@ class _Request:
         return self.pending == 1
 
     def chunk(self, n: int) -> Chunk:
-        """The next n tokens it feeds, with the pages it holds now."""
+        """The next n tokens it feeds, with the pages it holds now. A token still being sampled
+        is taken on the device from the launched step's outputs (a 0 stands in for it here)."""
         a, b, P = self.written, self.written + n, len(self.prompt)
-        tokens = self.prompt[a:b] + tuple(self.generated[max(a - P, 0):max(b - P, 0)])
+        owed = int(self.owed > 0 and b == self.known)  # planning sees at most one step in flight
+        tokens = self.prompt[a:b] + tuple(self.generated[max(a - P, 0):max(b - P - owed, 0)]) + (0,) * owed
         p = self.sampling
-        return Chunk(tokens, a, tuple(self.pages), p.temperature, p.top_k, p.top_p, p.seed)
+        return Chunk(tokens, a, tuple(self.pages), p.temperature, p.top_k, p.top_p, p.seed,
+                     self.owed_row if owed else -1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +152,8 @@ class Scheduler:
         self.active: list[list[_Request]] = [[] for _ in range(self.dp)]
         self.stats = _Stats()
         self._submitted = 0
+        self._pipelined = callable(getattr(executor, "dispatch", None)) and callable(getattr(executor, "fetch", None))
+        self._in_flight: _Launch | None = None  # launched, outputs not read yet
 
     # ---- validation -------------------------------------------------------------------------
 
@@ -223,7 +246,7 @@ class Scheduler:
         hold pages without being able to run, starving requests that could.
         """
         max_seqs = max(b.seqs for b in self._allowed_buckets())
-        while queue:
+        while queue and not queue[0].owed:  # a preempted request is re-prefilled once its token is read
             r = queue[0]
             need = r.num_pages if self.kv == "reserve" else self._pages_for(r.known)
             # On demand, leave a page of headroom per running request: each will want one soon, and
@@ -266,12 +289,12 @@ class Scheduler:
         ps = self.ex.page_size
         for g in range(self.dp):
             while True:
-                group = self.active[g]
+                group = [r for r in self.active[g] if not r.complete]
                 starved = [r for r in group if r.decoding and len(r.pages) * ps <= r.written]
                 stuck = bool(group) and not self.free_pages[g] and all(len(r.pages) * ps <= r.written for r in group)
                 if len(starved) <= len(self.free_pages[g]) and not stuck:
                     break
-                self._preempt(max(group, key=lambda r: r.admitted))
+                self._preempt(max(group, key=lambda r: r.admitted))  # group is non-empty: starved or stuck
             for r in starved:
                 self._take_pages(r, len(r.pages) + 1)
 
@@ -326,40 +349,67 @@ class Scheduler:
         # Unreachable: __init__ checked one token fits, and each bucket's own limits fit it.
         raise RuntimeError("no bucket can serve any pending work")
 
-    def _run(self, bucket: Bucket, plan: list[list[_Work]]) -> dict[str, np.ndarray]:
-        """Pack, call the executable, and check the outputs' shape before trusting any row."""
+    def _launch(self) -> "_Launch | None":
+        """Plan, pack and launch the next step (None when no request can run now). Every chunk is
+        credited as written at once; a request whose chunk reaches its last known token owes the
+        token this step samples."""
+        if self.kv == "on_demand":
+            self._make_room()
+        runnable = [[r for r in group if not r.complete] for group in self.active]
+        if not any(runnable):
+            return None
+        step = self.stats.steps
+        bucket, plan = self._build(runnable, step)
         groups = [[w.request.chunk(w.n) for w in ws] for ws in plan]
         batch = pack(groups, bucket.tokens, bucket.seqs, self.ex.pages_per_seq)
-        out = self.ex.run(bucket, batch)
-        want = (self.dp, bucket.seqs)
-        if np.shape(out["tokens"]) != want:
-            raise RuntimeError(f"executor returned tokens of shape {np.shape(out['tokens'])} for {bucket.name}, "
-                               f"expected {want}")
-        return out
-
-    def _advance(self, plan: list[list[_Work]], out: dict[str, np.ndarray], step: int) -> list[_Request]:
-        """Unpad: credit each real chunk, take its sampled token where one is due. Returns the
-        requests that got a token this step (finished ones have their finish_reason set)."""
-        served = []
+        outputs = self.ex.dispatch(bucket, batch) if self._pipelined else self.ex.run(bucket, batch)
+        self.stats.record(bucket, plan, self.dp)
+        sampled = []
         for g, ws in enumerate(plan):
             for j, w in enumerate(ws):
                 r = w.request
                 r.last_step = step
                 r.written += w.n
-                if r.pending:
-                    continue  # a chunk short of the last known token predicts a token we already know
-                r.generated.append(int(out["tokens"][g, j]))
-                r.logprobs.append(float(out["logprobs"][g, j]))
-                if self.top_logprobs:
-                    r.top_logprobs.append([(int(i), float(p)) for i, p in
-                                           zip(out["top_ids"][g, j, :self.top_logprobs],
-                                               out["top_logprobs"][g, j, :self.top_logprobs])])
-                if r.generated[-1] in self.eos_ids:
-                    r.finish_reason = "stop"
-                elif len(r.generated) == r.max_new:
-                    r.finish_reason = "length"
-                served.append(r)
+                if r.written == r.known:  # the chunk ends at its last known token: the next is sampled
+                    r.owed, r.owed_row = r.owed + 1, j
+                    sampled.append((g, j, r))
+        return _Launch(bucket, outputs, sampled)
+
+    def _collect(self, launch: "_Launch") -> list[_Request]:
+        """Read a launched step's sampled tokens and hand each to its request. Returns the requests
+        that got a token (finished ones have their finish_reason set and are retired)."""
+        out = self.ex.fetch(launch.outputs) if self._pipelined else launch.outputs
+        want = (self.dp, launch.bucket.seqs)
+        if np.shape(out["tokens"]) != want:
+            raise RuntimeError(f"executor returned tokens of shape {np.shape(out['tokens'])} for "
+                               f"{launch.bucket.name}, expected {want}")
+        served = []
+        for g, j, r in launch.sampled:
+            if r.finish_reason is not None:  # cancelled, or ended by an EOS read after this launch
+                continue
+            r.owed -= 1
+            r.generated.append(int(out["tokens"][g, j]))
+            r.logprobs.append(float(out["logprobs"][g, j]))
+            if self.top_logprobs:
+                r.top_logprobs.append([(int(i), float(p)) for i, p in
+                                       zip(out["top_ids"][g, j, :self.top_logprobs],
+                                           out["top_logprobs"][g, j, :self.top_logprobs])])
+            if r.generated[-1] in self.eos_ids:
+                r.finish_reason = "stop"
+            elif len(r.generated) == r.max_new:
+                r.finish_reason = "length"
+            if r.finish_reason is not None:
+                self._retire(r)
+            served.append(r)
         return served
+
+    def _retire(self, r: _Request) -> None:
+        """Take a finished or cancelled request out of the queue or its group, freeing its pages."""
+        if r in self.queue:
+            self.queue.remove(r)
+        elif r.group >= 0 and r in self.active[r.group]:
+            self.active[r.group].remove(r)
+            self._release(r)
 
     # ---- online serving: submit, step, cancel ------------------------------------------------
 
@@ -380,18 +430,15 @@ class Scheduler:
         self._make_request(-1, prompt, int(max_new_tokens), name="the prompt")
 
     def cancel(self, r: _Request) -> None:
-        """Drop a queued or running request now; its pages are free for the next step."""
-        if r in self.queue:
-            self.queue.remove(r)
-        elif r.group >= 0 and r in self.active[r.group]:
-            self.active[r.group].remove(r)
-            self._release(r)
+        """Drop a queued or running request now; its pages are free for the next step (a launched
+        step still writing into them is ordered before any step that reuses them)."""
+        self._retire(r)
         if r.finish_reason is None:
             r.finish_reason = "cancelled"
 
     @property
     def busy(self) -> bool:
-        return bool(self.queue) or any(self.active)
+        return bool(self.queue) or any(self.active) or self._in_flight is not None
 
     @property
     def running(self) -> int:
@@ -402,22 +449,16 @@ class Scheduler:
         return sum(self.committed)
 
     def step(self) -> list[_Request]:
-        """Admit what fits, run one step, and retire finished requests. Returns the requests that
-        got a token (nothing runs, and [] comes back, when there is no work)."""
+        """Admit what fits, launch the next step, then read the one launched before it (with a
+        synchronous executor: the one just launched). Returns the requests that got a token; []
+        when no step's outputs were read."""
         self._admit(self.queue, self.active)
         self.stats.max_queue = max(self.stats.max_queue, len(self.queue))
-        if not any(self.active):
-            return []
-        if self.kv == "on_demand":
-            self._make_room()
-        bucket, plan = self._build(self.active, self.stats.steps)
-        out = self._run(bucket, plan)
-        self.stats.record(bucket, plan, self.dp)
-        served = self._advance(plan, out, self.stats.steps - 1)
-        for r in served:
-            if r.finish_reason is not None:
-                self.active[r.group].remove(r)
-                self._release(r)
+        launched = self._launch()
+        served = self._collect(self._in_flight) if self._in_flight is not None else []
+        self._in_flight = launched if self._pipelined else None
+        if launched is not None and not self._pipelined:
+            served = self._collect(launched)
         return served
 
     # ---- the offline loop -------------------------------------------------------------------
@@ -458,6 +499,15 @@ class Scheduler:
 class _Work:
     request: _Request
     n: int  # tokens it feeds this step, from request.written on
+
+
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+    """A step that was launched: what its outputs are owed to."""
+
+    bucket: Bucket
+    outputs: object  # the executor's handle (pipelined) or its outputs
+    sampled: list  # (group, row, request) for each row whose token is a new one
 
 
 @dataclasses.dataclass

@@ -9,7 +9,7 @@ import pytest
 from dp_attention import (PRESETS, Bucket, CacheShape, DpPaddingMode, Layout, MeshShape, batch_shapes,
                           cache_shape, jit_step, make_mesh, weight_specs)
 from export.build import COLLECTIVE
-from dp_attention.model import OUTPUT_SPECS
+from dp_attention.model import REPLICATED_OUTPUTS
 from export.hlo_cost import matmul_flops
 
 CFG = PRESETS["qwen3-moe-tiny"]
@@ -46,7 +46,7 @@ def test_collectives_per_layer(mode, global_len, per_moe_layer):
     for op, n in per_moe_layer.items():
         expected[op] += n * moe
     # Once per step: the vocab-sharded logits over "tensor", then each sampled output to every group.
-    expected["all-gather"] += 1 + len(OUTPUT_SPECS)
+    expected["all-gather"] += 1 + len(REPLICATED_OUTPUTS)  # the carry stays with its group
     assert count(compiled(mode, global_len).as_text()) == expected
 
 

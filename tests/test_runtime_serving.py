@@ -117,3 +117,41 @@ def test_fresh_load_takes_every_executable_from_fast_load(tiny_artifact):
 
     engine = load(tiny_artifact)
     assert engine.load_info.fast_load and engine.load_info.fast_load_hits == len(engine.buckets) > 0
+
+
+class Synchronous:
+    """The engine with only `run`: the scheduler then reads every step before planning the next."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def __getattr__(self, name):
+        if name in ("dispatch", "fetch"):
+            raise AttributeError(name)
+        return getattr(self._engine, name)
+
+
+def test_pipelined_steps_equal_synchronous_ones(tiny_engine):
+    """Launching step n+1 before step n is read, with tokens fed from the device, changes nothing:
+    same tokens and logprobs as reading every step first, and an EOS learnt a
+    step late."""
+    from runtime.sampling import SamplingParams
+    from runtime.scheduler import Scheduler
+
+    rng = np.random.default_rng(77)
+    prompts = random_prompts(rng, 14, 40)
+    sampling = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=3)
+    runs = {}
+    for name, ex in (("sync", Synchronous(tiny_engine)), ("pipelined", tiny_engine)):
+        tiny_engine.reset_cache()
+        outs, stats = Scheduler(ex, sampling=sampling, top_logprobs=2).generate(prompts, 12)
+        runs[name] = (outs, stats["logprobs"])
+    assert runs["sync"][0] == runs["pipelined"][0]
+    np.testing.assert_allclose(np.concatenate(runs["sync"][1]), np.concatenate(runs["pipelined"][1]), atol=1e-5)
+    # An EOS that only the device knows when the next step is launched: the token past it is dropped.
+    eos = runs["sync"][0][0][3]
+    tiny_engine.reset_cache()
+    stopped, _ = Scheduler(tiny_engine, sampling=sampling, eos_token_id=eos).generate(prompts, 12)
+    for full, cut in zip(runs["sync"][0], stopped):
+        assert cut == full[:full.index(eos) + 1] if eos in full else cut == full
+    assert tiny_engine.compiles_after_load == 0

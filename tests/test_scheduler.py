@@ -107,6 +107,43 @@ class FakeExecutor:
         return out
 
 
+class PipelinedFake(FakeExecutor):
+    """The same fake, launched and read like the engine: `dispatch` returns before the host has
+    read anything, and a `feed` entry takes its token from the previous dispatched step's sampled
+    tokens, as the device does. The host must leave 0 in a fed token's place."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.carry = None
+        self.fed = 0  # tokens taken from the previous step's outputs
+        self.overlapped = 0  # steps launched while the previous one was unread
+        self._unread = 0
+
+    def dispatch(self, bucket: Bucket, batch: dict):
+        batch = dict(batch, tokens=batch["tokens"].copy())
+        for g, i in zip(*np.nonzero(batch["feed"] >= 0)):
+            assert batch["tokens"][g, i] == 0, "the host wrote a token it cannot have read yet"
+            batch["tokens"][g, i] = self.carry[g, batch["feed"][g, i]]
+            self.fed += 1
+        out = self.run(bucket, batch)
+        self.carry = out["tokens"]
+        self.overlapped += self._unread > 0
+        self._unread += 1
+        return {"outputs": out, "read": False}
+
+    def fetch(self, handle):
+        assert not handle["read"], "a step's outputs were read twice"
+        handle["read"] = True
+        self._unread -= 1
+        return handle["outputs"]
+
+
+@pytest.fixture(params=["sync", "pipelined"])
+def Fake(request):
+    """The fake executor class, run synchronously and pipelined: every test must hold for both."""
+    return FakeExecutor if request.param == "sync" else PipelinedFake
+
+
 def random_prompts(rng, n, lo, hi):
     return [rng.integers(0, VOCAB - 1, rng.integers(lo, hi + 1)).tolist() for _ in range(n)]
 
@@ -197,23 +234,23 @@ def test_forced_mode_with_smaller_ladder_shrinks_steps():
         check_stats(stats, outs, ex)
 
 
-def test_eos_stops_early():
+def test_eos_stops_early(Fake):
     prompts = random_prompts(np.random.default_rng(5), 6, 2, 10)
     full = reference(prompts, 8)
     eos = full[0][2]
-    outs, stats = generate(FakeExecutor(), prompts, 8, eos_token_id=eos)
+    outs, stats = generate(Fake(), prompts, 8, eos_token_id=eos)
     assert outs == reference(prompts, 8, eos=eos)
     assert outs[0][-1] == eos and len(outs[0]) <= 3
 
 
-def test_sampling_deterministic_per_seed_and_batching_independent():
+def test_sampling_deterministic_per_seed_and_batching_independent(Fake):
     prompts = random_prompts(np.random.default_rng(6), 7, 1, 25)
     params = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=7)
-    outs, _ = generate(FakeExecutor(), prompts, 8, sampling=params)
-    assert outs == generate(FakeExecutor(), prompts, 8, sampling=params)[0]
+    outs, _ = generate(Fake(), prompts, 8, sampling=params)
+    assert outs == generate(Fake(), prompts, 8, sampling=params)[0]
     assert outs == reference(prompts, 8, sampling=params)
-    assert outs == generate(FakeExecutor(dp=1), prompts, 8, sampling=params, padding_mode=MAX_LEN)[0]
-    other = generate(FakeExecutor(), prompts, 8, sampling=SamplingParams(1.0, 20, 0.9, seed=8))[0]
+    assert outs == generate(Fake(dp=1), prompts, 8, sampling=params, padding_mode=MAX_LEN)[0]
+    other = generate(Fake(), prompts, 8, sampling=SamplingParams(1.0, 20, 0.9, seed=8))[0]
     assert other != outs
     assert outs != reference(prompts, 8)  # not greedy
 
@@ -274,8 +311,9 @@ def test_random_batch_compositions(data):
     need = -(-(max(lengths) + max_new - 1) // page_size)
     pages_per_seq = -(-(max(lengths) + max_new) // page_size)
     num_pages = 1 + need * data.draw(st.integers(1, 3), "requests per group")
-    ex = FakeExecutor(dp=dp, page_size=page_size, num_pages=num_pages, pages_per_seq=pages_per_seq,
-                      ladder=ladder, max_seqs=max_seqs)
+    fake = data.draw(st.sampled_from([FakeExecutor, PipelinedFake]), "executor")
+    ex = fake(dp=dp, page_size=page_size, num_pages=num_pages, pages_per_seq=pages_per_seq,
+              ladder=ladder, max_seqs=max_seqs)
     kv = data.draw(st.sampled_from(["on_demand", "reserve"]), "kv")
     sched = Scheduler(ex, padding_mode=mode, kv=kv)
     outs, stats = sched.generate(prompts, max_new)
@@ -284,13 +322,13 @@ def test_random_batch_compositions(data):
     assert all(sorted(f) == list(range(1, num_pages)) for f in sched.free_pages)
 
 
-def test_trace_replay_with_arrivals_and_per_request_lengths():
+def test_trace_replay_with_arrivals_and_per_request_lengths(Fake):
     """Requests arriving over time, each with its own output length, as a replayed trace."""
     rng = np.random.default_rng(5)
     prompts = random_prompts(rng, 12, 1, 30)
     lengths = [int(n) for n in rng.integers(1, 9, len(prompts))]
     arrivals = sorted(int(a) for a in rng.integers(0, 40, len(prompts)))
-    ex = FakeExecutor(dp=2)
+    ex = Fake(dp=2)
     outs, stats = generate(ex, prompts, lengths, arrivals=arrivals, record_steps=True)
     for p, n, out in zip(prompts, lengths, outs):
         assert out == reference([p], n)[0]
@@ -308,12 +346,12 @@ def test_per_request_lengths_must_match_prompts():
         generate(FakeExecutor(), [[1], [2]], 1, arrivals=[0])
 
 
-def test_online_submit_step_cancel():
+def test_online_submit_step_cancel(Fake):
     """Requests join while others run, one is cancelled mid-decode: the rest give the offline
     tokens, the cancelled one's pages come back at once, and nothing is left behind."""
     rng = np.random.default_rng(11)
     prompts = random_prompts(rng, 9, 1, 20)
-    ex = FakeExecutor()
+    ex = Fake()
     sched = Scheduler(ex)
     reqs, tokens_seen = [], {}
     for i, p in enumerate(prompts):
@@ -336,11 +374,11 @@ def test_online_submit_step_cancel():
     assert sched.pages_used == 0 and all(sorted(f) == list(range(1, ex.num_pages)) for f in sched.free_pages)
 
 
-def test_several_eos_ids_stop_with_reason_stop():
+def test_several_eos_ids_stop_with_reason_stop(Fake):
     prompts = random_prompts(np.random.default_rng(12), 5, 2, 10)
     full = reference(prompts, 8)
     eos = {full[0][1], full[1][3]}
-    sched = Scheduler(FakeExecutor(), eos_token_id=sorted(eos))
+    sched = Scheduler(Fake(), eos_token_id=sorted(eos))
     reqs = [sched.submit(p, 8) for p in prompts]
     while sched.busy:
         sched.step()
@@ -351,21 +389,23 @@ def test_several_eos_ids_stop_with_reason_stop():
 
 
 @pytest.mark.parametrize("sampling", [None, SamplingParams(temperature=0.9, top_k=30, top_p=0.95, seed=5)])
-def test_kv_on_demand_preempts_and_changes_no_token(sampling):
+def test_kv_on_demand_preempts_and_changes_no_token(sampling, Fake):
     """A pool that holds a quarter of what the requests reserve: requests grow page by page, the
     newest are preempted and prefilled again, and every output equals the unpreempted reference."""
     rng = np.random.default_rng(13)
     prompts = random_prompts(rng, 16, 2, 14)
     max_new = [int(n) for n in rng.integers(8, 24, len(prompts))]
     reserve_need = sum(-(-(len(p) + n - 1) // 2) for p, n in zip(prompts, max_new))
-    ex = FakeExecutor(dp=2, page_size=2, num_pages=1 + reserve_need // 8, pages_per_seq=24, ladder=(4, 8, 16))
+    ex = Fake(dp=2, page_size=2, num_pages=1 + reserve_need // 8, pages_per_seq=24, ladder=(4, 8, 16))
     sched = Scheduler(ex, sampling=sampling)
     outs, stats = sched.generate(prompts, max_new)
     assert stats["preemptions"] > 0
+    if isinstance(ex, PipelinedFake):  # the overlap really happened, and fed tokens on the device
+        assert ex.overlapped > stats["steps"] // 2 and ex.fed > 0
     for i, (p, n) in enumerate(zip(prompts, max_new)):
         want = reference([p], n, sampling and dataclasses.replace(sampling, seed=sampling.seed + i))[0]
         assert outs[i] == want
     assert all(sorted(f) == list(range(1, ex.num_pages)) for f in sched.free_pages)
-    reserved, rstats = generate(FakeExecutor(dp=2, page_size=2, num_pages=1 + reserve_need // 8, pages_per_seq=24,
+    reserved, rstats = generate(Fake(dp=2, page_size=2, num_pages=1 + reserve_need // 8, pages_per_seq=24,
                                              ladder=(4, 8, 16)), prompts, max_new, sampling=sampling, kv="reserve")
     assert reserved == outs and rstats["preemptions"] == 0 and rstats["steps"] > stats["steps"]

@@ -44,7 +44,7 @@ def _weight(artifact, w):
 
 
 def _call(sig, batch, kv):
-    out = sig(**{k: tf.constant(np.asarray(v)) for k, v in batch.items()}, kv=tf.constant(kv))
+    out = sig(**{k: tf.constant(np.asarray(batch[k])) for k in BATCH_INPUTS}, kv=tf.constant(kv))
     return {k: v.numpy() for k, v in out.items()}
 
 
