@@ -2,8 +2,10 @@
 
 raw      the ready executable called on device-resident, already padded inputs (the floor)
 runtime  Engine.run: numpy batch -> device, call, logits -> numpy (what the scheduler calls)
-serving  a whole scheduler step during decode: admit, plan, choose bucket, pack, run, unpad, sample
-Medians over many steps, for a decode bucket and a prefill bucket.
+serving  a whole scheduler step during decode (admit, plan, choose bucket, pack, run, unpad), against
+         the raw call of the bucket it runs: pipelined (the default: step n+1 is launched before
+         step n's tokens are read, which it takes on the device) and synchronous
+Medians over many steps, for a decode bucket and a prefill bucket; serving rows in interleaved blocks.
 """
 
 import argparse
@@ -37,11 +39,25 @@ def time_runtime(engine, bucket, batch, n):
     return samples
 
 
-def time_serving(engine, n):
+class Synchronous:
+    """The engine without dispatch/fetch: the scheduler reads each step before planning the next."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def __getattr__(self, name):
+        if name in ("dispatch", "fetch"):
+            raise AttributeError(name)
+        return getattr(self._engine, name)
+
+
+def time_serving(executor, n):
     """Per-step time of a decode-only run: 8 one-token prompts, n new tokens each."""
+    from runtime.scheduler import generate
+
     prompts = [[i + 1] for i in range(8)]
     t0 = time.perf_counter()
-    _, stats = engine.generate(prompts, n)
+    _, stats = generate(executor, prompts, n)
     return (time.perf_counter() - t0) / stats["steps"], stats
 
 
@@ -66,12 +82,24 @@ def main():
                           "ratio": median_ms(rt) / median_ms(raw)}
         print(f"{label:8s} {bucket.name:22s} raw {results[label]['raw_ms']:7.3f} ms   runtime "
               f"{results[label]['runtime_ms']:7.3f} ms   ratio {results[label]['ratio']:.3f}")
-    per_step, stats = time_serving(engine, args.steps // 4)
-    results["serving_decode_step_ms"] = per_step * 1e3
-    results["serving_vs_raw_decode"] = per_step * 1e3 / results["decode"]["raw_ms"]
+    # A whole scheduler step while decoding, against the raw call of the bucket it runs, pipelined
+    # (step n+1 launched before step n is read) and synchronous, in interleaved blocks.
+    _, stats = time_serving(engine, 8)
+    bucket = next(b for b in engine.buckets if b.name == max(stats["buckets"], key=stats["buckets"].get))
+    _, batch = make_probe(bucket, engine.dp, engine.vocab_size, m["page_size"], m["pages_per_seq"])
+    raw, serving = [], {"pipelined": [], "synchronous": []}
+    for _ in range(5):
+        raw += time_raw(engine, bucket, batch, args.steps // 10)
+        serving["pipelined"].append(time_serving(engine, args.steps // 10)[0])
+        serving["synchronous"].append(time_serving(Synchronous(engine), args.steps // 10)[0])
+    raw_ms = median_ms(raw)
+    results["serving"] = {"bucket": bucket.name, "raw_ms": raw_ms}
+    for name, per_step in serving.items():
+        ms = median_ms(per_step)
+        results["serving"] |= {f"{name}_ms": ms, f"{name}_vs_raw": ms / raw_ms}
+        print(f"serving  decode step {name:11s} {ms:7.3f} ms = {ms / raw_ms:.3f} x raw {bucket.name} ({raw_ms:.3f} ms)")
     results["compiles_after_load"] = engine.compiles_after_load
-    print(f"serving  decode step {per_step * 1e3:7.3f} ms = {results['serving_vs_raw_decode']:.3f} x raw "
-          f"({stats['buckets']}); compiles after load {engine.compiles_after_load}")
+    print(f"compiles after load {engine.compiles_after_load}")
     write_result("dispatch", results)
 
 

@@ -55,7 +55,8 @@ class Executor(Protocol):
     buckets: list[Bucket]
 
     # Optional: num_logprobs (top-N an executable returns), bucket_cost ({Bucket: bytes its
-    # collectives move per step}, what `choose` weighs when present).
+    # collectives move per step}, what `choose` weighs when present), step_seconds ({Bucket:
+    # measured seconds of one step}: prefill steps are sized to the least time per real token).
 
     def run(self, bucket: Bucket, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """{"tokens": [dp, seqs] sampled ids, "logprobs": [dp, seqs], ...} for one step."""
@@ -231,8 +232,9 @@ class Scheduler:
         bucket's own limits, which hold it by construction."""
         allowed = self._allowed_buckets()
         first = _Limits(max(b.tokens for b in allowed), max(b.seqs for b in allowed), math.inf)
-        return [first] + [_Limits(b.tokens, b.seqs, b.global_len if b.mode == SUM_LEN else math.inf)
-                          for b in allowed]
+        each = [_Limits(b.tokens, b.seqs, b.global_len if b.mode == SUM_LEN else math.inf)
+                for b in sorted(allowed, key=lambda b: (-b.tokens, -b.seqs, -b.global_len))]
+        return list(dict.fromkeys([first] + each))
 
     # ---- admission and pages ----------------------------------------------------------------
 
@@ -333,21 +335,36 @@ class Scheduler:
         return plan
 
     def _build(self, active: list[list[_Request]], step: int) -> tuple[Bucket, list[list[_Work]]]:
-        """The step's work and the bucket that serves it, shrinking the step if need be; then the
-        pages its prefill chunks write into."""
+        """The step's work and the bucket that serves it; then the pages its chunks write into.
+
+        The largest bucket's limits are tried first, then each bucket's own (one of them holds any
+        step). When the executor reports each executable's measured step time and the step has
+        prefill work to size, every bucket's limits are tried and the plan with the least time
+        per real token wins: bucket first, then filled, so a prefill tail of 40 tokens runs in a
+        32-token bucket with 8 left for the next step rather than padded to 64.
+        """
+        seconds = getattr(self.ex, "step_seconds", None)
+        best, best_score = None, math.inf
         for lim in self._limits():
             plan = self._plan(active, lim, step)
-            tokens = [sum(w.n for w in ws) for ws in plan]
-            if sum(tokens) == 0:
+            real = sum(w.n for ws in plan for w in ws)
+            if real == 0:
                 continue
-            bucket = choose(tokens, [len(ws) for ws in plan], self.ex.buckets, self.dp, self.mode,
-                            getattr(self.ex, "bucket_cost", None))
-            if bucket is not None:
-                for w in (w for ws in plan for w in ws):
-                    self._take_pages(w.request, self._pages_for(w.request.written + w.n))
-                return bucket, plan
-        # Unreachable: __init__ checked one token fits, and each bucket's own limits fit it.
-        raise RuntimeError("no bucket can serve any pending work")
+            bucket = choose([sum(w.n for w in ws) for ws in plan], [len(ws) for ws in plan], self.ex.buckets,
+                            self.dp, self.mode, getattr(self.ex, "bucket_cost", None))
+            if bucket is None:
+                continue
+            score = seconds[bucket] / real if seconds and bucket in seconds else math.inf
+            if best is None or score < best_score:
+                best, best_score = (bucket, plan), score
+            if not seconds or not any(not w.request.decoding for ws in plan for w in ws):
+                break  # nothing to weigh, or only decoders: a smaller bucket can only hold fewer
+        if best is None:  # unreachable: __init__ checked one token fits, and each bucket's limits fit it
+            raise RuntimeError("no bucket can serve any pending work")
+        bucket, plan = best
+        for w in (w for ws in plan for w in ws):
+            self._take_pages(w.request, self._pages_for(w.request.written + w.n))
+        return bucket, plan
 
     def _launch(self) -> "_Launch | None":
         """Plan, pack and launch the next step (None when no request can run now). Every chunk is

@@ -314,6 +314,8 @@ def test_random_batch_compositions(data):
     fake = data.draw(st.sampled_from([FakeExecutor, PipelinedFake]), "executor")
     ex = fake(dp=dp, page_size=page_size, num_pages=num_pages, pages_per_seq=pages_per_seq,
               ladder=ladder, max_seqs=max_seqs)
+    if data.draw(st.booleans(), "measured step times"):  # plans then sized per bucket: same tokens
+        ex.step_seconds = {b: data.draw(st.floats(0.5, 2.0)) * (8 + dp * b.tokens) for b in ex.buckets}
     kv = data.draw(st.sampled_from(["on_demand", "reserve"]), "kv")
     sched = Scheduler(ex, padding_mode=mode, kv=kv)
     outs, stats = sched.generate(prompts, max_new)
@@ -409,3 +411,27 @@ def test_kv_on_demand_preempts_and_changes_no_token(sampling, Fake):
     reserved, rstats = generate(Fake(dp=2, page_size=2, num_pages=1 + reserve_need // 8, pages_per_seq=24,
                                              ladder=(4, 8, 16)), prompts, max_new, sampling=sampling, kv="reserve")
     assert reserved == outs and rstats["preemptions"] == 0 and rstats["steps"] > stats["steps"]
+
+
+def test_measured_step_times_size_prefill_to_the_bucket():
+    """With each executable's step time known (a fixed cost plus one per padded token), a 40-token
+    prompt is prefilled as 32 + 8 tokens, not padded to 64; outputs are unchanged and fewer tokens
+    are padded over a long-tailed batch."""
+    ladder = (4, 8, 16, 32, 64)
+    timed = FakeExecutor(dp=1, ladder=ladder, pages_per_seq=32)
+    timed.step_seconds = {b: 8.0 + b.tokens for b in timed.buckets}
+    prompt = list(range(1, 41))
+    outs, stats = generate(timed, [prompt], 2)
+    assert outs == reference([prompt], 2)
+    assert [b["tokens"].shape[1] for b in timed.batches] == [32, 8, 4]
+
+    prompts = random_prompts(np.random.default_rng(21), 24, 1, 60)
+    untimed = FakeExecutor(dp=2, ladder=ladder, pages_per_seq=32, max_seqs=8)
+    timed = FakeExecutor(dp=2, ladder=ladder, pages_per_seq=32, max_seqs=8)
+    timed.step_seconds = {b: 8.0 + 2 * b.tokens for b in timed.buckets}
+    plain, plain_stats = generate(untimed, prompts, 6)
+    sized, sized_stats = generate(timed, prompts, 6)
+    assert sized == plain == reference(prompts, 6)
+    assert sized_stats["padding_efficiency"] > plain_stats["padding_efficiency"]
+    cost = lambda ex: sum(8.0 + 2 * b["tokens"].shape[1] for b in ex.batches)  # noqa: E731
+    assert cost(timed) < cost(untimed)
