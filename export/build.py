@@ -26,15 +26,14 @@ import numpy as np
 from jax.sharding import AbstractMesh, NamedSharding
 from safetensors.numpy import save_file
 
-from dp_attention import (DEFAULT_LOGPROBS, Bucket as StepBucket, CacheShape, DpPaddingMode, Layout, MeshShape,
-                          abstract_mesh, batch_shapes, cache_shape, init_cache, jit_step, make_mesh, placed_numpy,
-                          weight_specs)
+from dp_attention import (DEFAULT_LOGPROBS, CacheShape, Layout, MeshShape, abstract_mesh, batch_shapes, cache_shape,
+                          init_cache, jit_step, make_mesh, placed_numpy, weight_specs)
 from dp_attention.model import BATCH_SPECS, CACHE_SPEC, OUTPUT_SPECS
 from dp_attention.ragged import TPU_DEVICE_KINDS
 from runtime import engine as rt_engine
 from runtime import format as fmt
 from runtime.batching import pack
-from runtime.buckets import Bucket, plan
+from runtime.buckets import MAX_LEN, Bucket, plan
 from runtime.verify import OUTPUT_NAMES, compare_outputs, tolerance
 
 from .errors import BuildError
@@ -150,7 +149,7 @@ def _abstract_args(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShap
     kv = cache_shape(cfg, Layout.for_mesh(cfg, shape), shape.dp, cache, dtype, attention)
     kv = jax.ShapeDtypeStruct(kv.shape, kv.dtype, sharding=ns(CACHE_SPEC))
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=ns(BATCH_SPECS[k]))
-             for k, v in batch_shapes(shape.dp, StepBucket.like(bucket), cache).items()}
+             for k, v in batch_shapes(shape.dp, bucket, cache).items()}
     return specs, weights, kv, batch
 
 
@@ -159,7 +158,7 @@ def export_one(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShape, b
     run under an abstract mesh that names the chip, so they need no TPU here."""
     attention = build.attention_backend
     specs, weights, kv, batch = _abstract_args(cfg, shape, mesh, bucket, cache, attention)
-    step = jit_step(cfg, StepBucket.like(bucket), mesh, specs, num_logprobs=build.logprobs, attention=attention,
+    step = jit_step(cfg, bucket, mesh, specs, num_logprobs=build.logprobs, attention=attention,
                     tpu_generation=build.tpu_generation)
     context = jax.sharding.use_abstract_mesh(mesh) if isinstance(mesh, AbstractMesh) else contextlib.nullcontext()
     with context:
@@ -190,7 +189,7 @@ def _reference_outputs(source: ModelSource, shape: MeshShape, groups, batch_para
     """The unbucketed step: exact-fit shapes, MAX_LEN, and the all-experts MoE path."""
     T = max(1, max(sum(len(c.tokens) for c in g) for g in groups))
     S = max(1, max(len(g) for g in groups))
-    step = jit_step(source.config, StepBucket(DpPaddingMode.MAX_LEN, T, S, shape.dp * T), mesh,
+    step = jit_step(source.config, Bucket(MAX_LEN, T, S, shape.dp * T), mesh,
                     weight_specs(source.config, shape), dense_reference=True, num_logprobs=batch_params["logprobs"])
     kv = init_cache(source.config, Layout.for_mesh(source.config, shape), mesh, cache, jnp.dtype(source.config.dtype))
     out, _ = step(weights, kv, pack(groups, T, S, cache.pages_per_seq))
@@ -297,7 +296,7 @@ def _build_into(tmp: Path, cfg: BuildConfig, source: ModelSource, cache: CacheSh
             rel = fmt.exec_path(str(shape), bucket.name)
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_bytes(export_one(model, shape, mesh, bucket, cache, cfg))
-            batch = batch_shapes(shape.dp, StepBucket.like(bucket), cache)
+            batch = batch_shapes(shape.dp, bucket, cache)
             manifest["executables"].append({
                 "mesh": str(shape), "mode": bucket.mode, "bucket": bucket.to_json(), "file": rel,
                 "compiled_here": here, "export_seconds": round(time.perf_counter() - t0, 3),

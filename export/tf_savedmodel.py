@@ -82,7 +82,7 @@ def write_savedmodel(tmp: Path, manifest: dict, cfg, meshes, platforms) -> dict:
     import tensorflow as tf
     from orbax.export import ExportManager, JaxModule, ServingConfig
 
-    from dp_attention import Bucket as StepBucket, MeshShape
+    from dp_attention import MeshShape
     from runtime.buckets import Bucket
 
     shape = MeshShape(1, 1)
@@ -97,7 +97,7 @@ def write_savedmodel(tmp: Path, manifest: dict, cfg, meshes, platforms) -> dict:
     for e in entries:
         b = Bucket.from_json(e["bucket"])
         name = signature_name(b.name)
-        apply_fns[name] = _apply(_one_device_step(cfg, StepBucket.like(b), num_logprobs))
+        apply_fns[name] = _apply(_one_device_step(cfg, b, num_logprobs))
         spec = {k: tf.TensorSpec(e["batch_shapes"][k], tf.as_dtype(np.dtype(e["batch_dtypes"][k])), name=k)
                 for k in BATCH_INPUTS}
         spec[CACHE_INPUT] = tf.TensorSpec(cache_shape, tf.as_dtype(dtype), name=CACHE_INPUT)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import build_artifact
-from dp_attention import (PRESETS, Bucket as StepBucket, CacheShape, Layout, MeshShape, init_cache,
+from dp_attention import (PRESETS, CacheShape, Layout, MeshShape, init_cache,
                           jit_step, weight_specs)
 from export.probes import make_probe
 from runtime import format as fmt
@@ -42,8 +42,7 @@ def test_every_export_equals_in_process_step(tiny_artifact, tiny_engine):
     for bucket in engine.buckets:
         groups, batch = make_probe(bucket, 2, cfg.vocab_size, cache.page_size, cache.pages_per_seq, seed=7)
         got = engine.run(bucket, batch)
-        step = jit_step(cfg, StepBucket.like(bucket),
-                        engine.mesh, specs)
+        step = jit_step(cfg, bucket, engine.mesh, specs)
         kv = init_cache(cfg, Layout.for_mesh(cfg, shape), engine.mesh, cache, jnp.float32)
         want, _ = step(engine.weights, kv, batch)
         want = {k: np.asarray(v) for k, v in want.items()}
