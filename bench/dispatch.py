@@ -18,7 +18,7 @@ from runtime.engine import load
 
 def time_raw(engine, bucket, batch, n):
     args = engine.put_batch(batch)
-    compiled, samples = engine.compiled[bucket], []
+    compiled, samples = engine.executable(bucket), []
     for _ in range(n):
         t0 = time.perf_counter()
         out, engine.cache = compiled(engine.weights, engine.cache, args)
@@ -50,11 +50,11 @@ def main():
     args = parser.parse_args()
     ensure_artifact()
     engine = load(ARTIFACT)
-    m = engine.manifest["cache"]
+    m = engine.manifest.cache
     results = {}
     for label, mode, tokens in (("decode", SUM_LEN, 4), ("prefill", MAX_LEN, 64)):
         bucket = next(b for b in engine.buckets if b.mode == mode and b.tokens == tokens)
-        _, batch = make_probe(bucket, engine.dp, engine.vocab_size, m["page_size"], m["pages_per_seq"])
+        _, batch = make_probe(bucket, engine.dp, engine.vocab_size, m.page_size, m.pages_per_seq)
         for fn in (time_raw, time_runtime):  # warm both paths
             fn(engine, bucket, batch, 10)
         raw, rt = [], []

@@ -47,13 +47,6 @@ class Bucket:
     def name(self) -> str:
         return f"{self.mode}-t{self.tokens}-s{self.seqs}-g{self.global_len}"
 
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @staticmethod
-    def from_json(d: dict) -> "Bucket":
-        return Bucket(str(d["mode"]), int(d["tokens"]), int(d["seqs"]), int(d["global_len"]))
-
     def fits(self, token_counts: Sequence[int], seq_counts: Sequence[int]) -> bool:
         if max(token_counts) > self.tokens or max(seq_counts) > self.seqs:
             return False
