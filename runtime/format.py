@@ -214,10 +214,14 @@ def list_of(kind: Kind) -> Kind:
 
 
 def map_of(kind: Kind) -> Kind:
-    def read(v, where):
-        return {k: kind.read(x, where.item(k)) for k, x in _object(v, where).items()}
+    expected = f"an object ({kind.expected} each)"
 
-    return Kind(f"an object ({kind.expected} each)", read, lambda v: {k: kind.write(x) for k, x in v.items()})
+    def read(v, where):
+        if not isinstance(v, dict):
+            raise where.error(expected, _found(v))
+        return {k: kind.read(x, where.item(k)) for k, x in v.items()}
+
+    return Kind(expected, read, lambda v: {k: kind.write(x) for k, x in v.items()})
 
 
 def record(cls) -> Kind:
@@ -240,7 +244,7 @@ SPEC = list_of(Kind(AXES, _read_axes, lambda a: list(a) if isinstance(a, tuple) 
 
 
 def _read_mode(v, where):
-    if v not in MODES or not isinstance(v, str):
+    if not isinstance(v, str) or v not in MODES:
         raise where.error(f"one of {', '.join(map(repr, MODES))}", _found(v))
     return v
 

@@ -60,6 +60,7 @@ DELETE = object()
     (_set(["fastload", "cpu", "files"], "x"), "fastload['cpu'].files", "a list (a string each)", 'string "x"'),
     (_set(["tokenizer"], 5), "tokenizer", "a list (a string each) or null", "int 5"),
     (_set(["cache"], []), "cache", "an object", "list []"),
+    (_set(["files"], ["x"]), "files", "an object (a string each)", 'list ["x"]'),
     (_set(["executables", 1, "extra"], 0), "executables[1].extra", "only the fields mesh, bucket, file",
      "an unknown field"),
 ])
