@@ -63,30 +63,30 @@ class JitExecutor:
     def __init__(self, artifact: Path, warm: bool, max_tokens: int = 64, max_seqs: int = 8, jobs: int = 4):
         from concurrent.futures import ThreadPoolExecutor
 
-        from dp_attention import Bucket as StepBucket, MeshShape, jit_step, make_mesh, weight_specs
+        from dp_attention import MeshShape, jit_step, make_mesh, weight_specs
         from dp_attention.config import ModelConfig
         from runtime import engine as rt
         from runtime import format as fmt
         from runtime.buckets import MAX_LEN, Bucket
 
         manifest = fmt.read_manifest(artifact)
-        entry = manifest["meshes"][0]
-        shape = MeshShape(*entry["shape"])
+        entry = manifest.meshes[0]
+        shape = MeshShape(*entry.shape)
         self._engine = rt.Engine(artifact, manifest, entry, make_mesh(shape))
         self._engine.load_weights()
         self._engine.reset_cache()
-        self.cfg = ModelConfig.from_json(manifest["model"])
+        self.cfg = ModelConfig.from_json(manifest.model.to_json())
         self.dp, self.vocab_size = shape.dp, self.cfg.vocab_size
         self.page_size, self.num_pages = self._engine.page_size, self._engine.num_pages
         self.pages_per_seq = self._engine.pages_per_seq
         specs = weight_specs(self.cfg, shape)
-        self._jit = lambda b: jit_step(self.cfg, StepBucket.like(b),
-                                       self._engine.mesh, specs)
+        self._jit = lambda b: jit_step(self.cfg, b, self._engine.mesh, specs)
         if warm:
             self.buckets = list(self._engine.buckets)
             warm_one = lambda b: self._jit(b).lower(*self._engine.abstract_args(b)).compile()  # noqa: E731
             with ThreadPoolExecutor(jobs) as pool:  # trace + compile every bucket now, as a warm-up would
-                self._engine.compiled.update(zip(self.buckets, pool.map(warm_one, self.buckets)))
+                for bucket, compiled in zip(self.buckets, pool.map(warm_one, self.buckets)):
+                    self._engine.install(bucket, compiled)
         else:
             self.buckets = [Bucket(MAX_LEN, t, s, shape.dp * t) for t in range(1, max_tokens + 1)
                             for s in range(1, min(t, max_seqs) + 1)]
@@ -97,6 +97,8 @@ class JitExecutor:
         return self._engine.compiles_after_load
 
     def run(self, bucket, batch):
-        if bucket not in self._engine.compiled:
-            self._engine.compiled[bucket] = self._jit(bucket)  # compiles on its first call
+        try:
+            self._engine.executable(bucket)
+        except KeyError:
+            self._engine.install(bucket, self._jit(bucket))  # compiles on its first call
         return self._engine.run(bucket, batch)

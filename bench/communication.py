@@ -13,7 +13,7 @@ chosen one moved no more.
 from bench.common import ARTIFACT, ensure_artifact, make_trace, write_result
 from bench.padding import PaddingOnly
 from runtime import format as fmt
-from runtime.buckets import MAX_LEN, SUM_LEN, Bucket, choose
+from runtime.buckets import MAX_LEN, SUM_LEN, choose
 from runtime.scheduler import generate
 
 
@@ -32,8 +32,8 @@ class Recording(PaddingOnly):
 def main():
     ensure_artifact()
     m = fmt.read_manifest(ARTIFACT)
-    dp = m["meshes"][0]["shape"][0]
-    measured = {Bucket.from_json(e["bucket"]): e["cost"]["collective_bytes"] for e in m["executables"]}
+    dp = m.meshes[0].dp
+    measured = {e.bucket: e.cost.collective_bytes for e in m.executables}
     buckets = list(measured)
     trace = make_trace()
     ex = Recording(buckets, measured)

@@ -21,7 +21,7 @@ from runtime.engine import load
 def time_raw(engine, bucket, batch, n):
     host = {k: v for k, v in batch.items() if k != "prev_tokens"}
     args = engine.put_batch(host) | {"prev_tokens": engine.carry}  # the engine's token carry, as dispatch passes it
-    compiled, samples = engine.compiled[bucket], []
+    compiled, samples = engine.executable(bucket), []
     for _ in range(n):
         t0 = time.perf_counter()
         out, engine.cache = compiled(engine.weights, engine.cache, args)
@@ -67,11 +67,11 @@ def main():
     args = parser.parse_args()
     ensure_artifact()
     engine = load(ARTIFACT)
-    m = engine.manifest["cache"]
+    m = engine.manifest.cache
     results = {}
     for label, mode, tokens in (("decode", SUM_LEN, 4), ("prefill", MAX_LEN, 64)):
         bucket = next(b for b in engine.buckets if b.mode == mode and b.tokens == tokens)
-        _, batch = make_probe(bucket, engine.dp, engine.vocab_size, m["page_size"], m["pages_per_seq"])
+        _, batch = make_probe(bucket, engine.dp, engine.vocab_size, m.page_size, m.pages_per_seq)
         for fn in (time_raw, time_runtime):  # warm both paths
             fn(engine, bucket, batch, 10)
         raw, rt = [], []
@@ -86,7 +86,7 @@ def main():
     # (step n+1 launched before step n is read) and synchronous, in interleaved blocks.
     _, stats = time_serving(engine, 8)
     bucket = next(b for b in engine.buckets if b.name == max(stats["buckets"], key=stats["buckets"].get))
-    _, batch = make_probe(bucket, engine.dp, engine.vocab_size, m["page_size"], m["pages_per_seq"])
+    _, batch = make_probe(bucket, engine.dp, engine.vocab_size, m.page_size, m.pages_per_seq)
     raw, serving = [], {"pipelined": [], "synchronous": []}
     for _ in range(5):
         raw += time_raw(engine, bucket, batch, args.steps // 10)

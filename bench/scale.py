@@ -37,6 +37,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from bench.common import RESULTS, ROOT, write_result  # noqa: E402
+from runtime.format import read_manifest  # noqa: E402
 
 CONFIGS = ROOT / "bench" / "configs"
 GiB, MiB = 2**30, 2**20
@@ -83,34 +84,34 @@ def build_case(case: Case, work: Path) -> dict:
                       modes=("max_len",), token_ladder=case.tokens, max_seqs=case.seqs, page_size=case.page_size,
                       max_context=case.max_context, pages_per_group=case.pages_per_group, jobs=1, fast_load=False,
                       executables_only=True))
-    return json.loads((out / "manifest.json").read_text()), load_hf_config(model_dir), out
+    return read_manifest(out), load_hf_config(model_dir), out
 
 
 def measure(case: Case, work: Path) -> list[dict]:
     manifest, cfg, out = build_case(case, work)
-    mesh = manifest["meshes"][0]
-    dp, devices = mesh["shape"][0], mesh["devices"]
+    mesh = manifest.meshes[0]
+    dp, devices = mesh.dp, mesh.devices
     cache_bytes = 1
-    for n in mesh["cache_shape"]:
+    for n in mesh.cache_shape:
         cache_bytes *= n
     cache_bytes = cache_bytes * (2 if case.dtype == "bfloat16" else 4) // devices
     rows = []
-    for e in manifest["executables"]:
-        b, cost = e["bucket"], e["cost"]
-        minimum = minimum_flops(cfg, b["tokens"], b["seqs"], dp, devices, case.max_context)
-        returned = cost["output_bytes"] - cache_bytes  # every output is replicated: all of it per device
+    for e in manifest.executables:
+        b, cost = e.bucket, e.cost
+        minimum = minimum_flops(cfg, b.tokens, b.seqs, dp, devices, case.max_context)
+        returned = cost.output_bytes - cache_bytes  # every output is replicated: all of it per device
         rows.append({
             "config": case.config, "layers": cfg.num_layers, "mesh": case.mesh, "dtype": case.dtype,
-            "tokens_per_group": b["tokens"], "seqs_per_group": b["seqs"],
-            "temp_bytes": cost["temp_bytes"], "argument_bytes": cost["argument_bytes"],
-            "flops": cost["flops"], "min_flops": minimum, "flops_ratio": cost["flops"] / minimum,
-            "xla_cost_analysis_flops": cost["xla_flops"],
-            "bytes_out_per_seq": returned / (dp * b["seqs"]),
-            "export_seconds": e["export_seconds"], "compile_seconds": e["compile_seconds"],
-            "export_bytes": (out / e["file"]).stat().st_size,
+            "tokens_per_group": b.tokens, "seqs_per_group": b.seqs,
+            "temp_bytes": cost.temp_bytes, "argument_bytes": cost.argument_bytes,
+            "flops": cost.flops, "min_flops": minimum, "flops_ratio": cost.flops / minimum,
+            "xla_cost_analysis_flops": cost.xla_flops,
+            "bytes_out_per_seq": returned / (dp * b.seqs),
+            "export_seconds": e.export_seconds, "compile_seconds": e.compile_seconds,
+            "export_bytes": (out / e.file).stat().st_size,
         })
         r = rows[-1]
-        print(f"{case.config:16s} {cfg.num_layers:3d}L {case.dtype:8s} {case.mesh} T={b['tokens']:4d}: "
+        print(f"{case.config:16s} {cfg.num_layers:3d}L {case.dtype:8s} {case.mesh} T={b.tokens:4d}: "
               f"temp {r['temp_bytes'] / GiB:6.2f} GiB  flops {r['flops']:.3e} = {r['flops_ratio']:.2f}x min  "
               f"out/seq {r['bytes_out_per_seq']:.0f} B  export {r['export_seconds']:.1f}s "
               f"compile {r['compile_seconds']:.1f}s  {r['export_bytes'] / 1024:.0f} KiB", flush=True)
@@ -151,13 +152,13 @@ def tpu_exports(work: Path) -> list[dict]:
                       max_seqs=64, page_size=16, max_context=4096, pages_per_group=8192, executables_only=True))
     total = time.perf_counter() - t0
     rows = []
-    for e in json.loads((out / "manifest.json").read_text())["executables"]:
-        exported = jax.export.deserialize(bytearray((out / e["file"]).read_bytes()))
+    for e in read_manifest(out).executables:
+        exported = jax.export.deserialize(bytearray((out / e.file).read_bytes()))
         text = exported.mlir_module()
-        rows.append({"bucket": e["bucket"], "export_seconds": e["export_seconds"],
-                     "bytes": (out / e["file"]).stat().st_size, "platforms": list(exported.platforms),
+        rows.append({"bucket": e.to_json()["bucket"], "export_seconds": e.export_seconds,
+                     "bytes": (out / e.file).stat().st_size, "platforms": list(exported.platforms),
                      "pallas_kernel": "tpu_custom_call" in text, "ragged_dot": "ragged_dot" in text})
-        print(f"tpu v5e 4x8 T={e['bucket']['tokens']:4d}: export {e['export_seconds']:.1f}s "
+        print(f"tpu v5e 4x8 T={e.bucket.tokens:4d}: export {e.export_seconds:.1f}s "
               f"{rows[-1]['bytes'] / 1024:.0f} KiB  Pallas kernel {rows[-1]['pallas_kernel']}  "
               f"ragged_dot {rows[-1]['ragged_dot']}")
     print(f"tpu build in all: {total:.1f} s")

@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from bench.common import ARTIFACT, RESULTS, ROOT, ensure_artifact, make_trace, write_result
+from runtime.format import read_manifest
 
 GOAL_RATIO = 0.90
 METRIC = re.compile(r"^(qwen3_moe_\w+(?:\{[^}]*\})?) (\S+)$", re.M)
@@ -324,9 +325,9 @@ def main():
     if load_avg > 0.5:
         print(f"note: load average {load_avg:.1f} before the run; other processes on these "
               f"{os.cpu_count()} cores skew the figures")
-    manifest = json.loads((artifact / "manifest.json").read_text())
-    max_context = manifest["cache"]["pages_per_seq"] * manifest["cache"]["page_size"]
-    vocab = manifest["model"]["vocab_size"]
+    manifest = read_manifest(artifact)
+    max_context = manifest.cache.pages_per_seq * manifest.cache.page_size
+    vocab = manifest.model.vocab_size
     trace = make_trace(args.requests, seed=args.seed, vocab=vocab, max_context=max_context)
     from runtime.tokenizer import TextTokenizer
 

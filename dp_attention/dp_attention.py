@@ -16,16 +16,12 @@ These functions run inside `shard_map` over the ("data", "tensor") mesh: arrays 
 from __future__ import annotations
 
 import dataclasses
-import enum
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-
-class DpPaddingMode(enum.Enum):
-    MAX_LEN = "max_len"
-    SUM_LEN = "sum_len"
+from runtime.buckets import PaddingMode as DpPaddingMode
 
 
 def select_padding_mode(sum_len: int, max_len: int, dp: int) -> DpPaddingMode:
@@ -62,21 +58,21 @@ class DpAttentionMetadata:
     @property
     def my_offset(self) -> jax.Array:
         """Where this group's rows start in the global buffer."""
-        if self.mode is DpPaddingMode.MAX_LEN:
+        if self.mode == DpPaddingMode.MAX_LEN:
             return self.group * self.tokens_per_group
         return jnp.cumsum(self.num_tokens)[self.group] - self.my_count
 
     def global_valid(self) -> jax.Array:
         """[global_len] bool: rows of the global buffer that hold a real token."""
         rows = jnp.arange(self.global_len)
-        if self.mode is DpPaddingMode.MAX_LEN:
+        if self.mode == DpPaddingMode.MAX_LEN:
             return rows % self.tokens_per_group < self.num_tokens[rows // self.tokens_per_group]
         return rows < jnp.sum(self.num_tokens)
 
 
 def gather_tokens(x: jax.Array, meta: DpAttentionMetadata) -> jax.Array:
     """[T, H] this group's tokens -> [global_len, H] every group's tokens."""
-    if meta.mode is DpPaddingMode.MAX_LEN:
+    if meta.mode == DpPaddingMode.MAX_LEN:
         return lax.all_gather(x, "data", axis=0, tiled=True)
     # Scatter with out-of-range rows dropped: padding rows (i >= n_g) must not land in another
     # group's place, and a clamped dynamic_update_slice near the end would shift real rows.
@@ -88,7 +84,7 @@ def gather_tokens(x: jax.Array, meta: DpAttentionMetadata) -> jax.Array:
 
 def scatter_tokens(partial: jax.Array, meta: DpAttentionMetadata) -> jax.Array:
     """[global_len, H] this device's partial expert sums -> [T, H] this group's finished rows."""
-    if meta.mode is DpPaddingMode.MAX_LEN:
+    if meta.mode == DpPaddingMode.MAX_LEN:
         mine = lax.psum_scatter(partial, "data", scatter_dimension=0, tiled=True)
         return lax.psum(mine, "tensor")
     total = lax.psum(partial, ("data", "tensor"))

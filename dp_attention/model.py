@@ -35,10 +35,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from runtime.buckets import Bucket
+
 from .attention import NativeAttentionBackend, PagedBatch
 from .ragged import LANES, FlashAttentionBackend, block_sizes, tpu_kernel
 from .config import ModelConfig
-from .dp_attention import DpAttentionBackend, DpAttentionMetadata, DpPaddingMode
+from .dp_attention import DpAttentionBackend, DpAttentionMetadata
 from .sampling import SAMPLING_INPUTS, sample
 from .weights import Layout
 
@@ -57,21 +59,6 @@ class CacheShape:
     @property
     def max_context(self) -> int:
         return self.pages_per_seq * self.page_size
-
-
-@dataclasses.dataclass(frozen=True)
-class Bucket:
-    """Every static shape of one executable."""
-
-    mode: DpPaddingMode
-    tokens: int  # per group (T)
-    seqs: int  # per group (S)
-    global_len: int  # rows of the MoE exchange buffer: D*T for MAX_LEN, the summed bucket for SUM_LEN
-
-    @classmethod
-    def like(cls, other) -> "Bucket":
-        """From any bucket with the same fields and a mode named "max_len" / "sum_len" (the runtime's)."""
-        return cls(DpPaddingMode(other.mode), other.tokens, other.seqs, other.global_len)
 
 
 # ------------------------------------------------------------------------------- weights as a pytree

@@ -26,15 +26,14 @@ import numpy as np
 from jax.sharding import AbstractMesh, NamedSharding
 from safetensors.numpy import save_file
 
-from dp_attention import (DEFAULT_LOGPROBS, Bucket as StepBucket, CacheShape, DpPaddingMode, Layout, MeshShape,
-                          abstract_mesh, batch_shapes, cache_shape, init_cache, jit_step, make_mesh, placed_numpy,
-                          weight_specs)
+from dp_attention import (DEFAULT_LOGPROBS, CacheShape, Layout, MeshShape, abstract_mesh, batch_shapes, cache_shape,
+                          init_cache, jit_step, make_mesh, placed_numpy, weight_specs)
 from dp_attention.model import BATCH_SPECS, CACHE_SPEC, OUTPUT_SPECS
 from dp_attention.ragged import TPU_DEVICE_KINDS
 from runtime import engine as rt_engine
 from runtime import format as fmt
 from runtime.batching import pack
-from runtime.buckets import Bucket, plan
+from runtime.buckets import MAX_LEN, Bucket, plan
 from runtime.verify import OUTPUT_NAMES, compare_outputs, tolerance
 
 from .errors import BuildError
@@ -114,7 +113,7 @@ def inputs_hash(cfg: BuildConfig, source: ModelSource) -> str:
 def up_to_date(out: Path, digest: str) -> bool:
     try:
         manifest = fmt.read_manifest(out)
-        if manifest.get("build", {}).get("inputs_hash") != digest:
+        if manifest.build.inputs_hash != digest:
             return False
         fmt.verify_all(out, manifest)
         return True
@@ -124,27 +123,37 @@ def up_to_date(out: Path, digest: str) -> bool:
 
 # ------------------------------------------------------------------------------------ pieces
 
-def _weight_entries(tmp: Path, source: ModelSource, shape: MeshShape, written: dict, report,
-                    executables_only: bool) -> dict:
+def _weight_entries(tmp: Path, source: ModelSource, shape: MeshShape, written: set, report,
+                    executables_only: bool) -> dict[str, fmt.WeightEntry]:
     """Placed weights for one mesh, one file per layer of a stacked weight (a real expert stack is
     never held whole); identical tensors across meshes are stored once. Executables-only builds
     record every weight's shape and sharding, with no files."""
-    entries = {}
     specs = weight_specs(source.config, shape)
-    for name, spec in specs.items():
-        entries[name] = {"files": [], "shape": list(spec.shape), "dtype": source.config.dtype,
-                         "spec": fmt.spec_to_json(spec.spec), "stacked": bool(spec.layers)}
-    if executables_only:
-        return entries
-    for name, _, array in placed_numpy(specs, source.read, source.config.dtype):
-        digest = hashlib.sha256(array.tobytes() + str(array.shape).encode()).hexdigest()
-        rel = fmt.weight_path(name, digest)
-        if rel not in written:
-            save_file({"tensor": np.ascontiguousarray(array)}, tmp / rel)
-            written[rel] = True
-        entries[name]["files"].append(rel)
-        report.advance_weights()
-    return entries
+    files = {name: [] for name in specs}
+    if not executables_only:
+        for name, _, array in placed_numpy(specs, source.read, source.config.dtype):
+            digest = hashlib.sha256(array.tobytes() + str(array.shape).encode()).hexdigest()
+            rel = fmt.weight_path(name, digest)
+            if rel not in written:
+                save_file({"tensor": np.ascontiguousarray(array)}, tmp / rel)
+                written.add(rel)
+            files[name].append(rel)
+            report.advance_weights()
+    return {name: fmt.WeightEntry(files=tuple(files[name]), shape=tuple(spec.shape), dtype=source.config.dtype,
+                                  spec=fmt.spec_of(spec.spec), stacked=bool(spec.layers))
+            for name, spec in specs.items()}
+
+
+def _mesh_entry(tmp: Path, cfg: BuildConfig, source: ModelSource, shape: MeshShape, here: bool, cache: CacheShape,
+                written: set, report) -> fmt.MeshEntry:
+    model = source.config
+    kv = cache_shape(model, Layout.for_mesh(model, shape), shape.dp, cache, jnp.float32, cfg.attention_backend)
+    return fmt.MeshEntry(
+        name=str(shape), shape=(shape.dp, shape.tp), devices=shape.num_devices, compiled_here=here,
+        axes=("data", "tensor"), weights=_weight_entries(tmp, source, shape, written, report, cfg.executables_only),
+        cache_spec=fmt.spec_of(CACHE_SPEC), cache_shape=tuple(kv.shape),
+        batch_specs={k: fmt.spec_of(v) for k, v in BATCH_SPECS.items()},
+        output_specs={k: fmt.spec_of(v) for k, v in OUTPUT_SPECS.items()})
 
 
 def _abstract_args(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShape, attention: str, carry_seqs: int):
@@ -155,7 +164,7 @@ def _abstract_args(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShap
     kv = cache_shape(cfg, Layout.for_mesh(cfg, shape), shape.dp, cache, dtype, attention)
     kv = jax.ShapeDtypeStruct(kv.shape, kv.dtype, sharding=ns(CACHE_SPEC))
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=ns(BATCH_SPECS[k]))
-             for k, v in batch_shapes(shape.dp, StepBucket.like(bucket), cache, carry_seqs).items()}
+             for k, v in batch_shapes(shape.dp, bucket, cache, carry_seqs).items()}
     return specs, weights, kv, batch
 
 
@@ -164,30 +173,30 @@ def export_one(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShape, b
     run under an abstract mesh that names the chip, so they need no TPU here."""
     attention = build.attention_backend
     specs, weights, kv, batch = _abstract_args(cfg, shape, mesh, bucket, cache, attention, build.carry_seqs)
-    step = jit_step(cfg, StepBucket.like(bucket), mesh, specs, num_logprobs=build.logprobs, attention=attention,
+    step = jit_step(cfg, bucket, mesh, specs, num_logprobs=build.logprobs, attention=attention,
                     tpu_generation=build.tpu_generation)
     context = jax.sharding.use_abstract_mesh(mesh) if isinstance(mesh, AbstractMesh) else contextlib.nullcontext()
     with context:
         return bytes(jax.export.export(step, platforms=build.platforms)(weights, kv, batch).serialize())
 
 
-def _analysis(compiled) -> dict:
+def _analysis(compiled) -> fmt.Cost:
     """What one executable costs per device: memory from XLA, FLOPs counted with loop trip counts
     (XLA's own cost analysis counts a scanned layer once)."""
     text = compiled.as_text()
     counted = matmul_flops_report(text)
-    cost = compiled.cost_analysis() or {}
-    cost = cost[0] if isinstance(cost, list) else cost
+    xla = compiled.cost_analysis() or {}
+    xla = xla[0] if isinstance(xla, list) else xla
+    cost = fmt.Cost(flops=counted["flops"], xla_flops=float(xla.get("flops", 0.0)),
+                    collective_bytes=collective_bytes(text), bytes_accessed=float(xla.get("bytes accessed", 0.0)),
+                    collectives=dict(collections.Counter(COLLECTIVE.findall(text))))
     mem = compiled.memory_analysis()
-    out = {"flops": counted["flops"], "xla_flops": float(cost.get("flops", 0.0)),
-           "collective_bytes": collective_bytes(text),
-           "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
-           "collectives": dict(collections.Counter(COLLECTIVE.findall(text)))}
-    if mem is not None:
-        out |= {"argument_bytes": int(mem.argument_size_in_bytes), "output_bytes": int(mem.output_size_in_bytes),
-                "temp_bytes": int(mem.temp_size_in_bytes), "code_bytes": int(mem.generated_code_size_in_bytes),
-                "alias_bytes": int(mem.alias_size_in_bytes)}
-    return out
+    if mem is None:
+        return cost
+    return dataclasses.replace(
+        cost, argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
+        temp_bytes=int(mem.temp_size_in_bytes), code_bytes=int(mem.generated_code_size_in_bytes),
+        alias_bytes=int(mem.alias_size_in_bytes))
 
 
 def _reference_outputs(source: ModelSource, shape: MeshShape, groups, batch_params: dict, cache: CacheShape,
@@ -195,7 +204,7 @@ def _reference_outputs(source: ModelSource, shape: MeshShape, groups, batch_para
     """The unbucketed step: exact-fit shapes, MAX_LEN, and the all-experts MoE path."""
     T = max(1, max(sum(len(c.tokens) for c in g) for g in groups))
     S = max(1, max(len(g) for g in groups))
-    step = jit_step(source.config, StepBucket(DpPaddingMode.MAX_LEN, T, S, shape.dp * T), mesh,
+    step = jit_step(source.config, Bucket(MAX_LEN, T, S, shape.dp * T), mesh,
                     weight_specs(source.config, shape), dense_reference=True, num_logprobs=batch_params["logprobs"])
     kv = init_cache(source.config, Layout.for_mesh(source.config, shape), mesh, cache, jnp.dtype(source.config.dtype))
     out, _ = step(weights, kv, pack(groups, T, S, cache.pages_per_seq))
@@ -256,68 +265,54 @@ def build(cfg: BuildConfig, report: Reporter | None = None) -> Path:
     return out
 
 
-def _build_into(tmp: Path, cfg: BuildConfig, source: ModelSource, cache: CacheShape, plans, digest, report) -> dict:
+def _build_into(tmp: Path, cfg: BuildConfig, source: ModelSource, cache: CacheShape, plans, digest,
+                report) -> fmt.Manifest:
     model = source.config
     for sub in ("weights", "exec", "probes"):
         (tmp / sub).mkdir()
     local = jax.devices()
-    local_platform = local[0].platform
-    manifest = {
-        "format_version": fmt.FORMAT_VERSION,
-        "model": model.to_json(),
-        "dtype": model.dtype,
-        "platforms": list(cfg.platforms),
-        "jax_version": jax.__version__,
-        "jaxlib_version": jax.lib.__version__,
-        "cache": dataclasses.asdict(cache),
-        "meshes": [],
-        "executables": [],
-        "fastload": {},
-        "files": {},
-        "build": {"inputs_hash": digest, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                  "token_ladder": list(cfg.token_ladder), "max_seqs": cfg.max_seqs},
-        "weights_included": not cfg.executables_only,
-        "attention": cfg.attention_backend,
-        "tpu_device_kind": cfg.device_kind,
-        "logprobs": cfg.logprobs,
-    }
-    written: dict = {}
+    written: set = set()
     weight_files = 0 if cfg.executables_only else sum(
         len(w.layers) or 1 for s in cfg.meshes for w in weight_specs(model, s).values())
     report.start(sum(len(b) for b in plans.values()), weight_files)
+    meshes, executables = [], []
     for shape in cfg.meshes:
-        here = local_platform in cfg.platforms and shape.num_devices <= len(local)
+        here = local[0].platform in cfg.platforms and shape.num_devices <= len(local)
         mesh = make_mesh(shape) if here else abstract_mesh(shape, cfg.device_kind)
-        entry = {"name": str(shape), "shape": [shape.dp, shape.tp], "devices": shape.num_devices,
-                 "compiled_here": here, "axes": ["data", "tensor"],
-                 "weights": _weight_entries(tmp, source, shape, written, report, cfg.executables_only),
-                 "cache_spec": fmt.spec_to_json(CACHE_SPEC),
-                 "cache_shape": list(cache_shape(model, Layout.for_mesh(model, shape), shape.dp, cache, jnp.float32,
-                                                 cfg.attention_backend).shape),
-                 "batch_specs": {k: fmt.spec_to_json(v) for k, v in BATCH_SPECS.items()},
-                 "output_specs": {k: fmt.spec_to_json(v) for k, v in OUTPUT_SPECS.items()}}
-        manifest["meshes"].append(entry)
+        meshes.append(_mesh_entry(tmp, cfg, source, shape, here, cache, written, report))
         for bucket in plans[str(shape)]:
-            t0 = time.perf_counter()
-            rel = fmt.exec_path(str(shape), bucket.name)
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / rel).write_bytes(export_one(model, shape, mesh, bucket, cache, cfg))
-            batch = batch_shapes(shape.dp, StepBucket.like(bucket), cache, cfg.carry_seqs)
-            manifest["executables"].append({
-                "mesh": str(shape), "mode": bucket.mode, "bucket": bucket.to_json(), "file": rel,
-                "compiled_here": here, "export_seconds": round(time.perf_counter() - t0, 3),
-                "batch_shapes": {k: list(v.shape) for k, v in batch.items()},
-                "batch_dtypes": {k: str(v.dtype) for k, v in batch.items()},
-            })
+            executables.append(_export(tmp, cfg, model, shape, mesh, bucket, cache, here))
             report.exported(str(shape), bucket)
-    for shape in cfg.meshes:
-        if manifest["meshes"][cfg.meshes.index(shape)]["compiled_here"]:
-            _compile_and_verify(tmp, manifest, shape, source, cache, cfg, report)
-    manifest["tokenizer"] = _copy_tokenizer(tmp, source)
+    manifest = fmt.Manifest(
+        model=fmt.ModelEntry(model.to_json()), dtype=model.dtype, platforms=tuple(cfg.platforms),
+        jax_version=jax.__version__, jaxlib_version=jax.lib.__version__,
+        cache=fmt.CacheEntry(**dataclasses.asdict(cache)), meshes=tuple(meshes), executables=tuple(executables),
+        fastload={}, files={},
+        build=fmt.BuildInfo(inputs_hash=digest, created=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                            token_ladder=tuple(cfg.token_ladder), max_seqs=cfg.max_seqs),
+        weights_included=not cfg.executables_only, attention=cfg.attention_backend,
+        tpu_device_kind=cfg.device_kind, logprobs=cfg.logprobs, tokenizer=None)
+    for shape, mesh_entry in zip(cfg.meshes, manifest.meshes):
+        if mesh_entry.compiled_here:
+            manifest = _compile_and_verify(tmp, manifest, mesh_entry, shape, source, cache, cfg, report)
+    manifest = dataclasses.replace(manifest, tokenizer=_copy_tokenizer(tmp, source))
     if cfg.tf_savedmodel:
-        manifest["tf_savedmodel"] = write_savedmodel(tmp, manifest, model, cfg.meshes, cfg.platforms)
-    _checksum(tmp, manifest)
-    return manifest
+        manifest = dataclasses.replace(manifest, tf_savedmodel=write_savedmodel(tmp, manifest, model, cfg.meshes,
+                                                                                cfg.platforms))
+    return _checksum(tmp, manifest)
+
+
+def _export(tmp: Path, cfg: BuildConfig, model, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShape,
+            here: bool) -> fmt.ExecutableEntry:
+    t0 = time.perf_counter()
+    rel = fmt.exec_path(str(shape), bucket.name)
+    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+    (tmp / rel).write_bytes(export_one(model, shape, mesh, bucket, cache, cfg))
+    batch = batch_shapes(shape.dp, bucket, cache, cfg.carry_seqs)
+    return fmt.ExecutableEntry(mesh=str(shape), bucket=bucket, file=rel, compiled_here=here,
+                               export_seconds=round(time.perf_counter() - t0, 3),
+                               batch_shapes={k: tuple(v.shape) for k, v in batch.items()},
+                               batch_dtypes={k: str(v.dtype) for k, v in batch.items()})
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
@@ -337,57 +332,57 @@ def _copy_tokenizer(tmp: Path, source: ModelSource) -> list[str] | None:
     return copied
 
 
-def _checksum(tmp: Path, manifest: dict) -> None:
-    manifest["files"] = {}
-    for f in sorted(tmp.rglob("*")):
-        if f.is_file() and f.name != fmt.MANIFEST:
-            rel = f.relative_to(tmp).as_posix()
-            manifest["files"][rel] = fmt.sha256_file(f)
-    for e in manifest["executables"]:
-        e["sha256"] = manifest["files"][e["file"]]
+def _checksum(tmp: Path, manifest: fmt.Manifest) -> fmt.Manifest:
+    files = {f.relative_to(tmp).as_posix(): fmt.sha256_file(f)
+             for f in sorted(tmp.rglob("*")) if f.is_file() and f.name != fmt.MANIFEST}
+    executables = tuple(dataclasses.replace(e, sha256=files[e.file]) for e in manifest.executables)
+    return dataclasses.replace(manifest, files=files, executables=executables)
 
 
-def _compile_and_verify(tmp: Path, manifest: dict, shape: MeshShape, source: ModelSource, cache: CacheShape,
-                        cfg: BuildConfig, report) -> None:
+def _compile_and_verify(tmp: Path, manifest: fmt.Manifest, mesh_entry: fmt.MeshEntry, shape: MeshShape,
+                        source: ModelSource, cache: CacheShape, cfg: BuildConfig, report) -> fmt.Manifest:
     """Compile the serialized exports exactly as the runtime will (filling the fast-load cache),
     record what each costs, run each on its probe and check it against the unbucketed reference
-    step (executables-only builds have no weights to run)."""
+    step (executables-only builds have no weights to run). Returns the manifest with all that."""
     platform = jax.devices()[0].platform
     fast_dir = tmp / "fastload" / platform
     if cfg.fast_load:
         fast_dir.mkdir(parents=True, exist_ok=True)
-    engine = rt_engine.Engine(tmp, manifest, manifest["meshes"][cfg.meshes.index(shape)], make_mesh(shape))
+    engine = rt_engine.Engine(tmp, manifest, mesh_entry, make_mesh(shape))
 
     def timed_compile(bucket):
         t0 = time.perf_counter()
         compiled = engine.compile_one(bucket)
         return bucket, compiled, time.perf_counter() - t0
 
+    found: dict[Bucket, dict] = {}  # per bucket, the fields the build fills in
     # Only these compilations may land in the fast-load cache, not the reference steps below.
     with rt_engine.compilation_cache_at(fast_dir if cfg.fast_load else None, write=True):
         with ThreadPoolExecutor(max_workers=max(1, cfg.jobs)) as pool:
             for bucket, compiled, seconds in pool.map(timed_compile, engine.buckets):
-                engine.compiled[bucket] = compiled
-                entry = engine.entries[bucket]
-                entry["compile_seconds"] = round(seconds, 3)
-                entry["cost"] = _analysis(compiled)
+                engine.install(bucket, compiled)
+                found[bucket] = {"compile_seconds": round(seconds, 3), "cost": _analysis(compiled)}
                 if cfg.executables_only:
-                    report.compiled(str(shape), bucket, entry)
+                    report.compiled(str(shape), bucket)
     if not cfg.executables_only:
         engine.load_weights()
         engine.reset_cache()
         for bucket in engine.buckets:
-            entry = engine.entries[bucket]
-            _probe(tmp, engine, bucket, entry, shape, source, cache, cfg.logprobs)
-            report.compiled(str(shape), bucket, entry)
+            found[bucket] |= _probe(tmp, engine, bucket, shape, source, cache, cfg.logprobs)
+            report.compiled(str(shape), bucket)
+    executables = tuple(dataclasses.replace(e, **found[e.bucket]) if e.mesh == mesh_entry.name else e
+                        for e in manifest.executables)
+    fastload = manifest.fastload
     if cfg.fast_load:
-        files = sorted(f.relative_to(tmp).as_posix() for f in fast_dir.rglob("*") if f.is_file())
-        manifest["fastload"][platform] = {"jax_version": jax.__version__, "jaxlib_version": jax.lib.__version__,
-                                          "files": files}
+        files = tuple(sorted(f.relative_to(tmp).as_posix() for f in fast_dir.rglob("*") if f.is_file()))
+        fastload = fastload | {platform: fmt.FastLoadEntry(jax_version=jax.__version__,
+                                                           jaxlib_version=jax.lib.__version__, files=files)}
+    return dataclasses.replace(manifest, executables=executables, fastload=fastload)
 
 
-def _probe(tmp: Path, engine, bucket: Bucket, entry: dict, shape: MeshShape, source: ModelSource, cache: CacheShape,
-           logprobs: int):
+def _probe(tmp: Path, engine, bucket: Bucket, shape: MeshShape, source: ModelSource, cache: CacheShape,
+           logprobs: int) -> dict:
+    """Run one executable on its probe against the reference step; its ExecutableEntry fields."""
     model = source.config
     groups, batch = make_probe(bucket, shape.dp, model.vocab_size, cache.page_size, cache.pages_per_seq,
                                carry_seqs=engine.carry.shape[1])
@@ -397,18 +392,18 @@ def _probe(tmp: Path, engine, bucket: Bucket, entry: dict, shape: MeshShape, sou
     tol = tolerance(model.dtype)
     worst, why = compare_outputs(got, ref, num_seqs, batch["temperature"] == 0, tol)
     if why:
-        raise BuildError(f"executable {entry['file']} disagrees with the reference step on its probe: {why}")
-    rel = fmt.probe_path(entry["mesh"], bucket.name)
+        raise BuildError(f"executable {engine.entries[bucket].file} disagrees with the reference step on its probe: "
+                         f"{why}")
+    rel = fmt.probe_path(engine.mesh_entry.name, bucket.name)
     (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
     save_file({**{k: np.asarray(v) for k, v in batch.items()}, "num_seqs": num_seqs,
                **{f"expected_{k}": np.asarray(got[k]) for k in OUTPUT_NAMES}}, tmp / rel)
-    entry["probe"] = rel
-    entry["probe_max_error"] = worst
+    return {"probe": rel, "probe_max_error": worst}
 
 
-def _finish(tmp: Path, out: Path, manifest: dict) -> None:
+def _finish(tmp: Path, out: Path, manifest: fmt.Manifest) -> None:
     """Write the manifest last, then swap the directory into place."""
-    fmt.write_json_atomic(tmp / fmt.MANIFEST, manifest)
+    fmt.write_json_atomic(tmp / fmt.MANIFEST, manifest.to_json())
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"

@@ -7,7 +7,6 @@ in XLA_FLAGS first, and it depends on the meshes asked for.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -73,9 +72,10 @@ def _set_device_count(meshes: list[str]) -> None:
 
 
 def _artifact_meshes(directory: str) -> list[str]:
+    from runtime.format import read_manifest  # no jax: the device count must be set before jax is imported
+
     try:
-        with open(os.path.join(directory, "manifest.json")) as f:
-            return [m["name"] for m in json.load(f)["meshes"]]
+        return [m.name for m in read_manifest(directory).meshes]
     except Exception:  # the loader reports a bad manifest properly
         return []
 

@@ -8,29 +8,34 @@ from pathlib import Path
 
 from runtime import format as fmt
 
+EXECUTABLE_KEYS = ("mesh", "mode", "bucket", "file", "sha256", "compiled_here", "compile_seconds", "cost", "probe")
 
-def describe(root: Path) -> dict:
-    m = fmt.read_manifest(root)
+
+def describe(root: Path, m: fmt.Manifest | None = None) -> dict:
+    """The --json view: a stable summary for scripts, not the manifest itself."""
+    m = m or fmt.read_manifest(root)
     return {
-        "format_version": m["format_version"],
-        "model": m["model"],
-        "dtype": m["dtype"],
-        "platforms": m["platforms"],
-        "jax_version": m["jax_version"],
-        "jaxlib_version": m.get("jaxlib_version"),
-        "cache": m.get("cache"),
-        "meshes": [{"name": x["name"], "shape": x["shape"], "devices": x["devices"],
-                    "compiled_here": x["compiled_here"]} for x in m["meshes"]],
-        "executables": [{k: e.get(k) for k in ("mesh", "mode", "bucket", "file", "sha256", "compiled_here",
-                                               "compile_seconds", "cost", "probe")} for e in m["executables"]],
-        "weights_included": m.get("weights_included", True),
-        "logprobs": m.get("logprobs"),
-        "tf_savedmodel": (m.get("tf_savedmodel") or {}).get("signatures"),
-        "fastload": {p: {"jax_version": s["jax_version"], "files": len(s["files"])}
-                     for p, s in (m.get("fastload") or {}).items()},
-        "files": len(m["files"]),
-        "bytes": sum((root / f).stat().st_size for f in m["files"] if (root / f).is_file()),
+        "format_version": m.format_version,
+        "model": m.model.to_json(),
+        "dtype": m.dtype,
+        "platforms": list(m.platforms),
+        "jax_version": m.jax_version,
+        "jaxlib_version": m.jaxlib_version,
+        "cache": m.cache.to_json(),
+        "meshes": [{"name": x.name, "shape": list(x.shape), "devices": x.devices, "compiled_here": x.compiled_here}
+                   for x in m.meshes],
+        "executables": [{k: e.to_json().get(k) for k in EXECUTABLE_KEYS} for e in m.executables],
+        "weights_included": m.weights_included,
+        "logprobs": m.logprobs,
+        "tf_savedmodel": list(m.tf_savedmodel.signatures) if m.tf_savedmodel else None,
+        "fastload": {p: {"jax_version": s.jax_version, "files": len(s.files)} for p, s in m.fastload.items()},
+        "files": len(m.files),
+        "bytes": _artifact_bytes(root, m),
     }
+
+
+def _artifact_bytes(root: Path, m: fmt.Manifest) -> int:
+    return sum((root / f).stat().st_size for f in m.files if (root / f).is_file())
 
 
 def _bytes(n: int) -> str:
@@ -40,37 +45,42 @@ def _bytes(n: int) -> str:
     return f"{n} B"
 
 
-def _cost_columns(cost: dict | None) -> str:
+def _cost_columns(cost: fmt.Cost | None) -> str:
     """Per-device memory and FLOPs of an executable compiled at build time ("" if it wasn't)."""
-    if not cost or "temp_bytes" not in cost:
+    if cost is None or cost.temp_bytes is None:
         return ""
-    return (f"{'':14s} {_bytes(cost['argument_bytes']):>10s} {_bytes(cost['temp_bytes']):>10s} "
-            f"{_bytes(cost['output_bytes']):>10s} {cost['flops'] / 1e9:9.2f}")
+    return (f"{'':14s} {_bytes(cost.argument_bytes):>10s} {_bytes(cost.temp_bytes):>10s} "
+            f"{_bytes(cost.output_bytes):>10s} {cost.flops / 1e9:9.2f}")
+
+
+def _print(directory: str, m: fmt.Manifest) -> None:
+    model = m.model
+    print(f"{directory}: {model.name} ({model.num_layers} layers, {model.num_experts} experts, "
+          f"vocab {model.vocab_size}), {m.dtype}, format v{m.format_version}, jax {m.jax_version}")
+    print(f"platforms: {', '.join(m.platforms)}; {len(m.files)} files, "
+          f"{_artifact_bytes(Path(directory), m) / 2**20:.1f} MiB; "
+          f"fast-load: {', '.join(m.fastload) or 'none'}; top-{m.logprobs} logprobs"
+          + ("" if m.weights_included else "; executables only (no weights: cannot serve)"))
+    for mesh in m.meshes:
+        ex = m.executables_of(mesh.name)
+        print(f"mesh {mesh.name} ({mesh.devices} devices, "
+              f"{'compiled here' if mesh.compiled_here else 'exported only'}): {len(ex)} executables")
+        if any(e.cost for e in ex):
+            print(f"  {'per device:':>56s} {'arguments':>10s} {'temp':>10s} {'outputs':>10s} {'GFLOP':>9s}")
+        for e in ex:
+            b = e.bucket
+            print(f"  {e.mode:8s} tokens {b.tokens:4d} seqs {b.seqs:3d} global {b.global_len:5d}"
+                  + _cost_columns(e.cost))
 
 
 def inspect_main(directory: str, as_json: bool) -> int:
     try:
-        d = describe(Path(directory))
+        m = fmt.read_manifest(Path(directory))
+        if as_json:
+            print(json.dumps(describe(Path(directory), m), indent=1))
+        else:
+            _print(directory, m)
     except fmt.ArtifactError as e:
         print(f"python -m export inspect: error: {e}", file=sys.stderr)
         return 2
-    if as_json:
-        print(json.dumps(d, indent=1))
-        return 0
-    model = d["model"]
-    print(f"{directory}: {model['name']} ({model['num_layers']} layers, {model['num_experts']} experts, "
-          f"vocab {model['vocab_size']}), {d['dtype']}, format v{d['format_version']}, jax {d['jax_version']}")
-    print(f"platforms: {', '.join(d['platforms'])}; {d['files']} files, {d['bytes'] / 2**20:.1f} MiB; "
-          f"fast-load: {', '.join(d['fastload']) or 'none'}; top-{d['logprobs']} logprobs"
-          + ("" if d["weights_included"] else "; executables only (no weights: cannot serve)"))
-    for mesh in d["meshes"]:
-        ex = [e for e in d["executables"] if e["mesh"] == mesh["name"]]
-        print(f"mesh {mesh['name']} ({mesh['devices']} devices, "
-              f"{'compiled here' if mesh['compiled_here'] else 'exported only'}): {len(ex)} executables")
-        if any(e.get("cost") for e in ex):
-            print(f"  {'per device:':>56s} {'arguments':>10s} {'temp':>10s} {'outputs':>10s} {'GFLOP':>9s}")
-        for e in ex:
-            b = e["bucket"]
-            print(f"  {e['mode']:8s} tokens {b['tokens']:4d} seqs {b['seqs']:3d} global {b['global_len']:5d}"
-                  + _cost_columns(e.get("cost")))
     return 0

@@ -8,6 +8,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from runtime.format import Manifest
+
 
 class Reporter:
     def __init__(self, quiet: bool = False):
@@ -48,27 +50,27 @@ class Reporter:
         if self.progress:
             self.progress.update(self._export, advance=1, description=f"export {mesh} {bucket.name}")
 
-    def compiled(self, mesh, bucket, entry) -> None:
+    def compiled(self, mesh, bucket) -> None:
         if self.progress:
             self.progress.update(self._compile, advance=1, description=f"compile {mesh} {bucket.name}")
 
-    def summary(self, out: Path, manifest: dict) -> None:
+    def summary(self, out: Path, manifest: Manifest) -> None:
         if self.progress:
             self.progress.stop()
         if self.quiet:
             return
-        files = manifest["files"]
+        files = manifest.files
         size = lambda prefix: sum((out / f).stat().st_size for f in files if f.startswith(prefix))  # noqa: E731
         table = Table(title=f"{out}")
         for col in ("mesh", "executables", "compiled here", "export KiB", "compile s", "max probe error"):
             table.add_column(col, justify="right")
-        for mesh in manifest["meshes"]:
-            ex = [e for e in manifest["executables"] if e["mesh"] == mesh["name"]]
-            kib = sum((out / e["file"]).stat().st_size for e in ex) / 1024
-            compile_s = sum(e.get("compile_seconds", 0.0) for e in ex)
-            err = max((e.get("probe_max_error", 0.0) for e in ex), default=0.0)
-            table.add_row(mesh["name"], str(len(ex)), "yes" if mesh["compiled_here"] else "no (exported only)",
-                          f"{kib:.0f}", f"{compile_s:.1f}", f"{err:.1e}" if mesh["compiled_here"] else "-")
+        for mesh in manifest.meshes:
+            ex = manifest.executables_of(mesh.name)
+            kib = sum((out / e.file).stat().st_size for e in ex) / 1024
+            compile_s = sum(e.compile_seconds or 0.0 for e in ex)
+            err = max((e.probe_max_error or 0.0 for e in ex), default=0.0)
+            table.add_row(mesh.name, str(len(ex)), "yes" if mesh.compiled_here else "no (exported only)",
+                          f"{kib:.0f}", f"{compile_s:.1f}", f"{err:.1e}" if mesh.compiled_here else "-")
         self.console.print(table)
         self.console.print(f"weights {size('weights/') / 2**20:.1f} MiB, exports {size('exec/') / 2**20:.1f} MiB, "
                            f"fast-load {size('fastload/') / 2**20:.1f} MiB, {len(files)} files")

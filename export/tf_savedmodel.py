@@ -30,6 +30,7 @@ numbers), built here in a private descriptor pool, so no tensorflow-serving-api 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from functools import partial
 from pathlib import Path
 
@@ -38,6 +39,7 @@ import numpy as np
 from .errors import BuildError
 
 from dp_attention.model import BATCH_SPECS, FEED_INPUTS
+from runtime import format as fmt
 from runtime.verify import OUTPUT_NAMES
 
 SAVEDMODEL_DIR = "tf_savedmodel"
@@ -64,7 +66,7 @@ def signature_name(bucket_name: str) -> str:
 
 # ------------------------------------------------------------------------------------ the export
 
-def write_savedmodel(tmp: Path, manifest: dict, cfg, meshes, platforms) -> dict:
+def write_savedmodel(tmp: Path, manifest: fmt.Manifest, cfg, meshes, platforms) -> fmt.SavedModelEntry:
     """Write `tmp/tf_savedmodel/` for the 1x1 mesh of a build in progress (model config `cfg`, the
     manifest so far, with its weights and probes already in `tmp`); returns its manifest entry.
 
@@ -73,34 +75,31 @@ def write_savedmodel(tmp: Path, manifest: dict, cfg, meshes, platforms) -> dict:
     """
     from runtime.verify import tolerance
 
-
     reason = mesh_error(meshes)
     if reason:
         raise BuildError(reason)
-    if not manifest.get("weights_included", True):
+    if not manifest.weights_included:
         raise BuildError("--tf-savedmodel needs the weights; it can't be combined with --executables-only")
 
     import jax.numpy as jnp
     import tensorflow as tf
     from orbax.export import ExportManager, JaxModule, ServingConfig
 
-    from dp_attention import Bucket as StepBucket, MeshShape
-    from runtime.buckets import Bucket
+    from dp_attention import MeshShape
 
     shape = MeshShape(1, 1)
-    mesh_entry = next(m for m in manifest["meshes"] if m["name"] == str(shape))
-    weights = {name: _read_weight(tmp, w) for name, w in mesh_entry["weights"].items()}
-    dtype = np.dtype(jnp.dtype(manifest["dtype"]))
-    cache_shape = tuple(mesh_entry["cache_shape"])
-    num_logprobs = int(manifest["logprobs"])
+    mesh_entry = manifest.mesh(str(shape))
+    weights = {name: _read_weight(tmp, w) for name, w in mesh_entry.weights.items()}
+    dtype = np.dtype(jnp.dtype(manifest.dtype))
+    cache_shape = tuple(mesh_entry.cache_shape)
 
-    entries = [e for e in manifest["executables"] if e["mesh"] == str(shape)]
+    entries = manifest.executables_of(str(shape))
     apply_fns, serving, batches = {}, [], {}
     for e in entries:
-        b = Bucket.from_json(e["bucket"])
+        b = e.bucket
         name = signature_name(b.name)
-        apply_fns[name] = _apply(_one_device_step(cfg, StepBucket.like(b), num_logprobs))
-        spec = {k: tf.TensorSpec(e["batch_shapes"][k], tf.as_dtype(np.dtype(e["batch_dtypes"][k])), name=k)
+        apply_fns[name] = _apply(_one_device_step(cfg, b, manifest.logprobs))
+        spec = {k: tf.TensorSpec(e.batch_shapes[k], tf.as_dtype(np.dtype(e.batch_dtypes[k])), name=k)
                 for k in BATCH_INPUTS}
         spec[CACHE_INPUT] = tf.TensorSpec(cache_shape, tf.as_dtype(dtype), name=CACHE_INPUT)
         serving.append(ServingConfig(signature_key=name, input_signature=[spec], method_key=name))
@@ -118,18 +117,18 @@ def write_savedmodel(tmp: Path, manifest: dict, cfg, meshes, platforms) -> dict:
     with tf.io.TFRecordWriter(str(warmup)) as w:
         for name, batch in batches.items():
             w.write(warmup_record(name, batch, cache_shape, dtype).SerializeToString())
-    entry = {"dir": SAVEDMODEL_DIR, "signatures": list(apply_fns), "warmup": f"{SAVEDMODEL_DIR}/{WARMUP_FILE}",
-             "inputs": list(BATCH_INPUTS + (CACHE_INPUT,)), "outputs": list(OUTPUTS),
-             "cache_shape": list(cache_shape), "platforms": list(platforms)}
-    if "cpu" in platforms:
-        expected = {}
-        for e in entries:
-            if e.get("probe"):
-                probe = _load(tmp / e["probe"])
-                expected[signature_name(Bucket.from_json(e["bucket"]).name)] = (
-                    {k: probe[f"expected_{k}"] for k in OUTPUT_NAMES}, probe["num_seqs"])
-        entry["probe_max_error"] = _check(out, expected, tolerance(manifest["dtype"]))
-    return entry
+    entry = fmt.SavedModelEntry(dir=SAVEDMODEL_DIR, signatures=tuple(apply_fns),
+                                warmup=f"{SAVEDMODEL_DIR}/{WARMUP_FILE}", inputs=BATCH_INPUTS + (CACHE_INPUT,),
+                                outputs=OUTPUTS, cache_shape=cache_shape, platforms=tuple(platforms))
+    if "cpu" not in platforms:
+        return entry
+    expected = {}
+    for e in entries:
+        if e.probe:
+            probe = _load(tmp / e.probe)
+            expected[signature_name(e.bucket.name)] = ({k: probe[f"expected_{k}"] for k in OUTPUT_NAMES},
+                                                       probe["num_seqs"])
+    return dataclasses.replace(entry, probe_max_error=_check(out, expected, tolerance(manifest.dtype)))
 
 
 def _load(path: Path) -> dict[str, np.ndarray]:
@@ -138,13 +137,13 @@ def _load(path: Path) -> dict[str, np.ndarray]:
     return load_file(path)
 
 
-def _read_weight(tmp: Path, w: dict) -> np.ndarray:
+def _read_weight(tmp: Path, w: fmt.WeightEntry) -> np.ndarray:
     """One weight whole, as the 1x1 mesh places it: a stacked weight is its per-layer files stacked."""
-    tensors = [_load(tmp / rel)["tensor"] for rel in w["files"]]
-    array = np.stack(tensors) if w["stacked"] else tensors[0]
-    if list(array.shape) != list(w["shape"]):
-    
-        raise BuildError(f"weight files {w['files'][:1]}...: shape {list(array.shape)}, manifest says {w['shape']}")
+    tensors = [_load(tmp / rel)["tensor"] for rel in w.files]
+    array = np.stack(tensors) if w.stacked else tensors[0]
+    if array.shape != tuple(w.shape):
+        raise BuildError(f"weight files {list(w.files[:1])}...: shape {list(array.shape)}, manifest says "
+                         f"{list(w.shape)}")
     return array
 
 
@@ -155,7 +154,6 @@ def _check(saved_dir: Path, expected: dict[str, tuple[dict, np.ndarray]], tol: f
     from tensorflow.core.framework.tensor_pb2 import TensorProto
 
     from runtime.verify import compare_outputs
-
 
     loaded = tf.saved_model.load(str(saved_dir))
     errors = {}
@@ -238,15 +236,15 @@ def _apply(step):
     return apply
 
 
-def _probe_batch(tmp: Path, manifest: dict, entry: dict, bucket) -> dict[str, np.ndarray]:
+def _probe_batch(tmp: Path, manifest: fmt.Manifest, entry: fmt.ExecutableEntry, bucket) -> dict[str, np.ndarray]:
     """The golden probe batch of one executable (as the build wrote it, else regenerated alike)."""
-    if entry.get("probe"):
-        data = _load(tmp / entry["probe"])
+    if entry.probe:
+        data = _load(tmp / entry.probe)
         return {k: data[k] for k in BATCH_INPUTS}
     from .probes import make_probe
 
-    c = manifest["cache"]
-    _, batch = make_probe(bucket, 1, manifest["model"]["vocab_size"], c["page_size"], c["pages_per_seq"])
+    c = manifest.cache
+    _, batch = make_probe(bucket, 1, manifest.model.vocab_size, c.page_size, c.pages_per_seq)
     return {k: np.asarray(batch[k]) for k in BATCH_INPUTS}
 
 

@@ -9,6 +9,7 @@ without compiling. Nothing else in the artifact changes; the manifest is rewritt
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -22,19 +23,17 @@ from runtime import engine as rt_engine
 from runtime import format as fmt
 
 
-def warm(root: Path, jobs: int = 2, log=print) -> dict:
+def warm(root: Path, jobs: int = 2, log=print) -> fmt.FastLoadEntry:
     """Compile every export that fits this host into `root/fastload/<platform>/`; the new section."""
     manifest = fmt.read_manifest(root)
     fmt.verify_all(root, manifest)
     devices = jax.devices()
     platform = devices[0].platform
-    if platform not in manifest["platforms"]:
-        raise fmt.ArtifactError(f"{root}: built for platforms {manifest['platforms']}, this machine is {platform}")
-    rt_engine.check_device_kind(root, manifest, devices)
-    meshes = [m for m in manifest["meshes"] if m["devices"] <= len(devices)]
+    rt_engine.check_platform(root, manifest, devices)
+    meshes = [m for m in manifest.meshes if m.devices <= len(devices)]
     if not meshes:
         raise fmt.ArtifactError(f"{root}: no mesh fits this machine's {len(devices)} {platform} devices "
-                                f"(meshes: {', '.join(m['name'] for m in manifest['meshes'])})")
+                                f"(meshes: {', '.join(m.name for m in manifest.meshes)})")
     final = root / "fastload" / platform
     staging = root / "fastload" / f".{platform}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -43,27 +42,26 @@ def warm(root: Path, jobs: int = 2, log=print) -> dict:
         count = 0
         with rt_engine.compilation_cache_at(staging, write=True):
             for entry in meshes:
-                engine = rt_engine.Engine(root, manifest, entry, make_mesh(parse_mesh(entry["name"]), devices))
+                engine = rt_engine.Engine(root, manifest, entry, make_mesh(parse_mesh(entry.name), devices))
                 t0 = time.perf_counter()
                 engine.compile_all(jobs)
                 count += len(engine.buckets)
-                log(f"mesh {entry['name']}: compiled {len(engine.buckets)} executables in "
+                log(f"mesh {entry.name}: compiled {len(engine.buckets)} executables in "
                     f"{time.perf_counter() - t0:.1f} s")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    files = sorted(f.relative_to(root).as_posix() for f in final.rglob("*") if f.is_file())
-    old = (manifest.get("fastload") or {}).get(platform, {}).get("files", [])
-    for rel in old:
-        manifest["files"].pop(rel, None)
-    manifest["files"].update({rel: fmt.sha256_file(root / rel) for rel in files})
-    manifest.setdefault("fastload", {})[platform] = {
-        "jax_version": jax.__version__, "jaxlib_version": jax.lib.__version__, "files": files,
-        "meshes": [m["name"] for m in meshes], "executables": count}
-    fmt.write_json_atomic(root / fmt.MANIFEST, manifest)
-    return manifest["fastload"][platform]
+    files = tuple(sorted(f.relative_to(root).as_posix() for f in final.rglob("*") if f.is_file()))
+    old = manifest.fastload[platform].files if platform in manifest.fastload else ()
+    section = fmt.FastLoadEntry(jax_version=jax.__version__, jaxlib_version=jax.lib.__version__, files=files,
+                                meshes=tuple(m.name for m in meshes), executables=count)
+    checksums = {rel: sha for rel, sha in manifest.files.items() if rel not in old}
+    manifest = dataclasses.replace(manifest, fastload=manifest.fastload | {platform: section},
+                                   files=checksums | {rel: fmt.sha256_file(root / rel) for rel in files})
+    fmt.write_json_atomic(root / fmt.MANIFEST, manifest.to_json())
+    return section
 
 
 def warm_main(directory: str, jobs: int) -> int:
@@ -72,6 +70,6 @@ def warm_main(directory: str, jobs: int) -> int:
     except fmt.ArtifactError as e:
         print(f"python -m export warm: error: {e}", file=sys.stderr)
         return 2
-    print(f"{directory}: fast-load section for {jax.devices()[0].platform} with {section['executables']} "
-          f"executables ({len(section['files'])} files)")
+    print(f"{directory}: fast-load section for {jax.devices()[0].platform} with {section.executables} "
+          f"executables ({len(section.files)} files)")
     return 0

@@ -73,9 +73,10 @@ def _set_device_count(directory: str, processes: int) -> None:
     """Virtual CPU devices for this process's share of the artifact's largest mesh."""
     if DEVICE_FLAG in os.environ.get("XLA_FLAGS", ""):
         return
+    from .format import read_manifest  # no jax: the device count must be set before jax is imported
+
     try:
-        with open(os.path.join(directory, "manifest.json")) as f:
-            need = max(m["devices"] for m in json.load(f)["meshes"])
+        need = max(m.devices for m in read_manifest(directory).meshes)
     except Exception:  # the loader reports a bad manifest properly
         need = 8
     per_process = -(-need // processes)

@@ -88,21 +88,21 @@ class LoadInfo:
 class Engine:
     """A loaded artifact on this machine's devices: weights, ready executables, the KV cache."""
 
-    def __init__(self, root: Path, manifest: dict, mesh_entry: dict, mesh: Mesh):
-        self.root, self.manifest, self.mesh_entry, self.mesh = root, manifest, mesh_entry, mesh
-        model = manifest["model"]
-        cache = manifest["cache"]
-        self.dp = mesh_entry["shape"][0]
-        self.vocab_size = model["vocab_size"]
-        self.num_logprobs = int(manifest.get("logprobs", 0))
-        self.page_size, self.num_pages, self.pages_per_seq = cache["page_size"], cache["num_pages"], cache["pages_per_seq"]
-        self.entries = {Bucket.from_json(e["bucket"]): e for e in manifest["executables"]
-                        if e["mesh"] == mesh_entry["name"]}
+    def __init__(self, root: Path, manifest: fmt.Manifest, mesh_entry: fmt.MeshEntry, mesh: Mesh):
+        """Nothing is read or compiled yet: the builder runs an engine over the artifact it is
+        writing (its manifest not yet on disk) exactly as the loader does over a finished one."""
+        self.root, self.manifest, self.mesh_entry, self.mesh = Path(root), manifest, mesh_entry, mesh
+        cache = manifest.cache
+        self.dp = mesh_entry.dp
+        self.vocab_size = manifest.model.vocab_size
+        self.num_logprobs = manifest.logprobs
+        self.page_size, self.num_pages, self.pages_per_seq = cache.page_size, cache.num_pages, cache.pages_per_seq
+        self.entries: dict[Bucket, fmt.ExecutableEntry] = {e.bucket: e
+                                                           for e in manifest.executables_of(mesh_entry.name)}
         self.buckets = sorted(self.entries)
         # Bytes each executable's collectives move per step, measured at build: what `choose` weighs.
-        self.bucket_cost = {b: e["cost"]["collective_bytes"] for b, e in self.entries.items()
-                            if "collective_bytes" in (e.get("cost") or {})} or None
-        self._batch_shardings = {k: NamedSharding(mesh, fmt.spec_from_json(v)) for k, v in mesh_entry["batch_specs"].items()}
+        self.bucket_cost = {b: e.cost.collective_bytes for b, e in self.entries.items() if e.cost is not None} or None
+        self._batch_shardings = {k: NamedSharding(mesh, fmt.spec_from_json(v)) for k, v in mesh_entry.batch_specs.items()}
         self.compiled: dict[Bucket, jax.stages.Compiled] = {}
         self._single_process = jax.process_count() == 1
         self.weights = None
@@ -110,6 +110,18 @@ class Engine:
         self.carry = None  # the last step's sampled tokens, on the device (see dispatch)
         self.load_info: LoadInfo | None = None
         self._compiles_after_load = 0
+
+    # ---------------------------------------------------------------- executables
+
+    def executable(self, bucket: Bucket) -> jax.stages.Compiled:
+        """The ready executable of `bucket` (KeyError if it isn't compiled or installed)."""
+        return self.compiled[bucket]
+
+    def install(self, bucket: Bucket, compiled) -> None:
+        """Make `compiled` (anything called as (weights, cache, batch) -> (outputs, cache)) the one
+        `run` calls for `bucket`: the builder installs what it just compiled and timed, a baseline
+        installs a jitted step."""
+        self.compiled[bucket] = compiled
 
     # ---------------------------------------------------------------- serving
 
@@ -168,32 +180,32 @@ class Engine:
     # ---------------------------------------------------------------- loading
 
     def zero_cache(self) -> jax.Array:
-        sharding = NamedSharding(self.mesh, fmt.spec_from_json(self.mesh_entry["cache_spec"]))
-        shape, dtype = tuple(self.mesh_entry["cache_shape"]), np.dtype(jax.numpy.dtype(self.manifest["dtype"]))
+        sharding = NamedSharding(self.mesh, fmt.spec_from_json(self.mesh_entry.cache_spec))
+        shape, dtype = tuple(self.mesh_entry.cache_shape), np.dtype(jax.numpy.dtype(self.manifest.dtype))
         # Each device's zeros made on the host one shard at a time: the whole cache never is.
         return jax.make_array_from_callback(shape, sharding, lambda idx: np.zeros(_shard_shape(shape, idx), dtype))
 
     def zero_carry(self) -> jax.Array:
         """The sampled-token carry before any step: [dp, C] int32, sharded like the batch."""
-        shape = tuple(next(iter(self.entries.values()))["batch_shapes"]["prev_tokens"])
+        shape = tuple(next(iter(self.entries.values())).batch_shapes["prev_tokens"])
         sharding = self._batch_shardings["prev_tokens"]
         return jax.make_array_from_callback(shape, sharding, lambda idx: np.zeros(_shard_shape(shape, idx), np.int32))
 
     def load_weights(self):
-        if not self.manifest.get("weights_included", True):
+        if not self.manifest.weights_included:
             raise fmt.ArtifactError(f"{self.root}: built with --executables-only, so it holds no weights and "
                                     "cannot serve; build it again without --executables-only")
-        self.weights = {name: self._load_weight(name, w) for name, w in self.mesh_entry["weights"].items()}
+        self.weights = {name: self._load_weight(name, w) for name, w in self.mesh_entry.weights.items()}
 
-    def _load_weight(self, name: str, w: dict) -> jax.Array:
+    def _load_weight(self, name: str, w: fmt.WeightEntry) -> jax.Array:
         """One weight into its sharding; a stacked weight has one file per layer, read per shard."""
-        shape = tuple(w["shape"])
-        per_file = shape[1:] if w["stacked"] else shape
-        if len(w["files"]) != (shape[0] if w["stacked"] else 1):
-            raise fmt.ArtifactError(f"{self.root / fmt.MANIFEST}: weight {name!r} lists {len(w['files'])} files "
+        shape = tuple(w.shape)
+        per_file = shape[1:] if w.stacked else shape
+        if len(w.files) != (shape[0] if w.stacked else 1):
+            raise fmt.ArtifactError(f"{self.root / fmt.MANIFEST}: weight {name!r} lists {len(w.files)} files "
                                     f"for shape {list(shape)}")
         tensors = []
-        for rel in w["files"]:
+        for rel in w.files:
             path = fmt.resolve(self.root, rel)
             tensor = safe_open(path, "numpy").get_slice("tensor")
             if tuple(tensor.get_shape()) != per_file:
@@ -201,27 +213,27 @@ class Engine:
             tensors.append(tensor)
 
         def shard(idx):
-            if not w["stacked"]:
+            if not w.stacked:
                 return tensors[0][idx]
             return np.stack([t[idx[1:]] for t in tensors[idx[0]]])
 
-        return jax.make_array_from_callback(shape, NamedSharding(self.mesh, fmt.spec_from_json(w["spec"])), shard)
+        return jax.make_array_from_callback(shape, NamedSharding(self.mesh, fmt.spec_from_json(w.spec)), shard)
 
     def abstract_args(self, bucket: Bucket):
         """The executable's arguments as shapes and shardings, from the manifest alone."""
         ns = lambda spec: NamedSharding(self.mesh, fmt.spec_from_json(spec))  # noqa: E731
         sds = lambda shape, dtype, spec: jax.ShapeDtypeStruct(tuple(shape), jax.numpy.dtype(dtype), sharding=ns(spec))  # noqa: E731
-        weights = {k: sds(w["shape"], w["dtype"], w["spec"]) for k, w in self.mesh_entry["weights"].items()}
-        cache = sds(self.mesh_entry["cache_shape"], self.manifest["dtype"], self.mesh_entry["cache_spec"])
+        weights = {k: sds(w.shape, w.dtype, w.spec) for k, w in self.mesh_entry.weights.items()}
+        cache = sds(self.mesh_entry.cache_shape, self.manifest.dtype, self.mesh_entry.cache_spec)
         entry = self.entries[bucket]
-        batch = {k: sds(entry["batch_shapes"][k], entry["batch_dtypes"][k], spec)
-                 for k, spec in self.mesh_entry["batch_specs"].items()}
+        batch = {k: sds(entry.batch_shapes[k], entry.batch_dtypes[k], spec)
+                 for k, spec in self.mesh_entry.batch_specs.items()}
         return weights, cache, batch
 
     def compile_one(self, bucket: Bucket) -> jax.stages.Compiled:
         """Deserialize one portable export and compile it for these devices (the cache donated)."""
         entry = self.entries[bucket]
-        path = fmt.resolve(self.root, entry["file"])
+        path = fmt.resolve(self.root, entry.file)
         try:
             exported = jax.export.deserialize(bytearray(path.read_bytes()))
         except Exception as e:  # a corrupted file that still matched its checksum, or a newer jax format
@@ -231,34 +243,36 @@ class Engine:
     def compile_all(self, jobs: int):
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             for bucket, compiled in zip(self.buckets, pool.map(self.compile_one, self.buckets)):
-                self.compiled[bucket] = compiled
+                self.install(bucket, compiled)
 
 
-def check_device_kind(root: Path, manifest: dict, devices) -> None:
-    """An artifact lowered for one TPU generation (its fa kernel tuned for it) runs only there."""
-    kind = manifest.get("tpu_device_kind")
+def check_platform(root: Path, manifest: fmt.Manifest, devices) -> None:
+    """Exports run only on the platforms they were lowered for, and the fa kernel only on the TPU
+    generation it was tuned for."""
+    platform = devices[0].platform
+    if platform not in manifest.platforms:
+        raise fmt.ArtifactError(f"{root}: built for platforms {list(manifest.platforms)}, this machine is {platform}")
+    kind = manifest.tpu_device_kind
     if devices[0].platform == "tpu" and kind and devices[0].device_kind != kind:
         raise fmt.ArtifactError(f"{root}: built for {kind} (--tpu-generation), this machine's TPUs are "
                                 f"{devices[0].device_kind}; build again for this generation")
 
 
-def _pick_mesh(root: Path, manifest: dict, devices, mesh: str | None) -> dict:
-    meshes = manifest["meshes"]
-    names = ", ".join(f"{m['name']} ({m['devices']} devices)" for m in meshes)
+def _pick_mesh(root: Path, manifest: fmt.Manifest, devices, mesh: str | None) -> fmt.MeshEntry:
+    names = ", ".join(f"{m.name} ({m.devices} devices)" for m in manifest.meshes)
     if mesh is not None:
-        found = [m for m in meshes if m["name"] == mesh]
-        if not found:
+        chosen = manifest.mesh(mesh)
+        if chosen is None:
             raise fmt.ArtifactError(f"{root}: no mesh {mesh} in this artifact; it has {names}")
-        chosen = found[0]
     else:
-        fitting = [m for m in meshes if m["devices"] <= len(devices)]
+        fitting = [m for m in manifest.meshes if m.devices <= len(devices)]
         if not fitting:
             raise fmt.ArtifactError(
                 f"{root}: built for meshes {names}; this machine has {len(devices)} "
                 f"{devices[0].platform} devices")
-        chosen = max(fitting, key=lambda m: m["devices"])
-    if chosen["devices"] > len(devices):
-        raise fmt.ArtifactError(f"{root}: mesh {chosen['name']} needs {chosen['devices']} devices, "
+        chosen = max(fitting, key=lambda m: m.devices)
+    if chosen.devices > len(devices):
+        raise fmt.ArtifactError(f"{root}: mesh {chosen.name} needs {chosen.devices} devices, "
                                 f"this machine has {len(devices)} {devices[0].platform} devices")
     return chosen
 
@@ -286,16 +300,16 @@ def compilation_cache_at(directory: Path | None, write: bool = False):
         compilation_cache.reset_cache()
 
 
-def _fast_load_dir(root: Path, manifest: dict, platform: str) -> tuple[Path | None, str]:
+def _fast_load_dir(root: Path, manifest: fmt.Manifest, platform: str) -> tuple[Path | None, str]:
     """A private copy of the fast-load cache if it matches this platform and jax exactly."""
-    section = (manifest.get("fastload") or {}).get(platform)
+    section = manifest.fastload.get(platform)
     if not section:
         return None, f"no fast-load section for {platform}"
-    if section["jax_version"] != jax.__version__ or section["jaxlib_version"] != jax.lib.__version__:
-        return None, (f"fast-load built with jax {section['jax_version']}, this is {jax.__version__}; "
+    if section.jax_version != jax.__version__ or section.jaxlib_version != jax.lib.__version__:
+        return None, (f"fast-load built with jax {section.jax_version}, this is {jax.__version__}; "
                       f"compiling the portable exports instead")
     private = Path(tempfile.mkdtemp(prefix="aot-fastload-"))
-    for rel in section["files"]:
+    for rel in section.files:
         # verified by checksum in load() before we get here; copy so serving never writes there
         shutil.copy(fmt.resolve(root, rel), private / Path(rel).name)
     return private, "fast-load cache matched"
@@ -311,15 +325,13 @@ def load(path: str | Path, *, mesh: str | None = None, devices=None, jobs: int =
     fmt.verify_all(root, manifest)
     devices = list(jax.devices() if devices is None else devices)
     platform = devices[0].platform
-    if platform not in manifest["platforms"]:
-        raise fmt.ArtifactError(f"{root}: built for platforms {manifest['platforms']}, this machine is {platform}")
-    check_device_kind(root, manifest, devices)
+    check_platform(root, manifest, devices)
     chosen = _pick_mesh(root, manifest, devices, mesh)
-    dp, tp = chosen["shape"]
+    dp, tp = chosen.shape
     grid = np.array(devices[: dp * tp]).reshape(dp, tp)
     engine = Engine(root, manifest, chosen, Mesh(grid, ("data", "tensor")))
     if not engine.buckets:
-        raise fmt.ArtifactError(f"{root}: mesh {chosen['name']} has no executables")
+        raise fmt.ArtifactError(f"{root}: mesh {chosen.name} has no executables")
     engine.load_weights()
     engine.reset_cache()
 
@@ -331,6 +343,6 @@ def load(path: str | Path, *, mesh: str | None = None, devices=None, jobs: int =
     finally:
         if cache_dir is not None:
             shutil.rmtree(cache_dir, ignore_errors=True)
-    engine.load_info = LoadInfo(chosen["name"], len(engine.buckets), cache_dir is not None,
+    engine.load_info = LoadInfo(chosen.name, len(engine.buckets), cache_dir is not None,
                                 _the_counter().cache_hits - hits_before, time.perf_counter() - t0, note)
     return engine

@@ -53,7 +53,7 @@ class ServerState:
         try:
             engine = load(self.artifact, **self.load_kwargs)
             self.tokenizer = TextTokenizer.from_dir(Path(self.artifact) / "tokenizer")
-            self.model_name = self.model_name or engine.manifest["model"]["name"]
+            self.model_name = self.model_name or engine.manifest.model.name
             eos = self.tokenizer.eos_ids if self.tokenizer else ()
             channel = None
             if self.multi_process:

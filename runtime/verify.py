@@ -47,13 +47,13 @@ def compare_outputs(got: dict, expected: dict, num_seqs, greedy, tol: float) -> 
 def verify(engine) -> list[dict]:
     """One row per executable: bucket, max |difference| on real rows, ok."""
     rows = []
-    tol = tolerance(engine.manifest["dtype"])
+    tol = tolerance(engine.manifest.dtype)
     for bucket in engine.buckets:
         entry = engine.entries[bucket]
-        if "probe" not in entry:
+        if entry.probe is None:
             rows.append({"bucket": bucket.name, "error": None, "ok": False, "why": "no probe in the artifact"})
             continue
-        probe = load_file(fmt.resolve(engine.root, entry["probe"]))
+        probe = load_file(fmt.resolve(engine.root, entry.probe))
         expected = {k: probe.pop(f"expected_{k}") for k in OUTPUT_NAMES}
         num_seqs = probe.pop("num_seqs")
         got = engine.run(bucket, probe)

@@ -65,3 +65,18 @@ def test_built_artifact_records_collective_bytes(tiny_engine):
     # more than SUM_LEN with a buffer of T rows (two all-reduces of T rows): T rows fewer per layer.
     assert by[(MAX_LEN, 16, 32)] > by[(SUM_LEN, 16, 16)]
     assert by[(SUM_LEN, 32, 32)] > by[(SUM_LEN, 16, 16)]
+
+
+def test_one_bucket_type_for_runtime_and_model():
+    """The model's step and the runtime key executables by the same Bucket: a mode spelled as in
+    JSON or flags ("max_len") and the model's enum give one bucket, one hash, one name."""
+    import dp_attention
+    from dp_attention import DpPaddingMode
+
+    assert dp_attention.Bucket is Bucket
+    from_flag, from_model = Bucket("max_len", 4, 2, 8), Bucket(DpPaddingMode.MAX_LEN, 4, 2, 8)
+    assert from_flag == from_model and hash(from_flag) == hash(from_model)
+    assert from_flag.mode is DpPaddingMode.MAX_LEN and from_flag.name == "max_len-t4-s2-g8"
+    assert {"max_len": 1}[from_model.mode] == 1 and {from_model.mode: 1}["max_len"] == 1
+    with pytest.raises(ValueError, match="fast"):
+        Bucket("fast", 4, 2, 8)

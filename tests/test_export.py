@@ -1,5 +1,6 @@
 """`python -m export build`: every export round-trips, the build is atomic, idempotent and checked."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -15,8 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import build_artifact
-from dp_attention import (PRESETS, Bucket as StepBucket, CacheShape, Layout, MeshShape, init_cache,
-                          jit_step, weight_specs)
+from dp_attention import PRESETS, CacheShape, Layout, MeshShape, ModelConfig, init_cache, jit_step, weight_specs
 from export.probes import make_probe
 from runtime import format as fmt
 from runtime.engine import load
@@ -35,15 +35,14 @@ def test_every_export_equals_in_process_step(tiny_artifact, tiny_engine):
     engine = load(tiny_artifact, fast_load=False)
     assert not engine.load_info.fast_load
     cfg, shape = PRESETS["qwen3-moe-tiny"], MeshShape(2, 4)
-    m = engine.manifest["cache"]
-    cache = CacheShape(m["num_pages"], m["page_size"], m["pages_per_seq"])
+    m = engine.manifest.cache
+    cache = CacheShape(m.num_pages, m.page_size, m.pages_per_seq)
     specs = weight_specs(cfg, shape)
     modes = set()
     for bucket in engine.buckets:
         groups, batch = make_probe(bucket, 2, cfg.vocab_size, cache.page_size, cache.pages_per_seq, seed=7)
         got = engine.run(bucket, batch)
-        step = jit_step(cfg, StepBucket.like(bucket),
-                        engine.mesh, specs)
+        step = jit_step(cfg, bucket, engine.mesh, specs)
         kv = init_cache(cfg, Layout.for_mesh(cfg, shape), engine.mesh, cache, jnp.float32)
         want, _ = step(engine.weights, kv, batch)
         want = {k: np.asarray(v) for k, v in want.items()}
@@ -53,7 +52,7 @@ def test_every_export_equals_in_process_step(tiny_artifact, tiny_engine):
         assert not why, f"{bucket.name}: {why}"
         for g, n in enumerate(num_seqs):  # the same ids, and every sampled output there
             assert got["tokens"][g, :n].tolist() == want["tokens"][g, :n].tolist()
-            assert got["top_logprobs"].shape[-1] == engine.manifest["logprobs"] == 8
+            assert got["top_logprobs"].shape[-1] == engine.manifest.logprobs == 8
         modes.add(bucket.mode)
     assert modes == {"max_len", "sum_len"}
 
@@ -71,16 +70,16 @@ def test_executables_only_from_a_real_config_alone(tmp_path, golden_dir):
                 "--page-size", "16", "--pages-per-group", "64", "--out", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
     m = fmt.read_manifest(out)
-    assert m["weights_included"] is False and m["model"]["num_layers"] == 48
-    assert not any(f.startswith(("weights/", "probes/")) for f in m["files"])
-    (e,) = m["executables"]
-    assert "probe" not in e and e["compiled_here"]
-    assert e["cost"]["temp_bytes"] > 0 and e["cost"]["argument_bytes"] > 1e9  # 30B of bf16 over 8 devices
+    assert m.weights_included is False and m.model.num_layers == 48
+    assert not any(f.startswith(("weights/", "probes/")) for f in m.files)
+    (e,) = m.executables
+    assert e.probe is None and "probe" not in e.to_json() and e.compiled_here
+    assert e.cost.temp_bytes > 0 and e.cost.argument_bytes > 1e9  # 30B of bf16 over 8 devices
     # Loops counted by trip count: at least the q/k/v projections of all 48 scanned layers.
-    c = m["model"]
-    projections = 2 * c["hidden_size"] * (c["num_heads"] + 2 * c["num_kv_heads"]) * c["head_dim"] * 48 * 2 * 8 / 8
-    assert e["cost"]["flops"] > projections
-    jax.export.deserialize(bytearray((out / e["file"]).read_bytes()))  # the round trip
+    c = ModelConfig.from_json(m.model.to_json())
+    projections = 2 * c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim * 48 * 2 * 8 / 8
+    assert e.cost.flops > projections
+    jax.export.deserialize(bytearray((out / e.file).read_bytes()))  # the round trip
     r = run_cli("export", "inspect", str(out))
     assert r.returncode == 0 and "temp" in r.stdout and "GFLOP" in r.stdout, r.stdout + r.stderr
     r = run_cli("runtime", "generate", str(out), "--prompt-ids", "1,2")
@@ -90,14 +89,14 @@ def test_executables_only_from_a_real_config_alone(tmp_path, golden_dir):
 
 def test_manifest_describes_what_was_built(tiny_artifact):
     m = fmt.read_manifest(tiny_artifact)
-    assert m["jax_version"] and m["platforms"] == ["cpu"]
-    ex = m["executables"]
-    assert {e["mode"] for e in ex} == {"max_len", "sum_len"}
+    assert m.jax_version and m.platforms == ("cpu",)
+    ex = m.executables
+    assert {e.mode for e in ex} == {"max_len", "sum_len"}
     for e in ex:
-        assert e["compiled_here"] and e["sha256"] == m["files"][e["file"]]
-        assert e["cost"]["flops"] > 0 and e["cost"]["collectives"]
-    assert m["fastload"]["cpu"]["files"]
-    assert all(f in m["files"] for f in m["fastload"]["cpu"]["files"])
+        assert e.compiled_here and e.sha256 == m.files[e.file]
+        assert e.cost.flops > 0 and e.cost.collectives
+    assert m.fastload["cpu"].files
+    assert all(f in m.files for f in m.fastload["cpu"].files)
 
 
 def test_tpu_4x8_exports_from_abstract_shapes(tmp_path):
@@ -129,7 +128,7 @@ def test_flipped_byte_in_any_file_is_detected(tiny_artifact, tmp_path):
     manifest = fmt.read_manifest(tiny_artifact)
     copy = tmp_path / "copy"
     shutil.copytree(tiny_artifact, copy)
-    for rel in manifest["files"]:
+    for rel in manifest.files:
         path = copy / rel
         original = path.read_bytes()
         flipped = bytearray(original)
@@ -140,7 +139,7 @@ def test_flipped_byte_in_any_file_is_detected(tiny_artifact, tmp_path):
         path.write_bytes(original)
     # and through the real loader, for each kind of file
     for prefix in ("weights/", "exec/", "probes/", "fastload/"):
-        rel = next(f for f in manifest["files"] if f.startswith(prefix))
+        rel = next(f for f in manifest.files if f.startswith(prefix))
         path = copy / rel
         original = path.read_bytes()
         path.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
@@ -194,16 +193,17 @@ def test_warm_adds_a_fast_load_section_and_nothing_else(tmp_path):
     load takes every executable from the cache; no other file changed."""
     out = build_artifact(tmp_path / "cold", ladder=(4, 16), fast_load=False, modes=("max_len",))
     before = fmt.read_manifest(out)
-    assert not before["fastload"]
+    assert not before.fastload
     cold = load(out)
     assert cold.load_info.fast_load_hits == 0
     r = run_cli("export", "warm", str(out))
     assert r.returncode == 0, r.stderr
     after = fmt.read_manifest(out)
-    section = after["fastload"]["cpu"]
-    assert section["executables"] == len(cold.buckets) and section["files"]
+    section = after.fastload["cpu"]
+    assert section.executables == len(cold.buckets) and section.files
     fmt.verify_all(out, after)
-    assert {k: v for k, v in after["files"].items() if not k.startswith("fastload/")} == before["files"]
+    assert {k: v for k, v in after.files.items() if not k.startswith("fastload/")} == before.files
+    assert dataclasses.replace(after, fastload={}, files=before.files) == before  # nothing else changed
     warm = load(out)
     assert warm.load_info.fast_load and warm.load_info.fast_load_hits == len(warm.buckets)
     r = run_cli("export", "warm", str(tmp_path / "nothing-here"))

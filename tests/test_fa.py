@@ -16,6 +16,7 @@ from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ref_ragged_pa
 from dp_attention import DpPaddingMode, MeshShape
 from dp_attention.ragged import ragged_paged_attention_reference
 from driver import StepDriver
+from runtime import format as fmt
 from runtime.batching import Chunk
 
 from test_export import ROOT, run_cli
@@ -86,11 +87,11 @@ def test_tpu_export_holds_the_kernel(tmp_path, golden_dir):
                 "--tpu-generation", "v6e", "--padding-modes", "max_len", "--buckets", str(buckets), "--out", str(out),
                 "--quiet")
     assert r.returncode == 0, r.stderr
-    m = json.loads((out / "manifest.json").read_text())
-    assert m["attention"] == "fa" and m["tpu_device_kind"] == "TPU v6 lite"
-    assert m["meshes"][0]["cache_shape"][-1] == 128  # head_dim 32 padded to the kernel's lanes
-    for e in m["executables"]:
-        exported = jax.export.deserialize(bytearray((out / e["file"]).read_bytes()))
+    m = fmt.read_manifest(out)
+    assert m.attention == "fa" and m.tpu_device_kind == "TPU v6 lite"
+    assert m.meshes[0].cache_shape[-1] == 128  # head_dim 32 padded to the kernel's lanes
+    for e in m.executables:
+        exported = jax.export.deserialize(bytearray((out / e.file).read_bytes()))
         assert exported.platforms == ("tpu",)
         assert "tpu_custom_call" in exported.mlir_module()
     r = run_cli("export", "build", "--model", str(golden_dir / "hf-tiny-b"), "--platform", "cpu,tpu",

@@ -89,6 +89,7 @@ def _outside(m):
     ("missing", "missing (listed in the manifest)"),
     ("no_manifest", "manifest.json: missing"),
     ("bad_json", "manifest.json: not valid JSON"),
+    ("wrong_type", "manifest.json: field executables[3].bucket.tokens: expected an integer, found string \"4\""),
 ])
 def test_bad_artifacts(artifact_copy, capsys, case, message):
     root = artifact_copy
@@ -115,6 +116,8 @@ def test_bad_artifacts(artifact_copy, capsys, case, message):
         (root / "manifest.json").unlink()
     elif case == "bad_json":
         (root / "manifest.json").write_text("{not json")
+    elif case == "wrong_type":
+        edit_manifest(root, lambda m: m["executables"][3]["bucket"].update(tokens="4"))
     code, out, err = run_main(capsys, "generate", str(root), "--prompt-ids", "1,2,3")
     assert_one_line(code, err, message)
     assert out == ""

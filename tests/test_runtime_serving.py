@@ -94,21 +94,21 @@ def test_compile_counter_positive_control(tiny_engine):
     jax.jit(lambda x: x * 3 + 1)(np.arange(7))
     assert compile_count() - before >= 1
     bucket = tiny_engine.buckets[0]
-    ready = tiny_engine.compiled[bucket]
+    ready = tiny_engine.executable(bucket)
     seen = tiny_engine.compiles_after_load
     try:
         def with_a_compile(w, kv, b):  # a step that, like a missing executable would, compiles
             jax.jit(lambda x: x + 1)(np.arange(3))
             return ready(w, kv, b)
 
-        tiny_engine.compiled[bucket] = with_a_compile
+        tiny_engine.install(bucket, with_a_compile)
         from export.probes import make_probe
 
         _, batch = make_probe(bucket, tiny_engine.dp, VOCAB, tiny_engine.page_size, tiny_engine.pages_per_seq)
         tiny_engine.run(bucket, batch)
         assert tiny_engine.compiles_after_load - seen >= 1
     finally:
-        tiny_engine.compiled[bucket] = ready
+        tiny_engine.install(bucket, ready)
         tiny_engine._compiles_after_load = seen
 
 
