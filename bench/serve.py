@@ -55,14 +55,15 @@ def cpu_seconds(pid: int) -> float:
 
 
 class Server:
-    def __init__(self, artifact):
+    def __init__(self, artifact, max_queue: int = 256):
         import httpx
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="bench-serve-", suffix=".log", delete=False)
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, "-m", "runtime", "serve", str(artifact), "--port", str(self.port)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "runtime", "serve", str(artifact), "--port", str(self.port),
+                                      "--max-queue", str(max_queue)],
                                      cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 300
         while time.time() < deadline:
@@ -224,7 +225,7 @@ def serve_all(args, trace, eos) -> tuple[dict, list[dict]]:
     n = len(prompts)
     unit = np.random.default_rng(args.seed + 1).exponential(1.0, n)  # the same draws, scaled per rate
     unit = np.cumsum(unit) - unit[0]
-    server = Server(ARTIFACT)
+    server = Server(ARTIFACT, max_queue=max(256, n))  # "all at once" queues every request
     print(f"server ready in {server.ready_s:.1f} s on port {server.port} (model {server.model})")
     runs = []
     try:

@@ -103,6 +103,10 @@ class Engine:
         # Bytes each executable's collectives move per step, measured at build: what `choose` weighs.
         self.bucket_cost = {b: e.cost.collective_bytes for b, e in self.entries.items() if e.cost is not None} or None
         self._batch_shardings = {k: NamedSharding(mesh, fmt.spec_from_json(v)) for k, v in mesh_entry.batch_specs.items()}
+        # Seconds per step, measured at build on this platform: how the scheduler sizes prefill steps.
+        platform = mesh.devices.flat[0].platform
+        timed = {b: (e.step_seconds or {}).get(platform) for b, e in self.entries.items()}
+        self.step_seconds = timed if timed and all(t is not None for t in timed.values()) else None
         self.compiled: dict[Bucket, jax.stages.Compiled] = {}
         self._single_process = jax.process_count() == 1
         self.weights = None

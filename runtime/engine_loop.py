@@ -69,6 +69,9 @@ class EngineLoop:
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self.error: BaseException | None = None
+        # Called on the loop thread after each round of callbacks (a step's tokens, refused
+        # submissions): a consumer that batches its hand-overs flushes them here, once per step.
+        self.after_callbacks: Callable[[], None] = lambda: None
 
     # ---------------------------------------------------------------- the HTTP side
 
@@ -130,6 +133,7 @@ class EngineLoop:
             while not self._stop.is_set():
                 self._admit_new()
                 self._apply_cancels()
+                self.after_callbacks()
                 if not self.scheduler.busy:
                     self._wake.wait(0.05)
                     self._wake.clear()
@@ -143,11 +147,13 @@ class EngineLoop:
                 self.stats.step_seconds.append(time.perf_counter() - t0)
                 for r in served:
                     self._deliver(r)
+                self.after_callbacks()
         except BaseException as e:  # the engine failed: every open request hears of it
             self.error = e
             for h in self._open_handles():
                 h.done = True
                 h.on_event(e)
+            self.after_callbacks()
 
     def _deliver(self, r) -> None:
         h: Handle = r.tag

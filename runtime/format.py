@@ -396,6 +396,9 @@ class ExecutableEntry(Record):
     cost: Cost | None = field(record(Cost), omit_none=True, default=None)
     probe: str | None = field(STR, omit_none=True, default=None)
     probe_max_error: float | None = field(NUMBER, omit_none=True, default=None)
+    # Per platform it was timed on (a build with weights times it where it compiles it): median
+    # seconds of one step on its probe batch, transfers included. The scheduler sizes prefill by it.
+    step_seconds: dict[str, float] | None = field(map_of(NUMBER), omit_none=True, default=None)
     sha256: str | None = field(STR, omit_none=True, default=None)
 
     @property

@@ -77,7 +77,8 @@ def test_a_broken_field_names_file_field_expected_and_found(tiny_artifact, tmp_p
 def test_fields_filled_later_are_absent_until_then(tiny_artifact):
     """A build in progress writes no key for what it hasn't measured yet (not null)."""
     e = fmt.read_manifest(tiny_artifact).executables[0]
-    bare = dataclasses.replace(e, compile_seconds=None, cost=None, probe=None, probe_max_error=None, sha256=None)
+    bare = dataclasses.replace(e, compile_seconds=None, cost=None, probe=None, probe_max_error=None, sha256=None,
+                               step_seconds=None)
     assert list(bare.to_json()) == ["mesh", "mode", "bucket", "file", "compiled_here", "export_seconds",
                                     "batch_shapes", "batch_dtypes"]
     assert fmt.ExecutableEntry.from_json(bare.to_json()) == bare
