@@ -6,13 +6,20 @@ depends only on the schedule, not on the numbers). Planned ladders come from the
 Efficiency = real tokens / padded tokens (dp x bucket tokens per step); executables are per mesh.
 A planned ladder is also scored on a held-out trace (another seed of the same workload), beside the
 fixed ladders on that trace: a ladder fitted to one trace must not be judged on that trace alone.
+
+Sized rows: the scheduler given each executable's step time (as the engine gives it the times the
+build measured) sizes prefill steps to the bucket with the least time per real token. The stand-in
+has no executables of its own, so its times are a line a + b * (padded tokens) fitted to the default
+artifact's measured step times; `modelled_s` is the run's total under that line, so a sized
+schedule is seen to cost less time, not only to pad less. Also scored: an offline batch of 64
+long-tailed prompts with 24 new tokens each.
 """
 
 import json
 
 import numpy as np
 
-from bench.common import RESULTS, make_trace, write_result
+from bench.common import RESULTS, ensure_artifact, make_trace, write_result
 from export.build import BuildConfig
 from runtime.buckets import ladder_from_trace, plan
 from runtime.scheduler import generate
@@ -34,15 +41,47 @@ class PaddingOnly:
                 "logprobs": np.zeros((self.dp, bucket.seqs), np.float32)}
 
 
-def replay(tokens, sums=None, trace=None):
+STEP_TIME = None  # (a, b): seconds = a + b * padded tokens, fitted in main()
+
+
+def fit_step_time() -> tuple[float, float]:
+    """The default artifact's measured step times against padded tokens (dp x bucket tokens)."""
+    from runtime import format as fmt
+
+    manifest = fmt.read_manifest(ensure_artifact())
+    points = [(DP * e.bucket.tokens, e.step_seconds["cpu"]) for e in manifest.executables
+              if e.step_seconds and "cpu" in e.step_seconds]
+    if len(points) < 2:
+        raise SystemExit("the default artifact records no step times: rebuild it (python -m export build --mesh 2x4)")
+    b, a = np.polyfit(*zip(*points), 1)
+    return float(a), float(b)
+
+
+def replay(tokens, sums=None, trace=None, sized=False):
     buckets = plan(DP, tokens, MAX_SEQS, sum_ladder=sums)
-    _, stats = generate(PaddingOnly(buckets), trace["prompts"], trace["max_new_tokens"], arrivals=trace["arrivals"])
+    ex = PaddingOnly(buckets)
+    a, b = STEP_TIME
+    if sized:
+        ex.step_seconds = {k: a + b * DP * k.tokens for k in buckets}
+    _, stats = generate(ex, trace["prompts"], trace["max_new_tokens"], arrivals=trace.get("arrivals"),
+                        record_steps=True)
     return {"ladder": list(tokens), "sums": list(sums) if sums else None, "executables": len(buckets),
-            "efficiency": stats["padding_efficiency"], "waste": stats["padded_tokens"] - stats["real_tokens"],
-            "steps": stats["steps"]}
+            "sized": sized, "efficiency": stats["padding_efficiency"],
+            "waste": stats["padded_tokens"] - stats["real_tokens"], "steps": stats["steps"],
+            "modelled_s": stats["steps"] * a + b * stats["padded_tokens"]}
+
+
+def offline_batch() -> dict:
+    """64 long-tailed prompts, 24 new tokens each, all at once."""
+    t = make_trace(64, seed=2)
+    return {"prompts": t["prompts"], "max_new_tokens": [24] * 64}
 
 
 def main():
+    global STEP_TIME
+    STEP_TIME = fit_step_time()
+    print(f"step time line fitted to the default artifact: {STEP_TIME[0] * 1e3:.2f} ms + "
+          f"{STEP_TIME[1] * 1e6:.1f} us per padded token")
     trace = make_trace()
     steps_file = RESULTS / "trace_steps.json"
     if steps_file.exists():
@@ -80,6 +119,20 @@ def main():
     results["goal_met"] = bool(ok) and max(r["waste_vs_pow2"] for r in ok) >= 1.3
     print(f"goal on the held-out trace (>= 85% with <= 32 executables, >= 1.3x less waste than pow2): "
           f"{results['goal_met']}")
+    # Sizing prefill by step time, on the default ladder and the best planned one within 32.
+    best = results["best_planned_within_32"]
+    results["step_time_line"] = {"a_s": STEP_TIME[0], "b_s_per_token": STEP_TIME[1]}
+    results["sized"] = {}
+    for name, workload in (("trace", trace), ("held_out", held_out), ("offline_64x24", offline_batch())):
+        rows = {}
+        for label, (tokens, sums) in (("default", (BuildConfig().token_ladder, None)),
+                                      ("planned", (best["ladder"], best["sums"]))):
+            plain, sized = replay(tokens, sums, workload), replay(tokens, sums, workload, sized=True)
+            rows[label] = {"plain": plain, "sized": sized}
+            print(f"{name:14s} {label:8s} ({plain['executables']:2d} executables): efficiency "
+                  f"{plain['efficiency']:.3f} -> sized {sized['efficiency']:.3f}; modelled time "
+                  f"{plain['modelled_s']:.2f} s -> {sized['modelled_s']:.2f} s")
+        results["sized"][name] = rows
     write_result("padding", results)
     plot(results)
 
