@@ -317,6 +317,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=5,
                         help="saturation (inf) and offline runs to take the median of (default 5)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--result", default="serve",
+                        help="name of the results: bench/results/NAME.json and NAME.png (default serve)")
     args = parser.parse_args()
     args.requests = args.requests or (24 if args.quick else 96)
     args.rates = args.rates or parse_rates("4,inf" if args.quick else "2,4,8,inf")
@@ -367,12 +369,12 @@ def main():
           f"server compiles after load {compiles} ({'met' if goals['compiles_met'] else 'not met'}); "
           f"all completed {goals['all_completed']}; identical tokens {goals['identical_tokens']}; "
           f"clean exit {goals['clean_exit']}")
-    write_result("serve", {"workload": workload, "server": server_info, "rates": runs, "offline": base,
+    write_result(args.result, {"workload": workload, "server": server_info, "rates": runs, "offline": base,
                            "goals": goals})
-    plot(runs, base)
+    plot(runs, base, args.result)
 
 
-def plot(runs, base):
+def plot(runs, base, name: str):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -409,8 +411,8 @@ def plot(runs, base):
         ax.set_xticks(x, labels)
         ax.set_xlabel("Poisson arrival rate (requests/s; inf = all at once)")
     fig.tight_layout()
-    fig.savefig(RESULTS / "serve.png", dpi=120)
-    print(f"wrote {(RESULTS / 'serve.png').relative_to(ROOT)}")
+    fig.savefig(RESULTS / f"{name}.png", dpi=120)
+    print(f"wrote {(RESULTS / f'{name}.png').relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
