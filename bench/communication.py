@@ -57,7 +57,7 @@ def main():
               "other_bytes_on_comparable": other_total,
               "chosen_bytes_per_step": chosen_comparable / max(comparable, 1),
               "other_bytes_per_step": other_total / max(comparable, 1),
-              "modes": {mode: sum(b.mode == mode for b, _, _ in ex.steps) for mode in (MAX_LEN, SUM_LEN)}}
+              "modes": {str(mode): sum(b.mode == mode for b, _, _ in ex.steps) for mode in (MAX_LEN, SUM_LEN)}}
     print(f"{len(ex.steps)} steps ({result['modes']}); the other mode could serve {comparable} of them")
     print(f"chosen mode cheaper or equal on {cheaper}/{comparable} = {result['share_chosen_cheaper']:.1%} of steps")
     print(f"bytes per device per step (mean over those steps): chosen {result['chosen_bytes_per_step'] / 1024:.1f} KiB, "

@@ -87,6 +87,7 @@ def main():
     _, stats = time_serving(engine, 8)
     bucket = next(b for b in engine.buckets if b.name == max(stats["buckets"], key=stats["buckets"].get))
     _, batch = make_probe(bucket, engine.dp, engine.vocab_size, m.page_size, m.pages_per_seq)
+    batch["temperature"][:] = 0  # greedy, as the serving run is: the same work on the device
     raw, serving = [], {"pipelined": [], "synchronous": []}
     for _ in range(5):
         raw += time_raw(engine, bucket, batch, args.steps // 10)

@@ -374,7 +374,7 @@ def main():
     plot(runs, base, args.result)
 
 
-def plot(runs, base, name: str):
+def plot(runs, base, result: str):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -411,8 +411,8 @@ def plot(runs, base, name: str):
         ax.set_xticks(x, labels)
         ax.set_xlabel("Poisson arrival rate (requests/s; inf = all at once)")
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{name}.png", dpi=120)
-    print(f"wrote {(RESULTS / f'{name}.png').relative_to(ROOT)}")
+    fig.savefig(RESULTS / f"{result}.png", dpi=120)
+    print(f"wrote {(RESULTS / f'{result}.png').relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

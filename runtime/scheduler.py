@@ -531,7 +531,7 @@ class _Launch:
 class _Stats:
     steps: int = 0
     buckets: dict = dataclasses.field(default_factory=dict)
-    modes: dict = dataclasses.field(default_factory=lambda: {MAX_LEN: 0, SUM_LEN: 0})
+    modes: dict = dataclasses.field(default_factory=lambda: {str(m): 0 for m in MODES})
     real_tokens: int = 0
     padded_tokens: int = 0
     exchange_rows: int = 0
@@ -545,7 +545,7 @@ class _Stats:
         """Account one step; called before the step's requests advance."""
         self.steps += 1
         self.buckets[bucket.name] = self.buckets.get(bucket.name, 0) + 1
-        self.modes[bucket.mode] += 1
+        self.modes[str(bucket.mode)] += 1
         self.real_tokens += sum(w.n for ws in plan for w in ws)
         self.padded_tokens += dp * bucket.tokens
         self.exchange_rows += bucket.exchange_rows(dp)
