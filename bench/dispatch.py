@@ -39,25 +39,13 @@ def time_runtime(engine, bucket, batch, n):
     return samples
 
 
-class Synchronous:
-    """The engine without dispatch/fetch: the scheduler reads each step before planning the next."""
-
-    def __init__(self, engine):
-        self._engine = engine
-
-    def __getattr__(self, name):
-        if name in ("dispatch", "fetch"):
-            raise AttributeError(name)
-        return getattr(self._engine, name)
-
-
-def time_serving(executor, n):
+def time_serving(engine, n, pipeline=True):
     """Per-step time of a decode-only run: 8 one-token prompts, n new tokens each."""
     from runtime.scheduler import generate
 
     prompts = [[i + 1] for i in range(8)]
     t0 = time.perf_counter()
-    _, stats = generate(executor, prompts, n)
+    _, stats = generate(engine, prompts, n, pipeline=pipeline)
     return (time.perf_counter() - t0) / stats["steps"], stats
 
 
@@ -92,7 +80,7 @@ def main():
     for _ in range(5):
         raw += time_raw(engine, bucket, batch, args.steps // 10)
         serving["pipelined"].append(time_serving(engine, args.steps // 10)[0])
-        serving["synchronous"].append(time_serving(Synchronous(engine), args.steps // 10)[0])
+        serving["synchronous"].append(time_serving(engine, args.steps // 10, pipeline=False)[0])
     raw_ms = median_ms(raw)
     results["serving"] = {"bucket": bucket.name, "raw_ms": raw_ms}
     for name, per_step in serving.items():

@@ -131,7 +131,7 @@ class Scheduler:
 
     def __init__(self, executor: Executor, *, padding_mode: str = "auto",
                  sampling: SamplingParams | None = None, eos_token_id=None, top_logprobs: int = 0,
-                 kv: str = "on_demand"):
+                 kv: str = "on_demand", pipeline: bool = True):
         if kv not in KV_POLICIES:
             raise RequestError(f"kv {kv!r} is not one of {KV_POLICIES}")
         self.kv = kv
@@ -153,7 +153,9 @@ class Scheduler:
         self.active: list[list[_Request]] = [[] for _ in range(self.dp)]
         self.stats = _Stats()
         self._submitted = 0
-        self._pipelined = callable(getattr(executor, "dispatch", None)) and callable(getattr(executor, "fetch", None))
+        # pipeline=False reads every step before planning the next (a baseline, or for debugging).
+        self._pipelined = pipeline and callable(getattr(executor, "dispatch", None)) \
+            and callable(getattr(executor, "fetch", None))
         self._in_flight: _Launch | None = None  # launched, outputs not read yet
 
     # ---- validation -------------------------------------------------------------------------
@@ -564,7 +566,8 @@ class _Stats:
 def generate(executor: Executor, prompts: Sequence[Sequence[int]], max_new_tokens, *,
              padding_mode: str = "auto", sampling: SamplingParams | None = None,
              eos_token_id: int | None = None, arrivals: Sequence[int] | None = None,
-             record_steps: bool = False, top_logprobs: int = 0, kv: str = "on_demand") -> tuple[list[list[int]], dict]:
+             record_steps: bool = False, top_logprobs: int = 0, kv: str = "on_demand",
+             pipeline: bool = True) -> tuple[list[list[int]], dict]:
     """Serve `prompts` on `executor`: outputs (list of new-token lists, in prompt order), stats.
 
     Stats: steps, buckets {name: count}, modes {max_len, sum_len}, real_tokens, padded_tokens
@@ -573,5 +576,5 @@ def generate(executor: Executor, prompts: Sequence[Sequence[int]], max_new_token
     token, with top_logprobs=N > 0).
     """
     sched = Scheduler(executor, padding_mode=padding_mode, sampling=sampling, eos_token_id=eos_token_id,
-                      top_logprobs=top_logprobs, kv=kv)
+                      top_logprobs=top_logprobs, kv=kv, pipeline=pipeline)
     return sched.generate(prompts, max_new_tokens, arrivals=arrivals, record_steps=record_steps)

@@ -119,18 +119,6 @@ def test_fresh_load_takes_every_executable_from_fast_load(tiny_artifact):
     assert engine.load_info.fast_load and engine.load_info.fast_load_hits == len(engine.buckets) > 0
 
 
-class Synchronous:
-    """The engine with only `run`: the scheduler then reads every step before planning the next."""
-
-    def __init__(self, engine):
-        self._engine = engine
-
-    def __getattr__(self, name):
-        if name in ("dispatch", "fetch"):
-            raise AttributeError(name)
-        return getattr(self._engine, name)
-
-
 def test_pipelined_steps_equal_synchronous_ones(tiny_engine):
     """Launching step n+1 before step n is read, with tokens fed from the device, changes nothing:
     same tokens and logprobs as reading every step first, and an EOS learnt a
@@ -142,9 +130,9 @@ def test_pipelined_steps_equal_synchronous_ones(tiny_engine):
     prompts = random_prompts(rng, 14, 40)
     sampling = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=3)
     runs = {}
-    for name, ex in (("sync", Synchronous(tiny_engine)), ("pipelined", tiny_engine)):
+    for name, pipeline in (("sync", False), ("pipelined", True)):
         tiny_engine.reset_cache()
-        outs, stats = Scheduler(ex, sampling=sampling, top_logprobs=2).generate(prompts, 12)
+        outs, stats = Scheduler(tiny_engine, sampling=sampling, top_logprobs=2, pipeline=pipeline).generate(prompts, 12)
         runs[name] = (outs, stats["logprobs"])
     assert runs["sync"][0] == runs["pipelined"][0]
     np.testing.assert_allclose(np.concatenate(runs["sync"][1]), np.concatenate(runs["pipelined"][1]), atol=1e-5)
