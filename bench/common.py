@@ -63,7 +63,8 @@ class JitExecutor:
     def __init__(self, artifact: Path, warm: bool, max_tokens: int = 64, max_seqs: int = 8, jobs: int = 4):
         from concurrent.futures import ThreadPoolExecutor
 
-        from dp_attention import MeshShape, jit_step, make_mesh, weight_specs
+        from dp_attention import CacheShape, MeshShape, make_mesh, weight_specs
+        from dp_attention.model import jit_wire_step
         from dp_attention.config import ModelConfig
         from runtime import engine as rt
         from runtime import format as fmt
@@ -80,7 +81,10 @@ class JitExecutor:
         self.page_size, self.num_pages = self._engine.page_size, self._engine.num_pages
         self.pages_per_seq = self._engine.pages_per_seq
         specs = weight_specs(self.cfg, shape)
-        self._jit = lambda b: jit_step(self.cfg, b, self._engine.mesh, specs)
+        c = manifest.cache
+        cache, carry = CacheShape(c.num_pages, c.page_size, c.pages_per_seq), self._engine.carry.shape[1]
+        # The same packed inputs the artifact's executables take, so both sides pay the same transfers.
+        self._jit = lambda b: jit_wire_step(self.cfg, b, self._engine.mesh, specs, cache, carry)
         if warm:
             self.buckets = list(self._engine.buckets)
             warm_one = lambda b: self._jit(b).lower(*self._engine.abstract_args(b)).compile()  # noqa: E731

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from runtime.batching import WIRE_APART, wire_layout
 from runtime.buckets import Bucket
 
 from .attention import NativeAttentionBackend, PagedBatch
@@ -476,6 +477,36 @@ def jit_step(cfg: ModelConfig, bucket: Bucket, mesh, weight_specs: dict, **optio
         in_shardings=(w_sh, ns(CACHE_SPEC), b_sh),
         # Outputs replicated: every host of a multi-host mesh reads every group's sampled tokens,
         # so all of them can take the same scheduling decisions. They are a few bytes per sequence.
+        out_shardings=({k: ns(P()) for k in REPLICATED_OUTPUTS + ("logits",) * bool(options.get("with_logits"))}
+                       | {"carry": ns(OUTPUT_SPECS["carry"])}, ns(CACHE_SPEC)),
+        donate_argnums=(1,),
+    )
+
+
+WIRE_SPECS = {"ints": P("data", None), "floats": P("data", None), "num_tokens": P(), "prev_tokens": P("data", None)}
+
+
+def from_wire(wire: dict, shapes: dict[str, tuple[int, ...]]) -> dict:
+    """The batch back from its wire arrays: column slices of arrays split over groups, so each
+    device slices its own group's row and nothing moves between devices."""
+    dp = shapes["tokens"][0]
+    batch = {k: wire[k] for k in WIRE_APART}
+    for name, (array, start, end, per_group) in wire_layout(shapes).items():
+        batch[name] = wire[array][:, start:end].reshape((dp,) + per_group)
+    return batch
+
+
+def jit_wire_step(cfg: ModelConfig, bucket: Bucket, mesh, weight_specs: dict, cache: CacheShape, carry_seqs: int,
+                  **options):
+    """The step as an artifact ships it: (weights, kv, wire) -> (outputs, kv), the batch packed
+    into a few arrays (runtime.batching.to_wire), so a step is a few host-to-device transfers."""
+    shapes = {k: v.shape for k, v in batch_shapes(mesh.shape["data"], bucket, cache, carry_seqs).items()}
+    step = make_step(cfg, bucket, mesh, weight_specs, **options)
+    ns = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
+    return jax.jit(
+        lambda weights, kv, wire: step(weights, kv, from_wire(wire, shapes)),
+        in_shardings=({k: ns(s.spec) for k, s in weight_specs.items()}, ns(CACHE_SPEC),
+                      {k: ns(s) for k, s in WIRE_SPECS.items()}),
         out_shardings=({k: ns(P()) for k in REPLICATED_OUTPUTS + ("logits",) * bool(options.get("with_logits"))}
                        | {"carry": ns(OUTPUT_SPECS["carry"])}, ns(CACHE_SPEC)),
         donate_argnums=(1,),

@@ -28,11 +28,11 @@ from safetensors.numpy import save_file
 
 from dp_attention import (DEFAULT_LOGPROBS, CacheShape, Layout, MeshShape, abstract_mesh, batch_shapes, cache_shape,
                           init_cache, jit_step, make_mesh, placed_numpy, weight_specs)
-from dp_attention.model import BATCH_SPECS, CACHE_SPEC, OUTPUT_SPECS
+from dp_attention.model import BATCH_SPECS, CACHE_SPEC, OUTPUT_SPECS, WIRE_SPECS, jit_wire_step
 from dp_attention.ragged import TPU_DEVICE_KINDS
 from runtime import engine as rt_engine
 from runtime import format as fmt
-from runtime.batching import pack
+from runtime.batching import pack, wire_shapes
 from runtime.buckets import MAX_LEN, Bucket, plan
 from runtime.verify import OUTPUT_NAMES, compare_outputs, tolerance
 
@@ -163,21 +163,21 @@ def _abstract_args(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShap
     weights = {k: jax.ShapeDtypeStruct(s.shape, dtype, sharding=ns(s.spec)) for k, s in specs.items()}
     kv = cache_shape(cfg, Layout.for_mesh(cfg, shape), shape.dp, cache, dtype, attention)
     kv = jax.ShapeDtypeStruct(kv.shape, kv.dtype, sharding=ns(CACHE_SPEC))
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=ns(BATCH_SPECS[k]))
-             for k, v in batch_shapes(shape.dp, bucket, cache, carry_seqs).items()}
-    return specs, weights, kv, batch
+    shapes = {k: v.shape for k, v in batch_shapes(shape.dp, bucket, cache, carry_seqs).items()}
+    wire = {k: jax.ShapeDtypeStruct(s, jnp.dtype(d), sharding=ns(WIRE_SPECS[k])) for k, (s, d) in wire_shapes(shapes).items()}
+    return specs, weights, kv, wire
 
 
 def export_one(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShape, build: "BuildConfig") -> bytes:
     """One serialized export. The fa kernel's lowering asks which TPU it is for: exports for tpu
     run under an abstract mesh that names the chip, so they need no TPU here."""
     attention = build.attention_backend
-    specs, weights, kv, batch = _abstract_args(cfg, shape, mesh, bucket, cache, attention, build.carry_seqs)
-    step = jit_step(cfg, bucket, mesh, specs, num_logprobs=build.logprobs, attention=attention,
-                    tpu_generation=build.tpu_generation)
+    specs, weights, kv, wire = _abstract_args(cfg, shape, mesh, bucket, cache, attention, build.carry_seqs)
+    step = jit_wire_step(cfg, bucket, mesh, specs, cache, build.carry_seqs, num_logprobs=build.logprobs,
+                         attention=attention, tpu_generation=build.tpu_generation)
     context = jax.sharding.use_abstract_mesh(mesh) if isinstance(mesh, AbstractMesh) else contextlib.nullcontext()
     with context:
-        return bytes(jax.export.export(step, platforms=build.platforms)(weights, kv, batch).serialize())
+        return bytes(jax.export.export(step, platforms=build.platforms)(weights, kv, wire).serialize())
 
 
 def _analysis(compiled) -> fmt.Cost:

@@ -73,3 +73,50 @@ def pack(groups: list[list[Chunk]], tokens: int, seqs: int, pages_per_seq: int,
             n += k
         out["num_tokens"][g] = n
     return out
+
+
+# ------------------------------------------------------------------------------- the wire
+
+# What an executable takes from the host: every per-group int32 input flattened into one [D, K]
+# array and the float32 ones into one [D, F], beside `num_tokens` and the device-resident
+# `prev_tokens`. Each array is one transfer per device, so a step moves 3 arrays, not 11: on 8
+# devices that is 24 buffers instead of 88 (the batch's meaning is unchanged; see dp_attention/model.py).
+WIRE_INTS = ("tokens", "positions", "seq_index", "feed", "page_table", "last_index", "top_k", "seed")
+WIRE_FLOATS = ("temperature", "top_p")
+WIRE_APART = ("num_tokens", "prev_tokens")  # passed as they are
+# Each wire array is split over DP groups as the inputs it packs are: its sharding is theirs.
+WIRE_SHARDED_AS = {"ints": "tokens", "floats": "temperature", "num_tokens": "num_tokens", "prev_tokens": "prev_tokens"}
+
+
+def wire_layout(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[str, int, int, tuple[int, ...]]]:
+    """For each packed input: (wire array, first column, end column, its shape without D), from
+    the batch's shapes ([D, ...] per input)."""
+    layout = {}
+    for wire, names in (("ints", WIRE_INTS), ("floats", WIRE_FLOATS)):
+        col = 0
+        for name in names:
+            per_group = tuple(shapes[name][1:])
+            width = int(np.prod(per_group, dtype=np.int64))
+            layout[name] = (wire, col, col + width, per_group)
+            col += width
+    return layout
+
+
+def wire_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The wire arrays' (shape, dtype), from the batch's shapes."""
+    dp = shapes["tokens"][0]
+    widths = {"ints": 0, "floats": 0}
+    for wire, _, end, _ in wire_layout(shapes).values():
+        widths[wire] = max(widths[wire], end)
+    return {"ints": ((dp, widths["ints"]), "int32"), "floats": ((dp, widths["floats"]), "float32"),
+            "num_tokens": (tuple(shapes["num_tokens"]), "int32"),
+            "prev_tokens": (tuple(shapes["prev_tokens"]), "int32")}
+
+
+def to_wire(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A packed step's host arrays as the executable takes them (without `prev_tokens`, which
+    the engine passes from the device)."""
+    dp = batch["tokens"].shape[0]
+    return {"ints": np.concatenate([np.asarray(batch[k], np.int32).reshape(dp, -1) for k in WIRE_INTS], axis=1),
+            "floats": np.concatenate([np.asarray(batch[k], np.float32).reshape(dp, -1) for k in WIRE_FLOATS], axis=1),
+            "num_tokens": np.asarray(batch["num_tokens"], np.int32)}

@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from safetensors import safe_open
 
 from . import format as fmt
+from .batching import WIRE_SHARDED_AS, to_wire, wire_shapes
 from .buckets import Bucket
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -102,7 +103,8 @@ class Engine:
         self.buckets = sorted(self.entries)
         # Bytes each executable's collectives move per step, measured at build: what `choose` weighs.
         self.bucket_cost = {b: e.cost.collective_bytes for b, e in self.entries.items() if e.cost is not None} or None
-        self._batch_shardings = {k: NamedSharding(mesh, fmt.spec_from_json(v)) for k, v in mesh_entry.batch_specs.items()}
+        self._wire_shardings = {k: NamedSharding(mesh, fmt.spec_from_json(mesh_entry.batch_specs[v]))
+                                for k, v in WIRE_SHARDED_AS.items()}
         # Seconds per step, measured at build on this platform: how the scheduler sizes prefill steps.
         platform = mesh.devices.flat[0].platform
         timed = {b: (e.step_seconds or {}).get(platform) for b, e in self.entries.items()}
@@ -161,10 +163,12 @@ class Engine:
         return out
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """A step's host arrays onto their shardings (each process places only its own shards)."""
+        """A step's host arrays, packed as the executable takes them (runtime.batching.to_wire),
+        onto their shardings (each process places only its own shards)."""
+        wire = to_wire(batch)
         if self._single_process:  # one batched transfer for all inputs
-            return jax.device_put(batch, {k: self._batch_shardings[k] for k in batch})
-        return {k: _put(v, self._batch_shardings[k]) for k, v in batch.items()}
+            return jax.device_put(wire, {k: self._wire_shardings[k] for k in wire})
+        return {k: _put(v, self._wire_shardings[k]) for k, v in wire.items()}
 
     def generate(self, prompts, max_new_tokens, padding_mode="auto", sampling=None, **options):
         """Serve prompts (see runtime.scheduler.generate for options); stats include compiles_after_load."""
@@ -192,7 +196,7 @@ class Engine:
     def zero_carry(self) -> jax.Array:
         """The sampled-token carry before any step: [dp, C] int32, sharded like the batch."""
         shape = tuple(next(iter(self.entries.values())).batch_shapes["prev_tokens"])
-        sharding = self._batch_shardings["prev_tokens"]
+        sharding = self._wire_shardings["prev_tokens"]
         return jax.make_array_from_callback(shape, sharding, lambda idx: np.zeros(_shard_shape(shape, idx), np.int32))
 
     def load_weights(self):
@@ -229,9 +233,9 @@ class Engine:
         sds = lambda shape, dtype, spec: jax.ShapeDtypeStruct(tuple(shape), jax.numpy.dtype(dtype), sharding=ns(spec))  # noqa: E731
         weights = {k: sds(w.shape, w.dtype, w.spec) for k, w in self.mesh_entry.weights.items()}
         cache = sds(self.mesh_entry.cache_shape, self.manifest.dtype, self.mesh_entry.cache_spec)
-        entry = self.entries[bucket]
-        batch = {k: sds(entry.batch_shapes[k], entry.batch_dtypes[k], spec)
-                 for k, spec in self.mesh_entry.batch_specs.items()}
+        wire = wire_shapes(self.entries[bucket].batch_shapes)
+        batch = {k: sds(shape, dtype, self.mesh_entry.batch_specs[WIRE_SHARDED_AS[k]])
+                 for k, (shape, dtype) in wire.items()}
         return weights, cache, batch
 
     def compile_one(self, bucket: Bucket) -> jax.stages.Compiled:

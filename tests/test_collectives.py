@@ -57,3 +57,21 @@ def test_sparse_experts_do_less_work_than_dense():
     sparse = matmul_flops(compiled(DpPaddingMode.MAX_LEN, 128, tokens=64).as_text())
     dense = matmul_flops(compiled(DpPaddingMode.MAX_LEN, 128, dense_reference=True, tokens=64).as_text())
     assert sparse < 0.5 * dense
+
+
+@pytest.mark.parametrize("mode,global_len", [(DpPaddingMode.MAX_LEN, 16), (DpPaddingMode.SUM_LEN, 8)])
+def test_packed_inputs_unpack_without_moving_data(mode, global_len):
+    """The shipped step takes its batch packed (runtime.batching.to_wire); each device slices its
+    own group's row, so unpacking adds no collective."""
+    from dp_attention.model import jit_wire_step
+    from runtime.batching import wire_shapes
+
+    shape = MeshShape(2, 4)
+    specs = weight_specs(CFG, shape)
+    bucket = Bucket(mode, 8, 2, global_len)
+    weights = {k: jax.ShapeDtypeStruct(s.shape, jnp.float32) for k, s in specs.items()}
+    cache = cache_shape(CFG, Layout.for_mesh(CFG, shape), 2, CACHE, jnp.float32)
+    wire = {k: jax.ShapeDtypeStruct(s, jnp.dtype(d))
+            for k, (s, d) in wire_shapes({k: v.shape for k, v in batch_shapes(2, bucket, CACHE).items()}).items()}
+    packed = jit_wire_step(CFG, bucket, make_mesh(shape), specs, CACHE, bucket.seqs).lower(weights, cache, wire)
+    assert count(packed.compile().as_text()) == count(compiled(mode, global_len).as_text())

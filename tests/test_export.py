@@ -19,6 +19,7 @@ from conftest import build_artifact
 from dp_attention import PRESETS, CacheShape, Layout, MeshShape, ModelConfig, init_cache, jit_step, weight_specs
 from export.probes import make_probe
 from runtime import format as fmt
+from runtime.batching import wire_shapes
 from runtime.engine import load
 from runtime.verify import compare_outputs
 
@@ -116,8 +117,11 @@ def test_tpu_4x8_exports_from_abstract_shapes(tmp_path):
         assert set(e) >= {"mesh", "mode", "bucket", "file", "sha256", "compiled_here"} and not e["compiled_here"]
         exported = jax.export.deserialize(bytearray((out / e["file"]).read_bytes()))  # the round trip
         assert exported.platforms == ("tpu",) and exported.nr_devices == 32
-        tokens = next(a for a in exported.in_avals if a.shape == (4, e["bucket"]["tokens"]))
-        assert tokens.dtype == np.int32
+        # The batch travels packed: its int32 inputs in one [D, K] array (runtime.batching.to_wire).
+        entry = next(x for x in fmt.read_manifest(out).executables if x.file == e["file"])
+        ints, _ = wire_shapes(entry.batch_shapes)["ints"]
+        assert ints[1] > 2 * e["bucket"]["tokens"]  # tokens, positions, ... side by side
+        assert [a.dtype for a in exported.in_avals if a.shape == ints] == [np.int32]
     # The runtime here (cpu, 8 devices) refuses it with one clear line.
     r = run_cli("runtime", "generate", str(out), "--prompt-ids", "1,2")
     assert r.returncode != 0 and "built for platforms ['tpu'], this machine is cpu" in r.stderr

@@ -1,0 +1,25 @@
+"""The packed batch an executable takes from the host unpacks to exactly the batch packed."""
+
+import numpy as np
+
+from dp_attention.model import from_wire
+from runtime.batching import Chunk, pack, to_wire, wire_shapes
+
+
+def test_wire_round_trip_is_exact():
+    rng = np.random.default_rng(0)
+    groups = [[Chunk(tuple(rng.integers(0, 500, 5).tolist()), 3, (1, 2), 0.7, 5, 0.9, 11, prev_row=1),
+               Chunk((9,), 40, (3, 4, 5, 6), seed=2)],
+              [],
+              [Chunk(tuple(range(8)), 0, (7,), 1.3, 0, 0.5, 99)]]
+    batch = pack(groups, tokens=8, seqs=3, pages_per_seq=6, carry_seqs=4)
+    wire = to_wire(batch)
+    shapes = {k: v.shape for k, v in batch.items()}
+    assert {k: (v.shape, str(v.dtype)) for k, v in wire.items()} == \
+        {k: v for k, v in wire_shapes(shapes).items() if k != "prev_tokens"}
+    back = from_wire(wire | {"prev_tokens": batch["prev_tokens"]}, shapes)
+    assert back.keys() == batch.keys()
+    for k in batch:
+        np.testing.assert_array_equal(back[k], batch[k], err_msg=k)
+        assert back[k].dtype == batch[k].dtype, k
+    assert batch["feed"][0, 4] == 1 and (batch["feed"] == -1).sum() == batch["feed"].size - 1
