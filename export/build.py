@@ -38,7 +38,7 @@ from runtime.verify import OUTPUT_NAMES, compare_outputs, tolerance
 
 from .errors import BuildError
 from .hlo_cost import collective_bytes, matmul_flops_report
-from .probes import make_probe
+from .probes import make_probe, step_seconds
 from .progress import Reporter
 from .source import ModelSource, open_model
 from .tf_savedmodel import mesh_error as savedmodel_mesh_error, write_savedmodel
@@ -371,7 +371,7 @@ def _compile_and_verify(tmp: Path, manifest: fmt.Manifest, mesh_entry: fmt.MeshE
             found[bucket] |= _probe(tmp, engine, bucket, shape, source, cache, cfg.logprobs)
             report.compiled(str(shape), bucket)
         for bucket in engine.buckets:  # timed once every reference step has compiled, on a quiet process
-            found[bucket]["step_seconds"] = {platform: _step_seconds(engine, bucket, cache)}
+            found[bucket]["step_seconds"] = {platform: step_seconds(engine, bucket)}
     executables = tuple(dataclasses.replace(e, **found[e.bucket]) if e.mesh == mesh_entry.name else e
                         for e in manifest.executables)
     fastload = manifest.fastload
@@ -401,18 +401,6 @@ def _probe(tmp: Path, engine, bucket: Bucket, shape: MeshShape, source: ModelSou
     save_file({**{k: np.asarray(v) for k, v in batch.items()}, "num_seqs": num_seqs,
                **{f"expected_{k}": np.asarray(got[k]) for k in OUTPUT_NAMES}}, tmp / rel)
     return {"probe": rel, "probe_max_error": worst}
-
-
-def _step_seconds(engine, bucket: Bucket, cache: CacheShape, repeats: int = 9) -> float:
-    """Median wall time of one step on its probe batch, as serving runs it (transfers included)."""
-    _, batch = make_probe(bucket, engine.dp, engine.vocab_size, cache.page_size, cache.pages_per_seq)
-    engine.run(bucket, batch)
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        engine.run(bucket, batch)
-        samples.append(time.perf_counter() - t0)
-    return round(float(np.median(samples)), 6)
 
 
 def _finish(tmp: Path, out: Path, manifest: fmt.Manifest) -> None:

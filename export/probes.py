@@ -9,6 +9,8 @@ where a clamped write would shift rows).
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from runtime.batching import Chunk, pack
@@ -52,3 +54,16 @@ def make_probe(bucket: Bucket, dp: int, vocab: int, page_size: int, pages_per_se
             next_page += pages
         groups.append(chunks)
     return groups, pack(groups, bucket.tokens, bucket.seqs, pages_per_seq, carry_seqs)
+
+
+def step_seconds(engine, bucket: Bucket, repeats: int = 9) -> float:
+    """Median wall time of one step of a loaded engine on its bucket's probe, as serving runs it
+    (transfers included): what the scheduler weighs to size prefill steps."""
+    _, batch = make_probe(bucket, engine.dp, engine.vocab_size, engine.page_size, engine.pages_per_seq)
+    engine.run(bucket, batch)
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        engine.run(bucket, batch)
+        samples.append(time.perf_counter() - t0)
+    return round(float(np.median(samples)), 6)
