@@ -19,8 +19,7 @@ from runtime.engine import load
 
 
 def time_raw(engine, bucket, batch, n):
-    host = {k: v for k, v in batch.items() if k != "prev_tokens"}
-    args = engine.put_batch(host) | {"prev_tokens": engine.carry}  # the engine's token carry, as dispatch passes it
+    args = engine.put_batch(batch) | {"prev_tokens": engine.carry}  # the engine's token carry, as dispatch passes it
     compiled, samples = engine.executable(bucket), []
     for _ in range(n):
         t0 = time.perf_counter()

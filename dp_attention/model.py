@@ -467,20 +467,22 @@ def make_step(cfg: ModelConfig, bucket: Bucket, mesh, weight_specs: dict, **opti
     )
 
 
-def jit_step(cfg: ModelConfig, bucket: Bucket, mesh, weight_specs: dict, **options):
-    """jit with the cache donated, inputs and outputs pinned to their shardings."""
+def _jit(fn, mesh, weight_specs: dict, batch_specs: dict, with_logits: bool):
+    """jit (weights, kv, batch) -> (outputs, kv) with the cache donated, inputs and outputs pinned."""
     ns = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
-    w_sh = {k: ns(s.spec) for k, s in weight_specs.items()}
-    b_sh = {k: ns(s) for k, s in BATCH_SPECS.items()}
-    return jax.jit(
-        make_step(cfg, bucket, mesh, weight_specs, **options),
-        in_shardings=(w_sh, ns(CACHE_SPEC), b_sh),
-        # Outputs replicated: every host of a multi-host mesh reads every group's sampled tokens,
-        # so all of them can take the same scheduling decisions. They are a few bytes per sequence.
-        out_shardings=({k: ns(P()) for k in REPLICATED_OUTPUTS + ("logits",) * bool(options.get("with_logits"))}
-                       | {"carry": ns(OUTPUT_SPECS["carry"])}, ns(CACHE_SPEC)),
-        donate_argnums=(1,),
-    )
+    # Outputs replicated: every host of a multi-host mesh reads every group's sampled tokens, so all
+    # of them can take the same scheduling decisions (a few bytes per sequence). The carry stays
+    # with its group, where the next step reads it.
+    outputs = {k: ns(P()) for k in REPLICATED_OUTPUTS + ("logits",) * with_logits} | {"carry": ns(OUTPUT_SPECS["carry"])}
+    return jax.jit(fn, in_shardings=({k: ns(s.spec) for k, s in weight_specs.items()}, ns(CACHE_SPEC),
+                                     {k: ns(s) for k, s in batch_specs.items()}),
+                   out_shardings=(outputs, ns(CACHE_SPEC)), donate_argnums=(1,))
+
+
+def jit_step(cfg: ModelConfig, bucket: Bucket, mesh, weight_specs: dict, **options):
+    """The step on the unpacked batch (tests and the build's reference)."""
+    return _jit(make_step(cfg, bucket, mesh, weight_specs, **options), mesh, weight_specs, BATCH_SPECS,
+                bool(options.get("with_logits")))
 
 
 WIRE_SPECS = {"ints": P("data", None), "floats": P("data", None), "num_tokens": P(), "prev_tokens": P("data", None)}
@@ -502,12 +504,5 @@ def jit_wire_step(cfg: ModelConfig, bucket: Bucket, mesh, weight_specs: dict, ca
     into a few arrays (runtime.batching.to_wire), so a step is a few host-to-device transfers."""
     shapes = {k: v.shape for k, v in batch_shapes(mesh.shape["data"], bucket, cache, carry_seqs).items()}
     step = make_step(cfg, bucket, mesh, weight_specs, **options)
-    ns = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
-    return jax.jit(
-        lambda weights, kv, wire: step(weights, kv, from_wire(wire, shapes)),
-        in_shardings=({k: ns(s.spec) for k, s in weight_specs.items()}, ns(CACHE_SPEC),
-                      {k: ns(s) for k, s in WIRE_SPECS.items()}),
-        out_shardings=({k: ns(P()) for k in REPLICATED_OUTPUTS + ("logits",) * bool(options.get("with_logits"))}
-                       | {"carry": ns(OUTPUT_SPECS["carry"])}, ns(CACHE_SPEC)),
-        donate_argnums=(1,),
-    )
+    return _jit(lambda weights, kv, wire: step(weights, kv, from_wire(wire, shapes)), mesh, weight_specs,
+                WIRE_SPECS, bool(options.get("with_logits")))

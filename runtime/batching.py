@@ -115,8 +115,10 @@ def wire_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[tuple[int
 
 def to_wire(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A packed step's host arrays as the executable takes them (without `prev_tokens`, which
-    the engine passes from the device)."""
+    the engine passes from the device). A batch without `feed` takes no token from the device."""
     dp = batch["tokens"].shape[0]
+    if "feed" not in batch:
+        batch = batch | {"feed": np.full(np.shape(batch["tokens"]), -1, np.int32)}
     return {"ints": np.concatenate([np.asarray(batch[k], np.int32).reshape(dp, -1) for k in WIRE_INTS], axis=1),
             "floats": np.concatenate([np.asarray(batch[k], np.float32).reshape(dp, -1) for k in WIRE_FLOATS], axis=1),
             "num_tokens": np.asarray(batch["num_tokens"], np.int32)}

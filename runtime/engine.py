@@ -146,9 +146,7 @@ class Engine:
         being computed. The executable takes `prev_tokens` from the previous step's carry, on the
         device, whatever the host batch holds there; a batch without `feed` takes no token from it."""
         before = compile_count()
-        host = {k: v for k, v in batch.items() if k != "prev_tokens"}
-        host.setdefault("feed", np.full(np.shape(batch["tokens"]), -1, np.int32))  # no token from the device
-        args = self.put_batch(host) | {"prev_tokens": self.carry}
+        args = self.put_batch(batch) | {"prev_tokens": self.carry}
         out, self.cache = self.compiled[bucket](self.weights, self.cache, args)
         self.carry = out.pop("carry")
         self._compiles_after_load += compile_count() - before

@@ -141,6 +141,7 @@ class Scheduler:
         self.mode = padding_mode
         self.sampling = sampling or SamplingParams()
         self._allowed: list[Bucket] | None = None
+        self._limit_list: list[_Limits] | None = None
         # One EOS id, several (a checkpoint's generation_config lists them), or None.
         self.eos_ids = frozenset() if eos_token_id is None else frozenset(
             [int(eos_token_id)] if np.isscalar(eos_token_id) else [int(e) for e in eos_token_id])
@@ -229,6 +230,11 @@ class Scheduler:
         return self._allowed
 
     def _limits(self) -> list[_Limits]:
+        if self._limit_list is None:  # fixed for the scheduler's life, like the allowed buckets
+            self._limit_list = self._make_limits()
+        return self._limit_list
+
+    def _make_limits(self) -> list[_Limits]:
         """Step limits to try, in order: the largest bucket's per-group sizes first, then, should
         no bucket hold that step (forced mode, SUM_LEN row cap, ragged ladders), each allowed
         bucket's own limits, which hold it by construction."""
