@@ -3,8 +3,10 @@
 raw      the ready executable called on device-resident, already padded inputs (the floor)
 runtime  Engine.run: numpy batch -> device, call, logits -> numpy (what the scheduler calls)
 serving  a whole scheduler step during decode (admit, plan, choose bucket, pack, run, unpad), against
-         the raw call of the bucket it runs: pipelined (the default: step n+1 is launched before
-         step n's tokens are read, which it takes on the device) and synchronous
+         the raw calls of the very batches that run made (recorded, placed on the device before
+         timing, replayed in order): the same device work with no host work at all. Pipelined (the
+         default: step n+1 is launched before step n's tokens are read, which it takes on the
+         device) and synchronous.
 Medians over many steps, for a decode bucket and a prefill bucket; serving rows in interleaved blocks.
 """
 
@@ -38,15 +40,34 @@ def time_runtime(engine, bucket, batch, n):
     return samples
 
 
-def time_serving(engine, n, pipeline=True):
-    """Per-step time of a decode-only run: 8 one-token prompts, n new tokens each."""
+def time_serving(engine, n, pipeline=True, record=None):
+    """Per-step time of a decode-only run: 8 one-token prompts, n new tokens each. `record`: a
+    list that gets every step's (bucket, batch)."""
     from runtime.scheduler import generate
 
     prompts = [[i + 1] for i in range(8)]
-    t0 = time.perf_counter()
-    _, stats = generate(engine, prompts, n, pipeline=pipeline)
-    return (time.perf_counter() - t0) / stats["steps"], stats
+    dispatch = engine.dispatch
+    if record is not None:
+        engine.dispatch = lambda bucket, batch: (record.append((bucket, dict(batch))), dispatch(bucket, batch))[1]
+    try:
+        engine.reset_cache()
+        t0 = time.perf_counter()
+        _, stats = generate(engine, prompts, n, pipeline=pipeline)
+        return (time.perf_counter() - t0) / stats["steps"], stats
+    finally:
+        engine.dispatch = dispatch
 
+
+def time_replay(engine, steps):
+    """Per-step time of the raw executables on recorded steps' batches, already on the device."""
+    placed = [(engine.executable(bucket), engine.put_batch(batch) | {"prev_tokens": engine.carry})
+              for bucket, batch in steps]
+    jax.block_until_ready([args for _, args in placed])
+    t0 = time.perf_counter()
+    for compiled, args in placed:
+        out, engine.cache = compiled(engine.weights, engine.cache, args)
+        jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / len(placed)
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
@@ -69,23 +90,29 @@ def main():
                           "ratio": median_ms(rt) / median_ms(raw)}
         print(f"{label:8s} {bucket.name:22s} raw {results[label]['raw_ms']:7.3f} ms   runtime "
               f"{results[label]['runtime_ms']:7.3f} ms   ratio {results[label]['ratio']:.3f}")
-    # A whole scheduler step while decoding, against the raw call of the bucket it runs, pipelined
-    # (step n+1 launched before step n is read) and synchronous, in interleaved blocks.
-    _, stats = time_serving(engine, 8)
-    bucket = next(b for b in engine.buckets if b.name == max(stats["buckets"], key=stats["buckets"].get))
-    _, batch = make_probe(bucket, engine.dp, engine.vocab_size, m.page_size, m.pages_per_seq)
-    batch["temperature"][:] = 0  # greedy, as the serving run is: the same work on the device
+    # A whole scheduler step while decoding, pipelined and synchronous, against the raw calls of
+    # the same run's batches, in interleaved blocks.
+    steps = []
+    time_serving(engine, args.steps // 10, record=steps)
+    time_replay(engine, steps)  # warm
     raw, serving = [], {"pipelined": [], "synchronous": []}
     for _ in range(5):
-        raw += time_raw(engine, bucket, batch, args.steps // 10)
+        raw.append(time_replay(engine, steps))
         serving["pipelined"].append(time_serving(engine, args.steps // 10)[0])
         serving["synchronous"].append(time_serving(engine, args.steps // 10, pipeline=False)[0])
     raw_ms = median_ms(raw)
-    results["serving"] = {"bucket": bucket.name, "raw_ms": raw_ms}
+    used = sorted({bucket.name for bucket, _ in steps})
+    before = dict(engine.transfers)
+    _, stats = time_serving(engine, args.steps // 10)
+    sent = {k: (v - before.get(k, 0)) / stats["steps"] for k, v in engine.transfers.items()}
+    results["serving"] = {"buckets": used, "raw_ms": raw_ms, "inputs_sent_per_step": sent}
+    print(f"serving  inputs sent from the host per pipelined step: "
+          f"{', '.join(f'{k} {v:.2f}' for k, v in sent.items())}")
     for name, per_step in serving.items():
         ms = median_ms(per_step)
         results["serving"] |= {f"{name}_ms": ms, f"{name}_vs_raw": ms / raw_ms}
-        print(f"serving  decode step {name:11s} {ms:7.3f} ms = {ms / raw_ms:.3f} x raw {bucket.name} ({raw_ms:.3f} ms)")
+        print(f"serving  decode step {name:11s} {ms:7.3f} ms = {ms / raw_ms:.3f} x raw calls of the same batches "
+              f"({raw_ms:.3f} ms, {', '.join(used)})")
     results["compiles_after_load"] = engine.compiles_after_load
     print(f"compiles after load {engine.compiles_after_load}")
     write_result("dispatch", results)

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from runtime.batching import WIRE_APART, wire_layout
+from runtime.batching import WIRE_APART, advance_ints, wire_layout
 from runtime.buckets import Bucket
 
 from .attention import NativeAttentionBackend, PagedBatch
@@ -467,13 +467,15 @@ def make_step(cfg: ModelConfig, bucket: Bucket, mesh, weight_specs: dict, **opti
     )
 
 
-def _jit(fn, mesh, weight_specs: dict, batch_specs: dict, with_logits: bool):
-    """jit (weights, kv, batch) -> (outputs, kv) with the cache donated, inputs and outputs pinned."""
+def _jit(fn, mesh, weight_specs: dict, batch_specs: dict, with_logits: bool, resident: tuple[str, ...] = ()):
+    """jit (weights, kv, batch) -> (outputs, kv) with the cache donated, inputs and outputs pinned.
+    `resident`: further outputs that stay split over groups, like the carry."""
     ns = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
     # Outputs replicated: every host of a multi-host mesh reads every group's sampled tokens, so all
     # of them can take the same scheduling decisions (a few bytes per sequence). The carry stays
     # with its group, where the next step reads it.
-    outputs = {k: ns(P()) for k in REPLICATED_OUTPUTS + ("logits",) * with_logits} | {"carry": ns(OUTPUT_SPECS["carry"])}
+    outputs = {k: ns(P()) for k in REPLICATED_OUTPUTS + ("logits",) * with_logits}
+    outputs |= {k: ns(P("data", None)) for k in ("carry",) + resident}
     return jax.jit(fn, in_shardings=({k: ns(s.spec) for k, s in weight_specs.items()}, ns(CACHE_SPEC),
                                      {k: ns(s) for k, s in batch_specs.items()}),
                    out_shardings=(outputs, ns(CACHE_SPEC)), donate_argnums=(1,))
@@ -501,8 +503,16 @@ def from_wire(wire: dict, shapes: dict[str, tuple[int, ...]]) -> dict:
 def jit_wire_step(cfg: ModelConfig, bucket: Bucket, mesh, weight_specs: dict, cache: CacheShape, carry_seqs: int,
                   **options):
     """The step as an artifact ships it: (weights, kv, wire) -> (outputs, kv), the batch packed
-    into a few arrays (runtime.batching.to_wire), so a step is a few host-to-device transfers."""
+    into a few arrays (runtime.batching.to_wire), so a step is a few host-to-device transfers.
+    It also returns `next_ints` [D, K], left on the device: its ints one decode step on
+    (runtime.batching.advance_ints), which a steady decode step takes instead of a transfer."""
     shapes = {k: v.shape for k, v in batch_shapes(mesh.shape["data"], bucket, cache, carry_seqs).items()}
+    layout = wire_layout(shapes)
     step = make_step(cfg, bucket, mesh, weight_specs, **options)
-    return _jit(lambda weights, kv, wire: step(weights, kv, from_wire(wire, shapes)), mesh, weight_specs,
-                WIRE_SPECS, bool(options.get("with_logits")))
+
+    def wire_step(weights, kv, wire):
+        outputs, kv = step(weights, kv, from_wire(wire, shapes))
+        outputs["next_ints"] = advance_ints(wire["ints"], wire["num_tokens"], layout, jnp)
+        return outputs, kv
+
+    return _jit(wire_step, mesh, weight_specs, WIRE_SPECS, bool(options.get("with_logits")), resident=("next_ints",))

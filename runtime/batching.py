@@ -113,6 +113,20 @@ def wire_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[tuple[int
             "prev_tokens": (tuple(shapes["prev_tokens"]), "int32")}
 
 
+def advance_ints(ints, num_tokens, layout: dict, xp=np):
+    """`ints` one decode step on: every real token one position further, nothing else changed.
+
+    That is the next step's ints whenever the same sequences decode again in the same rows (their
+    new tokens come from the carry, `feed`), so the step returns this (`next_ints`), computed on the
+    device, and the engine passes it back instead of sending the host's copy when the two are
+    equal: a steady decode step then moves nothing from the host. `xp` is numpy on the host and
+    jax.numpy inside the step, the same arithmetic on both sides.
+    """
+    _, start, end, (T,) = layout["positions"]
+    real = (xp.arange(T)[None, :] < num_tokens[:, None]).astype(ints.dtype)
+    return xp.concatenate([ints[:, :start], ints[:, start:end] + real, ints[:, end:]], axis=1)
+
+
 def to_wire(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A packed step's host arrays as the executable takes them (without `prev_tokens`, which
     the engine passes from the device). A batch without `feed` takes no token from the device."""

@@ -7,7 +7,9 @@ is anything with the `Executor` shape below, so this runs and is tested without 
 
 Policies:
 - KV on demand (the default): a request is admitted when a group has the pages its known tokens
-  need now, and takes a page more whenever its next token starts one. When a group runs out, its
+  need now, and takes a page more whenever its next token starts one (decoders in its group that
+  will soon want one take theirs at the same step, so page tables change together, about once
+  every page_size steps, and steady decode steps send no input). When a group runs out, its
   newest request is preempted: its pages are freed and it goes back to the head of the queue, to
   be prefilled again (prompt and the tokens generated so far) when pages free up. Its output does
   not change: the same tokens are fed at the same positions, and sampling is keyed by (seed,
@@ -307,6 +309,15 @@ class Scheduler:
                 self._preempt(max(group, key=lambda r: r.admitted))  # group is non-empty: starved or stuck
             for r in starved:
                 self._take_pages(r, len(r.pages) + 1)
+            if starved:  # the page tables change this step anyway: top up every decoder that will
+                # want a page within the next page_size tokens, from pages nobody else needs now,
+                # so that the tables then stay unchanged for page_size steps and a steady decode
+                # step sends nothing from the host (see Engine.dispatch).
+                for r in sorted(group, key=lambda r: r.admitted):
+                    if not self.free_pages[g]:
+                        break
+                    if r.decoding and len(r.pages) * ps - r.written < ps and len(r.pages) < r.num_pages:
+                        self._take_pages(r, len(r.pages) + 1)
 
     # ---- one step ---------------------------------------------------------------------------
 

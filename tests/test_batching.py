@@ -23,3 +23,25 @@ def test_wire_round_trip_is_exact():
         np.testing.assert_array_equal(back[k], batch[k], err_msg=k)
         assert back[k].dtype == batch[k].dtype, k
     assert batch["feed"][0, 4] == 1 and (batch["feed"] == -1).sum() == batch["feed"].size - 1
+
+
+def test_advance_predicts_the_next_decode_step():
+    """A decode step's ints one position on are the next decode step's when the same sequences
+    decode in the same rows with the same pages; the device computes the same arithmetic."""
+    import jax.numpy as jnp
+
+    from runtime.batching import advance_ints, wire_layout
+
+    def step(pos, pages=(1, 2)):
+        groups = [[Chunk((0,), pos, pages, prev_row=0), Chunk((0,), pos + 5, (3,), 0.5, seed=4, prev_row=1)],
+                  [Chunk((0,), pos + 2, (4, 5), prev_row=0)]]
+        return pack(groups, tokens=4, seqs=2, pages_per_seq=3, carry_seqs=2)
+
+    now, later = step(9), step(10)
+    layout = wire_layout({k: v.shape for k, v in now.items()})
+    ints = to_wire(now)["ints"]
+    ahead = advance_ints(ints, now["num_tokens"], layout)
+    np.testing.assert_array_equal(ahead, to_wire(later)["ints"])
+    np.testing.assert_array_equal(np.asarray(advance_ints(jnp.asarray(ints), jnp.asarray(now["num_tokens"]),
+                                                          layout, jnp)), ahead)
+    assert not np.array_equal(ahead, to_wire(step(10, pages=(1, 2, 6)))["ints"])  # a new page: sent

@@ -435,3 +435,16 @@ def test_measured_step_times_size_prefill_to_the_bucket():
     assert sized_stats["padding_efficiency"] > plain_stats["padding_efficiency"]
     cost = lambda ex: sum(8.0 + 2 * b["tokens"].shape[1] for b in ex.batches)  # noqa: E731
     assert cost(timed) < cost(untimed)
+
+
+def test_decoders_take_pages_together_so_tables_rarely_change(Fake):
+    """On demand, decoders that will soon want a page take it in the step where one of their group
+    must: with staggered contexts, page tables then change about once per page_size steps, not
+    at every step (a steady decode step then sends nothing from the host), and outputs are unchanged."""
+    prompts = [[5 + i] * (1 + i) for i in range(8)]  # every offset within a page
+    ex = Fake(dp=2, page_size=4, num_pages=64, pages_per_seq=16, ladder=(4, 8), max_seqs=4)
+    outs, stats = generate(ex, prompts, 40)
+    assert outs == reference(prompts, 40)
+    decode = [b for b in ex.batches if (b["num_tokens"] == 4).all()]
+    changed = sum(not np.array_equal(a["page_table"], b["page_table"]) for a, b in zip(decode, decode[1:]))
+    assert len(decode) >= 30 and changed <= len(decode) // 4 + 1, (changed, len(decode))
