@@ -36,7 +36,10 @@ class PaddingOnly:
         self.pages_per_seq, self.vocab_size = cfg.cache().pages_per_seq, 500
         self.buckets = buckets
 
+        self.steps = []  # (bucket tokens, real tokens per group) of every step
+
     def run(self, bucket, batch):
+        self.steps.append((bucket.tokens, batch["num_tokens"].copy()))
         return {"tokens": np.zeros((self.dp, bucket.seqs), np.int32),
                 "logprobs": np.zeros((self.dp, bucket.seqs), np.float32)}
 
@@ -66,9 +69,23 @@ def replay(tokens, sums=None, trace=None, sized=False):
     _, stats = generate(ex, trace["prompts"], trace["max_new_tokens"], arrivals=trace.get("arrivals"),
                         record_steps=True)
     return {"ladder": list(tokens), "sums": list(sums) if sums else None, "executables": len(buckets),
-            "sized": sized, "efficiency": stats["padding_efficiency"],
+            "sized": sized, "efficiency": stats["padding_efficiency"], "waste_by_cause": waste_by_cause(ex.steps),
             "waste": stats["padded_tokens"] - stats["real_tokens"], "steps": stats["steps"],
             "modelled_s": stats["steps"] * a + b * stats["padded_tokens"]}
+
+
+def waste_by_cause(steps) -> dict:
+    """Padded-but-not-real tokens, split three ways: a group with nothing to do this step (idle),
+    a busy group short of the step's busiest one (imbalance between DP groups), and the busiest
+    group short of the bucket (the ladder's rounding)."""
+    idle = imbalance = rounding = 0
+    for tokens, real in steps:
+        busiest = int(real.max())
+        idle += tokens * int((real == 0).sum())
+        imbalance += int(sum(busiest - n for n in real if n > 0))
+        rounding += len(real) * (tokens - busiest)
+    total = max(idle + imbalance + rounding, 1)
+    return {"idle_group": idle / total, "imbalance": imbalance / total, "rounding": rounding / total}
 
 
 def offline_batch() -> dict:
@@ -129,9 +146,11 @@ def main():
                                       ("planned", (best["ladder"], best["sums"]))):
             plain, sized = replay(tokens, sums, workload), replay(tokens, sums, workload, sized=True)
             rows[label] = {"plain": plain, "sized": sized}
+            w = sized["waste_by_cause"]
             print(f"{name:14s} {label:8s} ({plain['executables']:2d} executables): efficiency "
                   f"{plain['efficiency']:.3f} -> sized {sized['efficiency']:.3f}; modelled time "
-                  f"{plain['modelled_s']:.2f} s -> {sized['modelled_s']:.2f} s")
+                  f"{plain['modelled_s']:.2f} s -> {sized['modelled_s']:.2f} s; sized waste: imbalance "
+                  f"{w['imbalance']:.0%}, rounding {w['rounding']:.0%}, idle group {w['idle_group']:.0%}")
         results["sized"][name] = rows
     write_result("padding", results)
     plot(results)
