@@ -37,6 +37,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from bench.common import RESULTS, ROOT, write_result  # noqa: E402
+from runtime.batching import wire_shapes  # noqa: E402
 from runtime.format import read_manifest  # noqa: E402
 
 CONFIGS = ROOT / "bench" / "configs"
@@ -99,7 +100,11 @@ def measure(case: Case, work: Path) -> list[dict]:
     for e in manifest.executables:
         b, cost = e.bucket, e.cost
         minimum = minimum_flops(cfg, b.tokens, b.seqs, dp, devices, case.max_context)
-        returned = cost.output_bytes - cache_bytes  # every output is replicated: all of it per device
+        # Outputs per device: the cache shard, one group's row of the device-resident carry and
+        # next_ints (int32), and the replicated `sampled`, which every host reads.
+        wire = wire_shapes({k: tuple(v) for k, v in e.batch_shapes.items()})
+        resident = 4 * (wire["ints"][0][1] + wire["prev_tokens"][0][1])
+        returned = cost.output_bytes - cache_bytes - resident
         rows.append({
             "config": case.config, "layers": cfg.num_layers, "mesh": case.mesh, "dtype": case.dtype,
             "tokens_per_group": b.tokens, "seqs_per_group": b.seqs,

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from runtime.batching import WIRE_APART, advance_ints, wire_layout
+from runtime.batching import SAMPLED, WIRE_APART, advance_ints, wire_layout
 from runtime.buckets import Bucket
 
 from .attention import NativeAttentionBackend, PagedBatch
@@ -467,14 +467,16 @@ def make_step(cfg: ModelConfig, bucket: Bucket, mesh, weight_specs: dict, **opti
     )
 
 
-def _jit(fn, mesh, weight_specs: dict, batch_specs: dict, with_logits: bool, resident: tuple[str, ...] = ()):
+def _jit(fn, mesh, weight_specs: dict, batch_specs: dict, with_logits: bool,
+         replicated: tuple[str, ...] = REPLICATED_OUTPUTS, resident: tuple[str, ...] = ()):
     """jit (weights, kv, batch) -> (outputs, kv) with the cache donated, inputs and outputs pinned.
-    `resident`: further outputs that stay split over groups, like the carry."""
+    `replicated`: the outputs every host reads; `resident`: further outputs that stay split over
+    groups, like the carry."""
     ns = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
     # Outputs replicated: every host of a multi-host mesh reads every group's sampled tokens, so all
     # of them can take the same scheduling decisions (a few bytes per sequence). The carry stays
     # with its group, where the next step reads it.
-    outputs = {k: ns(P()) for k in REPLICATED_OUTPUTS + ("logits",) * with_logits}
+    outputs = {k: ns(P()) for k in replicated + ("logits",) * with_logits}
     outputs |= {k: ns(P("data", None)) for k in ("carry",) + resident}
     return jax.jit(fn, in_shardings=({k: ns(s.spec) for k, s in weight_specs.items()}, ns(CACHE_SPEC),
                                      {k: ns(s) for k, s in batch_specs.items()}),
@@ -504,7 +506,8 @@ def jit_wire_step(cfg: ModelConfig, bucket: Bucket, mesh, weight_specs: dict, ca
                   **options):
     """The step as an artifact ships it: (weights, kv, wire) -> (outputs, kv), the batch packed
     into a few arrays (runtime.batching.to_wire), so a step is a few host-to-device transfers.
-    It also returns `next_ints` [D, K], left on the device: its ints one decode step on
+    Its sampled outputs come back as one array, `sampled` (to_sampled), and it also returns
+    `next_ints` [D, K], left on the device: its ints one decode step on
     (runtime.batching.advance_ints), which a steady decode step takes instead of a transfer."""
     shapes = {k: v.shape for k, v in batch_shapes(mesh.shape["data"], bucket, cache, carry_seqs).items()}
     layout = wire_layout(shapes)
@@ -512,7 +515,20 @@ def jit_wire_step(cfg: ModelConfig, bucket: Bucket, mesh, weight_specs: dict, ca
 
     def wire_step(weights, kv, wire):
         outputs, kv = step(weights, kv, from_wire(wire, shapes))
+        outputs = {k: v for k, v in outputs.items() if k not in REPLICATED_OUTPUTS} | {"sampled": to_sampled(outputs)}
         outputs["next_ints"] = advance_ints(wire["ints"], wire["num_tokens"], layout, jnp)
         return outputs, kv
 
-    return _jit(wire_step, mesh, weight_specs, WIRE_SPECS, bool(options.get("with_logits")), resident=("next_ints",))
+    return _jit(wire_step, mesh, weight_specs, WIRE_SPECS, bool(options.get("with_logits")), replicated=("sampled",),
+                resident=("next_ints",))
+
+
+def to_sampled(outputs: dict) -> jax.Array:
+    """The four sampled outputs as one int32 [D, S, 2 + 2N] array, floats bit for bit (as ints, so
+    no float handling can touch them), in the order of runtime.batching.SAMPLED (read back with
+    from_sampled): the host reads one array."""
+    def column(x):
+        x = x[..., None] if x.ndim == 2 else x
+        return lax.bitcast_convert_type(x, jnp.int32) if x.dtype == jnp.float32 else x
+
+    return jnp.concatenate([column(outputs[name]) for name, _ in SAMPLED], axis=-1)

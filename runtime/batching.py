@@ -113,6 +113,23 @@ def wire_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[tuple[int
             "prev_tokens": (tuple(shapes["prev_tokens"]), "int32")}
 
 
+# What the host reads back from a shipped step: its four sampled outputs in one replicated int32
+# [D, S, 2 + 2N] array, the float32 ones bit for bit (one device-to-host read per step, not four).
+SAMPLED = (("tokens", np.int32), ("logprobs", np.float32), ("top_ids", np.int32), ("top_logprobs", np.float32))
+
+
+def from_sampled(sampled: np.ndarray) -> dict[str, np.ndarray]:
+    """The step's {"tokens", "logprobs" [D, S]; "top_ids", "top_logprobs" [D, S, N]} from its
+    packed `sampled` output (see dp_attention.model.to_sampled)."""
+    n = (sampled.shape[-1] - 2) // 2
+    columns = {"tokens": slice(0, 1), "logprobs": slice(1, 2), "top_ids": slice(2, 2 + n), "top_logprobs": slice(2 + n, None)}
+    out = {}
+    for name, dtype in SAMPLED:
+        part = np.ascontiguousarray(sampled[..., columns[name]]).view(dtype)
+        out[name] = part[..., 0] if columns[name].stop == columns[name].start + 1 else part
+    return out
+
+
 def advance_ints(ints, num_tokens, layout: dict, xp=np):
     """`ints` one decode step on: every real token one position further, nothing else changed.
 

@@ -45,3 +45,25 @@ def test_advance_predicts_the_next_decode_step():
     np.testing.assert_array_equal(np.asarray(advance_ints(jnp.asarray(ints), jnp.asarray(now["num_tokens"]),
                                                           layout, jnp)), ahead)
     assert not np.array_equal(ahead, to_wire(step(10, pages=(1, 2, 6)))["ints"])  # a new page: sent
+
+
+def test_sampled_outputs_round_trip_bit_for_bit():
+    """The step packs its four sampled outputs into one int32 array (floats bit for bit); the
+    host unpacks exactly what was packed, odd float bit patterns included."""
+    import jax.numpy as jnp
+
+    from dp_attention.model import to_sampled
+    from runtime.batching import from_sampled
+
+    rng = np.random.default_rng(5)
+    outputs = {"tokens": rng.integers(0, 2**31 - 1, (2, 3)).astype(np.int32),
+               "logprobs": -rng.random((2, 3)).astype(np.float32),
+               "top_ids": rng.integers(0, 2**31 - 1, (2, 3, 4)).astype(np.int32),
+               "top_logprobs": -rng.random((2, 3, 4)).astype(np.float32)}
+    outputs["logprobs"][0, 0] = -np.inf  # a token outside top-p after the cut, and a denormal
+    outputs["top_logprobs"][1, 2, 3] = np.float32(-1e-45)
+    back = from_sampled(np.asarray(to_sampled({k: jnp.asarray(v) for k, v in outputs.items()})))
+    assert back.keys() == outputs.keys()
+    for k, v in outputs.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape, k
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
