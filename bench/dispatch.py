@@ -2,7 +2,8 @@
 
 raw      the ready executable called on device-resident, already padded inputs (the floor)
 runtime  Engine.run: numpy batch -> device, call, logits -> numpy (what the scheduler calls)
-serving  a whole scheduler step during decode (admit, plan, choose bucket, pack, run, unpad), against
+serving  a whole scheduler step during decode (admit, plan, choose bucket, pack, run, unpad; or a
+         steady step repeated on the device with nothing planned or sent), against
          the raw calls of the very batches that run made (recorded, placed on the device before
          timing, replayed in order): the same device work with no host work at all. Pipelined (the
          default: step n+1 is launched before step n's tokens are read, which it takes on the
@@ -12,6 +13,8 @@ Medians over many steps, for a decode bucket and a prefill bucket; serving rows 
 
 import argparse
 import time
+
+import numpy as np
 
 from bench.common import ARTIFACT, ensure_artifact, median_ms, write_result
 import jax  # noqa: E402  (after bench.common, which sets the device count)
@@ -46,16 +49,32 @@ def time_serving(engine, n, pipeline=True, record=None):
     from runtime.scheduler import generate
 
     prompts = [[i + 1] for i in range(8)]
-    dispatch = engine.dispatch
+    dispatch, again = engine.dispatch, engine.dispatch_again
+    repeated = []
+
+    def record_again(bucket):  # a repeated step's batch: the last one, every real token one position on
+        out = again(bucket)
+        if out is not None:
+            batch = dict(record[-1][1])
+            batch["positions"] = batch["positions"] + (np.arange(bucket.tokens) < batch["num_tokens"][:, None])
+            record.append((bucket, batch))
+            repeated.append(len(record) - 1)
+        return out
+
     if record is not None:
         engine.dispatch = lambda bucket, batch: (record.append((bucket, dict(batch))), dispatch(bucket, batch))[1]
+        engine.dispatch_again = record_again
     try:
         engine.reset_cache()
         t0 = time.perf_counter()
         _, stats = generate(engine, prompts, n, pipeline=pipeline)
-        return (time.perf_counter() - t0) / stats["steps"], stats
+        seconds = (time.perf_counter() - t0) / stats["steps"]
+        if record is not None:
+            assert len(record) == stats["steps"], "a launched step was not recorded"
+            stats["repeated_steps"] = len(repeated)
+        return seconds, stats
     finally:
-        engine.dispatch = dispatch
+        engine.dispatch, engine.dispatch_again = dispatch, again
 
 
 def time_replay(engine, steps):
@@ -71,7 +90,9 @@ def time_replay(engine, steps):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=300, help="raw and runtime calls per bucket")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens per serving run (its steps)")
+    parser.add_argument("--blocks", type=int, default=9, help="interleaved serving blocks (the median is kept)")
     args = parser.parse_args()
     ensure_artifact()
     engine = load(ARTIFACT)
@@ -93,19 +114,22 @@ def main():
     # A whole scheduler step while decoding, pipelined and synchronous, against the raw calls of
     # the same run's batches, in interleaved blocks.
     steps = []
-    time_serving(engine, args.steps // 10, record=steps)
+    _, stats = time_serving(engine, args.new_tokens, record=steps)
+    print(f"serving  {stats['repeated_steps']} of {stats['steps']} steps repeated on the device, "
+          f"with nothing planned, packed or sent")
     time_replay(engine, steps)  # warm
     raw, serving = [], {"pipelined": [], "synchronous": []}
-    for _ in range(5):
+    for _ in range(args.blocks):
         raw.append(time_replay(engine, steps))
-        serving["pipelined"].append(time_serving(engine, args.steps // 10)[0])
-        serving["synchronous"].append(time_serving(engine, args.steps // 10, pipeline=False)[0])
+        serving["pipelined"].append(time_serving(engine, args.new_tokens)[0])
+        serving["synchronous"].append(time_serving(engine, args.new_tokens, pipeline=False)[0])
     raw_ms = median_ms(raw)
     used = sorted({bucket.name for bucket, _ in steps})
     before = dict(engine.transfers)
-    _, stats = time_serving(engine, args.steps // 10)
-    sent = {k: (v - before.get(k, 0)) / stats["steps"] for k, v in engine.transfers.items()}
-    results["serving"] = {"buckets": used, "raw_ms": raw_ms, "inputs_sent_per_step": sent}
+    _, run = time_serving(engine, args.new_tokens)
+    sent = {k: (v - before.get(k, 0)) / run["steps"] for k, v in engine.transfers.items()}
+    results["serving"] = {"buckets": used, "raw_ms": raw_ms, "inputs_sent_per_step": sent,
+                          "repeated_steps": stats["repeated_steps"] / len(steps)}
     print(f"serving  inputs sent from the host per pipelined step: "
           f"{', '.join(f'{k} {v:.2f}' for k, v in sent.items())}")
     for name, per_step in serving.items():

@@ -119,6 +119,8 @@ class Engine:
         self._resident: dict[str, tuple[np.ndarray, jax.Array]] = {}
         self.transfers: dict[str, int] = {}
         self._layouts: dict[Bucket, dict] = {}
+        self._last_bucket: Bucket | None = None  # of the last dispatch, and whether its
+        self._advanced = False  # resident ints are advanced one position (see dispatch_again)
         self.load_info: LoadInfo | None = None
         self._compiles_after_load = 0
 
@@ -157,11 +159,28 @@ class Engine:
         self.carry = out.pop("carry")
         self._resident = {k: (wire[k], args[k]) for k in wire}
         next_ints = out.pop("next_ints", None)  # absent from an artifact built before it existed
+        self._last_bucket, self._advanced = bucket, next_ints is not None
         if next_ints is not None:
             if bucket not in self._layouts:
                 self._layouts[bucket] = wire_layout(self.entries[bucket].batch_shapes)
             layout = self._layouts[bucket]
             self._resident["ints"] = (advance_ints(wire["ints"], wire["num_tokens"], layout), next_ints)
+        self._compiles_after_load += compile_count() - before
+        return out
+
+    def dispatch_again(self, bucket: Bucket) -> dict[str, jax.Array] | None:
+        """Launch the last dispatched batch again, every real token one position on, from what is
+        already on the device: the scheduler's steady decode step, with nothing planned, packed or
+        sent. None when the last step was another bucket's or its executable does not return
+        next_ints (an artifact built before it)."""
+        if self._last_bucket != bucket or not self._advanced:
+            return None
+        before = compile_count()
+        args = {k: device for k, (_, device) in self._resident.items()} | {"prev_tokens": self.carry}
+        out, self.cache = self.compiled[bucket](self.weights, self.cache, args)
+        self.carry = out.pop("carry")
+        ints, num_tokens = self._resident["ints"][0], self._resident["num_tokens"][0]
+        self._resident["ints"] = (advance_ints(ints, num_tokens, self._layouts[bucket]), out.pop("next_ints"))
         self._compiles_after_load += compile_count() - before
         return out
 
@@ -212,6 +231,7 @@ class Engine:
         """Zero the KV cache and the token carry (between independent runs)."""
         self.cache = self.zero_cache()
         self.carry = self.zero_carry()
+        self._last_bucket = None
 
     # ---------------------------------------------------------------- loading
 

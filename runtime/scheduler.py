@@ -66,6 +66,9 @@ class Executor(Protocol):
     # Optional, together: dispatch(bucket, batch) launches a step and returns a handle at once;
     # fetch(handle) waits for its outputs (as run returns them). Then steps are pipelined, and a
     # batch's `feed` entries (>= 0) name rows of the previous dispatched step's sampled tokens.
+    # Optional beside them: dispatch_again(bucket) launches the last dispatched batch again with
+    # every real token one position on (None if it cannot), so a steady decode step is neither
+    # planned nor packed on the host.
 
 
 @dataclasses.dataclass(eq=False)  # identity: requests are removed from lists by object
@@ -160,6 +163,10 @@ class Scheduler:
         self._pipelined = pipeline and callable(getattr(executor, "dispatch", None)) \
             and callable(getattr(executor, "fetch", None))
         self._in_flight: _Launch | None = None  # launched, outputs not read yet
+        # Bumped whenever a request joins or leaves a group or its pages change; a step can only
+        # be repeated on the device (_launch_again) while it stays what it was at that step.
+        self._changes = 0
+        self._repeatable: tuple | None = None  # (bucket, plan, _changes) of the last step, if steady
 
     # ---- validation -------------------------------------------------------------------------
 
@@ -276,11 +283,13 @@ class Scheduler:
 
     def _take_pages(self, r: _Request, total: int) -> None:
         """Grow r's pages to `total` (the caller checked they are free)."""
+        self._changes += 1
         while len(r.pages) < total:
             r.pages.append(self.free_pages[r.group].pop())
             self.committed[r.group] += 1
 
     def _release(self, r: _Request) -> None:
+        self._changes += 1
         self.free_pages[r.group].extend(reversed(r.pages))
         self.committed[r.group] -= len(r.pages)
         r.pages = []
@@ -395,10 +404,19 @@ class Scheduler:
         if not any(runnable):
             return None
         step = self.stats.steps
-        bucket, plan = self._build(runnable, step)
-        groups = [[w.request.chunk(w.n) for w in ws] for ws in plan]
-        batch = pack(groups, bucket.tokens, bucket.seqs, self.ex.pages_per_seq)
-        outputs = self.ex.dispatch(bucket, batch) if self._pipelined else self.ex.run(bucket, batch)
+        outputs = self._launch_again(runnable)
+        if outputs is not None:
+            bucket, plan = self._repeatable[:2]
+        else:
+            bucket, plan = self._build(runnable, step)
+            groups = [[w.request.chunk(w.n) for w in ws] for ws in plan]
+            batch = pack(groups, bucket.tokens, bucket.seqs, self.ex.pages_per_seq)
+            outputs = self.ex.dispatch(bucket, batch) if self._pipelined else self.ex.run(bucket, batch)
+            # The next step may repeat this one on the device if every runnable request decodes
+            # here, each fed from its own row of the step before (so from this step's, next time).
+            steady = all(len(ws) == len(rs) for ws, rs in zip(plan, runnable)) and all(
+                c.prev_row == j for cs in groups for j, c in enumerate(cs))
+            self._repeatable = (bucket, plan, self._changes) if steady and self._pipelined else None
         self.stats.record(bucket, plan, self.dp)
         sampled = []
         for g, ws in enumerate(plan):
@@ -410,6 +428,21 @@ class Scheduler:
                     r.owed, r.owed_row = r.owed + 1, j
                     sampled.append((g, j, r))
         return _Launch(bucket, outputs, sampled)
+
+    def _launch_again(self, runnable: list[list[_Request]]):
+        """Launch the last step again, one position on, without planning or packing it (None when
+        that is not this step): the executor advances its last inputs on the device. That is the
+        step `_build` would plan when the last one fed every runnable request one token from its
+        own row and nothing changed since: no request admitted, finished, preempted or given a
+        page, each still decoding. The bookkeeping after launch is the same either way."""
+        again = getattr(self.ex, "dispatch_again", None)
+        if self._repeatable is None or again is None:
+            return None
+        bucket, plan, changes = self._repeatable
+        if changes != self._changes or any(len(ws) != len(rs) for ws, rs in zip(plan, runnable)) \
+                or not all(w.request.decoding and not w.request.complete for ws in plan for w in ws):
+            return None
+        return again(bucket)
 
     def _collect(self, launch: "_Launch") -> list[_Request]:
         """Read a launched step's sampled tokens and hand each to its request. Returns the requests
@@ -441,6 +474,7 @@ class Scheduler:
 
     def _retire(self, r: _Request) -> None:
         """Take a finished or cancelled request out of the queue or its group, freeing its pages."""
+        self._changes += 1
         if r in self.queue:
             self.queue.remove(r)
         elif r.group >= 0 and r in self.active[r.group]:
