@@ -25,7 +25,10 @@ JAX dispatch is asynchronous), each `step()` plans and launches step n+1 before 
 sampled tokens, so the host's planning, packing and transfers overlap the device's work. A sequence
 whose newest token is still on the device feeds it from there (`Chunk.prev_row`). Positions, pages
 and lengths are all known on the host; only an EOS is learnt a step late, and the one token computed
-past it is dropped, so outputs are the same as unpipelined.
+past it is dropped, so outputs are the same as unpipelined. When nothing changed since the last
+step and it fed every runnable request from its own row, the next step is that one again, one
+position on: an executor with `dispatch_again` runs it from the inputs already on the device, and
+the host neither plans nor packs it (`_launch_again`).
 """
 
 from __future__ import annotations
