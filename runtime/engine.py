@@ -118,6 +118,7 @@ class Engine:
         # many times each input was sent: a steady decode step sends none.
         self._resident: dict[str, tuple[np.ndarray, jax.Array]] = {}
         self.transfers: dict[str, int] = {}
+        self.repeats = 0  # steps launched by dispatch_again
         self._layouts: dict[Bucket, dict] = {}
         self._last_bucket: Bucket | None = None  # of the last dispatch, and whether its
         self._advanced = False  # resident ints are advanced one position (see dispatch_again)
@@ -181,6 +182,7 @@ class Engine:
         self.carry = out.pop("carry")
         ints, num_tokens = self._resident["ints"][0], self._resident["num_tokens"][0]
         self._resident["ints"] = (advance_ints(ints, num_tokens, self._layouts[bucket]), out.pop("next_ints"))
+        self.repeats += 1
         self._compiles_after_load += compile_count() - before
         return out
 

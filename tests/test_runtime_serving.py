@@ -129,17 +129,20 @@ def test_pipelined_steps_equal_synchronous_ones(tiny_engine):
     rng = np.random.default_rng(77)
     prompts = random_prompts(rng, 14, 40)
     sampling = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=3)
-    runs, sent = {}, {}
+    runs, sent, repeats = {}, {}, {}
     for name, pipeline in (("sync", False), ("pipelined", True)):
         tiny_engine.reset_cache()
-        before = tiny_engine.transfers.get("ints", 0)
+        before, repeats_before = tiny_engine.transfers.get("ints", 0), tiny_engine.repeats
         outs, stats = Scheduler(tiny_engine, sampling=sampling, top_logprobs=2, pipeline=pipeline).generate(prompts, 12)
         runs[name] = (outs, stats["logprobs"])
         sent[name] = (tiny_engine.transfers["ints"] - before) / stats["steps"]
+        repeats[name] = tiny_engine.repeats - repeats_before
     assert runs["sync"][0] == runs["pipelined"][0]
     # Synchronous steps carry read tokens, so every step sends its ints; pipelined decode steps
-    # mostly take the ints the previous step computed on the device (Engine.dispatch).
+    # mostly take the ints the previous step computed on the device (Engine.dispatch), or are
+    # repeated there whole (Engine.dispatch_again).
     assert sent["sync"] == 1 and sent["pipelined"] < 0.75, sent
+    assert repeats["sync"] == 0 and repeats["pipelined"] > 0, repeats
     np.testing.assert_allclose(np.concatenate(runs["sync"][1]), np.concatenate(runs["pipelined"][1]), atol=1e-5)
     # An EOS that only the device knows when the next step is launched: the token past it is dropped.
     eos = runs["sync"][0][0][3]
