@@ -4,6 +4,8 @@ The trace from trace_replay.py is replayed through the scheduler on a stand-in e
 depends only on the schedule, not on the numbers). Planned ladders come from the same function as
 `python -m export build --plan-from bench/results/trace_steps.json --max-buckets K`, for several K.
 Efficiency = real tokens / padded tokens (dp x bucket tokens per step); executables are per mesh.
+Also shown for sized rows: the share of real rows among those the expert layers compute (a SUM_LEN
+step's experts see only its global length, so imbalance there pads attention, not the experts).
 A planned ladder is also scored on a held-out trace (another seed of the same workload), beside the
 fixed ladders on that trace: a ladder fitted to one trace must not be judged on that trace alone.
 
@@ -21,7 +23,7 @@ import numpy as np
 
 from bench.common import RESULTS, ensure_artifact, make_trace, write_result
 from export.build import BuildConfig
-from runtime.buckets import ladder_from_trace, plan
+from runtime.buckets import MAX_LEN, ladder_from_trace, plan
 from runtime.scheduler import generate
 
 DP, MAX_SEQS = 2, 8
@@ -39,7 +41,7 @@ class PaddingOnly:
         self.steps = []  # (bucket tokens, real tokens per group) of every step
 
     def run(self, bucket, batch):
-        self.steps.append((bucket.tokens, batch["num_tokens"].copy()))
+        self.steps.append((bucket.tokens, batch["num_tokens"].copy(), expert_rows(bucket)))
         return {"tokens": np.zeros((self.dp, bucket.seqs), np.int32),
                 "logprobs": np.zeros((self.dp, bucket.seqs), np.float32)}
 
@@ -70,8 +72,15 @@ def replay(tokens, sums=None, trace=None, sized=False):
                         record_steps=True)
     return {"ladder": list(tokens), "sums": list(sums) if sums else None, "executables": len(buckets),
             "sized": sized, "efficiency": stats["padding_efficiency"], "waste_by_cause": waste_by_cause(ex.steps),
+            "expert_row_efficiency": stats["real_tokens"] / sum(rows for _, _, rows in ex.steps),
             "waste": stats["padded_tokens"] - stats["real_tokens"], "steps": stats["steps"],
             "modelled_s": stats["steps"] * a + b * stats["padded_tokens"]}
+
+
+def expert_rows(bucket) -> int:
+    """Rows the expert layers (most of a step's FLOPs) compute: every group's padded tokens after
+    a MAX_LEN gather, only the global length of a SUM_LEN step, where groups' tokens are summed."""
+    return DP * bucket.tokens if bucket.mode == MAX_LEN else bucket.global_len
 
 
 def waste_by_cause(steps) -> dict:
@@ -79,7 +88,7 @@ def waste_by_cause(steps) -> dict:
     a busy group short of the step's busiest one (imbalance between DP groups), and the busiest
     group short of the bucket (the ladder's rounding)."""
     idle = imbalance = rounding = 0
-    for tokens, real in steps:
+    for tokens, real, _ in steps:
         busiest = int(real.max())
         idle += tokens * int((real == 0).sum())
         imbalance += int(sum(busiest - n for n in real if n > 0))
@@ -150,7 +159,8 @@ def main():
             print(f"{name:14s} {label:8s} ({plain['executables']:2d} executables): efficiency "
                   f"{plain['efficiency']:.3f} -> sized {sized['efficiency']:.3f}; modelled time "
                   f"{plain['modelled_s']:.2f} s -> {sized['modelled_s']:.2f} s; sized waste: imbalance "
-                  f"{w['imbalance']:.0%}, rounding {w['rounding']:.0%}, idle group {w['idle_group']:.0%}")
+                  f"{w['imbalance']:.0%}, rounding {w['rounding']:.0%}, idle group {w['idle_group']:.0%}; "
+                  f"expert-layer rows real {sized['expert_row_efficiency']:.3f}")
         results["sized"][name] = rows
     write_result("padding", results)
     plot(results)
