@@ -72,3 +72,12 @@ class _Collector:
         yield gauge("kv_pages_free", "KV cache pages free (all DP groups)", total - sched.pages_used)
         yield gauge("compiles_after_load", "Backend compilations since load (should stay 0)",
                     engine.compiles_after_load)
+        yield counter("preemptions", "Requests preempted (pages freed, prefilled again later)", s.preemptions)
+        # Host work per step: a steady decode step is repeated on the device and sends nothing.
+        yield counter("steps_repeated", "Steps run again on the device, one position on, with nothing "
+                                        "planned or sent from the host", getattr(engine, "repeats", 0))
+        sent = CounterMetricFamily(f"{PREFIX}_inputs_sent", "Packed step inputs sent from the host, by input",
+                                   labels=["input"])
+        for name, n in sorted(getattr(engine, "transfers", {}).items()):
+            sent.add_metric([name], float(n))
+        yield sent

@@ -116,6 +116,9 @@ def test_64_concurrent_streams(server):
     assert m["qwen3_moe_compiles_after_load"] == 0
     assert m["qwen3_moe_generation_tokens_total"] >= sum(len(ids) for _, ids, _ in results)
     assert m["qwen3_moe_kv_pages_free"] > 0
+    # At most one send of each input per step, fewer where the device already held it.
+    assert 0 < m['qwen3_moe_inputs_sent_total{input="ints"}'] <= m["qwen3_moe_steps_total"]
+    assert m["qwen3_moe_steps_repeated_total"] < m["qwen3_moe_steps_total"]
 
 
 def server_artifact_tokenizer(server):
