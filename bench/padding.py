@@ -38,10 +38,10 @@ class PaddingOnly:
         self.pages_per_seq, self.vocab_size = cfg.cache().pages_per_seq, 500
         self.buckets = buckets
 
-        self.steps = []  # (bucket tokens, real tokens per group) of every step
+        self.step_shapes = []  # (bucket tokens, real tokens per group, expert-layer rows) of every step
 
     def run(self, bucket, batch):
-        self.steps.append((bucket.tokens, batch["num_tokens"].copy(), expert_rows(bucket)))
+        self.step_shapes.append((bucket.tokens, batch["num_tokens"].copy(), expert_rows(bucket)))
         return {"tokens": np.zeros((self.dp, bucket.seqs), np.int32),
                 "logprobs": np.zeros((self.dp, bucket.seqs), np.float32)}
 
@@ -71,8 +71,8 @@ def replay(tokens, sums=None, trace=None, sized=False):
     _, stats = generate(ex, trace["prompts"], trace["max_new_tokens"], arrivals=trace.get("arrivals"),
                         record_steps=True)
     return {"ladder": list(tokens), "sums": list(sums) if sums else None, "executables": len(buckets),
-            "sized": sized, "efficiency": stats["padding_efficiency"], "waste_by_cause": waste_by_cause(ex.steps),
-            "expert_row_efficiency": stats["real_tokens"] / sum(rows for _, _, rows in ex.steps),
+            "sized": sized, "efficiency": stats["padding_efficiency"], "waste_by_cause": waste_by_cause(ex.step_shapes),
+            "expert_row_efficiency": stats["real_tokens"] / sum(rows for _, _, rows in ex.step_shapes),
             "waste": stats["padded_tokens"] - stats["real_tokens"], "steps": stats["steps"],
             "modelled_s": stats["steps"] * a + b * stats["padded_tokens"]}
 
