@@ -162,8 +162,9 @@ class Engine:
         next_ints = out.pop("next_ints", None)  # absent from an artifact built before it existed
         self._last_bucket, self._advanced = bucket, next_ints is not None
         if next_ints is not None:
-            if bucket not in self._layouts:
-                self._layouts[bucket] = wire_layout(self.entries[bucket].batch_shapes)
+            if bucket not in self._layouts:  # from the batch: an installed step may serve any shape
+                self._layouts[bucket] = wire_layout({k: np.shape(v) for k, v in batch.items()}
+                                                    | {"feed": np.shape(batch["tokens"])})
             layout = self._layouts[bucket]
             self._resident["ints"] = (advance_ints(wire["ints"], wire["num_tokens"], layout), next_ints)
         self._compiles_after_load += compile_count() - before
