@@ -151,3 +151,26 @@ def test_pipelined_steps_equal_synchronous_ones(tiny_engine):
     for full, cut in zip(runs["sync"][0], stopped):
         assert cut == full[:full.index(eos) + 1] if eos in full else cut == full
     assert tiny_engine.compiles_after_load == 0
+
+
+def test_an_installed_step_of_a_shape_the_artifact_lacks_runs(tiny_engine):
+    """A baseline may install a step under a bucket the manifest does not list (a jit server
+    offering every exact shape): the engine takes its packed layout from the batch itself."""
+    import dataclasses
+
+    from export.probes import make_probe
+
+    bucket = tiny_engine.buckets[0]
+    stranger = dataclasses.replace(bucket, global_len=bucket.global_len + 1)  # same shapes, unknown bucket
+    assert stranger not in tiny_engine.entries
+    _, batch = make_probe(bucket, tiny_engine.dp, VOCAB, tiny_engine.page_size, tiny_engine.pages_per_seq)
+    tiny_engine.reset_cache()
+    want = tiny_engine.run(bucket, batch)
+    tiny_engine.install(stranger, tiny_engine.executable(bucket))
+    try:
+        tiny_engine.reset_cache()
+        got = tiny_engine.run(stranger, batch)
+    finally:
+        del tiny_engine.compiled[stranger]
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
