@@ -153,22 +153,13 @@ class Engine:
         """Launch one step and return at once (JAX dispatch is asynchronous): its outputs are still
         being computed. The executable takes `prev_tokens` from the previous step's carry, on the
         device, whatever the host batch holds there; a batch without `feed` takes no token from it."""
-        before = compile_count()
         wire = to_wire(batch)
-        args = self._place(wire) | {"prev_tokens": self.carry}
-        out, self.cache = self.compiled[bucket](self.weights, self.cache, args)
-        self.carry = out.pop("carry")
-        self._resident = {k: (wire[k], args[k]) for k in wire}
-        next_ints = out.pop("next_ints", None)  # absent from an artifact built before it existed
-        self._last_bucket, self._advanced = bucket, next_ints is not None
-        if next_ints is not None:
-            if bucket not in self._layouts:  # from the batch: an installed step may serve any shape
-                self._layouts[bucket] = wire_layout({k: np.shape(v) for k, v in batch.items()}
-                                                    | {"feed": np.shape(batch["tokens"])})
-            layout = self._layouts[bucket]
-            self._resident["ints"] = (advance_ints(wire["ints"], wire["num_tokens"], layout), next_ints)
-        self._compiles_after_load += compile_count() - before
-        return out
+        placed = self._place(wire)
+        self._resident = {k: (wire[k], placed[k]) for k in wire}
+        if bucket not in self._layouts:  # from the batch: an installed step may serve any shape
+            self._layouts[bucket] = wire_layout({k: np.shape(v) for k, v in batch.items()}
+                                                | {"feed": np.shape(batch["tokens"])})
+        return self._call(bucket)
 
     def dispatch_again(self, bucket: Bucket) -> dict[str, jax.Array] | None:
         """Launch the last dispatched batch again, every real token one position on, from what is
@@ -177,13 +168,22 @@ class Engine:
         next_ints (an artifact built before it)."""
         if self._last_bucket != bucket or not self._advanced:
             return None
+        self.repeats += 1
+        return self._call(bucket)
+
+    def _call(self, bucket: Bucket) -> dict[str, jax.Array]:
+        """Run `bucket` on the resident inputs and the carry. Its `next_ints` (absent from an
+        artifact built before it existed) becomes the resident ints, with their host contents
+        advanced alike, for the next step to take or compare against."""
         before = compile_count()
         args = {k: device for k, (_, device) in self._resident.items()} | {"prev_tokens": self.carry}
         out, self.cache = self.compiled[bucket](self.weights, self.cache, args)
         self.carry = out.pop("carry")
-        ints, num_tokens = self._resident["ints"][0], self._resident["num_tokens"][0]
-        self._resident["ints"] = (advance_ints(ints, num_tokens, self._layouts[bucket]), out.pop("next_ints"))
-        self.repeats += 1
+        next_ints = out.pop("next_ints", None)
+        self._last_bucket, self._advanced = bucket, next_ints is not None
+        if next_ints is not None:
+            ints, num_tokens = self._resident["ints"][0], self._resident["num_tokens"][0]
+            self._resident["ints"] = (advance_ints(ints, num_tokens, self._layouts[bucket]), next_ints)
         self._compiles_after_load += compile_count() - before
         return out
 
