@@ -8,8 +8,14 @@ at (page_table[p // page_size], p % page_size). Page 0 is never handed out: padd
 there, so they can't touch a real sequence. Keys are read back for positions <= the query's
 position only, so stale data left in a page by an earlier sequence is never seen.
 
-Attention walks the context in blocks of pages with an online softmax, so its memory is one block
-per token, not the whole maximum context, and blocks past the group's furthest position are skipped.
+On CPU this is the serving path, and its cost is reading the KV cache: the pages a query needs are
+gathered into a dense block before the dot products. So queries are grouped into tiles: up to
+`q_tile` consecutive tokens of one sequence (a batch packs each sequence's tokens contiguously), and
+each tile gathers its sequence's pages once. A 256-token prefill chunk reads its context 256 / q_tile
+times instead of once per token; a decode token is a tile of its own. Within a tile, a causal mask
+per query row. The context is walked in blocks of pages with an online softmax, so memory is one
+block per tile; blocks past the furthest tile are skipped, and pages past a tile's own length are
+read from the reserved page (one page, hot in cache) instead of the sequence's.
 """
 
 from __future__ import annotations
@@ -21,12 +27,16 @@ import jax.numpy as jnp
 from jax import lax
 
 TRASH_PAGE = 0
-BLOCK_TOKENS = 512  # context positions per attention block (rounded to whole pages)
+BLOCK_TOKENS = 128  # context positions per attention block (rounded to whole pages)
+MAX_Q_TILE = 16  # query rows per tile at most: past this, scores cost more than the reads they save
 
 
 @dataclasses.dataclass(frozen=True)
 class PagedBatch:
-    """Per-device view of one group's batch (T padded tokens, S padded sequences)."""
+    """Per-device view of one group's batch (T padded tokens, S padded sequences).
+
+    A sequence's tokens are contiguous rows, in sequence order (runtime.batching.pack).
+    """
 
     positions: jax.Array  # [T] int32
     seq_index: jax.Array  # [T] int32, the token's sequence slot in this group
@@ -57,9 +67,48 @@ def write_kv(kv: jax.Array, layer, batch: PagedBatch, k_new: jax.Array, v_new: j
     return kv.at[layer, page, offset].set(new.astype(kv.dtype))
 
 
+def q_tile_rows(tokens: int, seqs: int) -> int:
+    """Query rows per tile for a bucket of `tokens` and `seqs` per group: 1 when a bucket is all
+    decode (a tile per token, no empty rows), else the power of two nearest tokens per sequence,
+    up to MAX_Q_TILE. Static: it shapes the executable."""
+    per_seq = tokens // max(seqs, 1)
+    rows = 1
+    while rows * 2 <= min(per_seq, MAX_Q_TILE):
+        rows *= 2
+    return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryTiles:
+    """Tiles of up to R consecutive rows of one sequence; at most NT of them (static)."""
+
+    rows: jax.Array  # [NT, R] the row of each tile slot (clipped into range)
+    real: jax.Array  # [NT, R] whether that slot holds a real token of the tile's sequence
+    seq: jax.Array  # [NT] the tile's sequence slot
+
+
+def query_tiles(batch: PagedBatch, tokens: int, rows_per_tile: int) -> QueryTiles:
+    """Cut each sequence's rows into tiles. A sequence of n tokens makes ceil(n / R) tiles, so
+    there are at most T/R + S of them, and never more than T (each holds a real token)."""
+    S = batch.page_table.shape[0]
+    R = rows_per_tile
+    count = jnp.zeros(S, jnp.int32).at[batch.seq_index].add(batch.valid.astype(jnp.int32))
+    first_row = jnp.cumsum(count) - count
+    tiles = (count + R - 1) // R
+    tiles_end = jnp.cumsum(tiles)
+    nt = min(tokens, -(-tokens // R) + S)
+    t = jnp.arange(nt)
+    seq = jnp.minimum(jnp.searchsorted(tiles_end, t, side="right"), S - 1)
+    start = first_row[seq] + (t - (tiles_end[seq] - tiles[seq])) * R
+    rows = start[:, None] + jnp.arange(R)
+    real = (t < tiles_end[-1])[:, None] & (rows < (first_row[seq] + count[seq])[:, None])
+    return QueryTiles(jnp.clip(rows, 0, tokens - 1), real, seq)
+
+
 class NativeAttentionBackend:
-    def __init__(self, block_tokens: int = BLOCK_TOKENS):
+    def __init__(self, block_tokens: int = BLOCK_TOKENS, q_tile: int | None = None):
         self.block_tokens = block_tokens
+        self.q_tile = q_tile  # None: q_tile_rows of the bucket
 
     def attend(self, q, k_new, v_new, kv, layer, batch: PagedBatch):
         """q [T, nq, hd], k_new/v_new [T, nkv, hd] -> (out [T, nq, hd], kv with this layer written)."""
@@ -67,36 +116,46 @@ class NativeAttentionBackend:
         _, _, page_size, two_kv, cache_hd = kv.shape
         nkv = two_kv // 2
         T, nq, hd = q.shape
-        pages = batch.page_table[batch.seq_index]  # [T, pages_per_seq]
-        block = max(1, min(pages.shape[1], self.block_tokens // page_size))  # pages per block
-        num_blocks = -(-pages.shape[1] // block)
-        pages = jnp.pad(pages, ((0, 0), (0, num_blocks * block - pages.shape[1])))  # past the end: masked
-        qg = q.reshape(T, nkv, nq // nkv, hd).astype(jnp.float32) * (hd ** -0.5)  # q head j uses kv head j // g
-        furthest = jnp.max(jnp.where(batch.valid, batch.positions, 0))
+        g = nq // nkv  # q head j uses kv head j // g
+        S, pages_per_seq = batch.page_table.shape
+        tiles = query_tiles(batch, T, self.q_tile or q_tile_rows(T, S))
+        NT, R = tiles.rows.shape
+        qt = (q.reshape(T, nkv, g, hd).astype(jnp.float32) * (hd ** -0.5))[tiles.rows]  # [NT, R, kv, g, hd]
+        pos = jnp.where(tiles.real, batch.positions[tiles.rows], -1)  # [NT, R]
+        keys_needed = jnp.max(pos, axis=1) + 1  # [NT]
+        block = max(1, min(pages_per_seq, self.block_tokens // page_size))  # pages per block
+        num_blocks = -(-pages_per_seq // block)
+        pages = jnp.pad(batch.page_table, ((0, 0), (0, num_blocks * block - pages_per_seq)))[tiles.seq]
         width = block * page_size
 
         def visit(b, carry):
             m, l, acc = carry
-            blk = lax.dynamic_slice_in_dim(pages, b * block, block, axis=1)  # [T, block]
-            kvb = kv[layer, blk].reshape(T, width, nkv, 2, cache_hd)[..., :hd]  # [T, width, kv, 2, hd]
+            blk = lax.dynamic_slice_in_dim(pages, b * block, block, axis=1)  # [NT, block]
+            page_start = b * width + jnp.arange(block) * page_size
+            blk = jnp.where(page_start[None, :] < keys_needed[:, None], blk, TRASH_PAGE)
+            kvb = kv[layer, blk].reshape(NT, width, nkv, 2, cache_hd)[..., :hd]
             keys, values = kvb[..., 0, :], kvb[..., 1, :]
-            s = jnp.einsum("tkgd,tckd->tkgc", qg, keys, preferred_element_type=jnp.float32)
-            seen = b * width + jnp.arange(width) <= batch.positions[:, None]  # [T, width]
-            s = jnp.where(seen[:, None, None, :], s, -jnp.inf)
+            s = jnp.einsum("nrkgd,nckd->nkgrc", qt, keys, preferred_element_type=jnp.float32)
+            seen = b * width + jnp.arange(width)[None, None, :] <= pos[:, :, None]  # [NT, R, width]
+            s = jnp.where(seen[:, None, None], s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=-1))
             p = jnp.exp(s - m_new[..., None])
             scale = jnp.exp(m - m_new)
             l = l * scale + p.sum(axis=-1)
-            acc = acc * scale[..., None] + jnp.einsum("tkgc,tckd->tkgd", p.astype(values.dtype), values,
+            acc = acc * scale[..., None] + jnp.einsum("nkgrc,nckd->nkgrd", p.astype(values.dtype), values,
                                                       preferred_element_type=jnp.float32)
             return m_new, l, acc
 
-        def step(b, carry):  # blocks past every token's position hold nothing anyone may see
-            return lax.cond(b * width <= furthest, visit, lambda b, c: c, b, carry)
+        furthest = jnp.max(keys_needed)
 
-        g = nq // nkv
-        init = (jnp.full((T, nkv, g), -1e30, jnp.float32), jnp.zeros((T, nkv, g), jnp.float32),
-                jnp.zeros((T, nkv, g, hd), jnp.float32))
+        def step(b, carry):  # blocks past every tile's last query hold nothing anyone may see
+            return lax.cond(b * width < furthest, visit, lambda b, c: c, b, carry)
+
+        init = (jnp.full((NT, nkv, g, R), -1e30, jnp.float32), jnp.zeros((NT, nkv, g, R), jnp.float32),
+                jnp.zeros((NT, nkv, g, R, hd), jnp.float32))
         _, l, acc = lax.fori_loop(0, num_blocks, step, init)
-        out = (acc / l[..., None]).astype(q.dtype)
-        return out.reshape(T, nq, hd), kv
+        out = (acc / jnp.maximum(l, 1e-30)[..., None]).transpose(0, 3, 1, 2, 4).reshape(NT * R, nq, hd)
+        if R == 1 and NT == T:  # a tile per row, in row order
+            return out.astype(q.dtype), kv
+        dest = jnp.where(tiles.real, tiles.rows, T).reshape(-1)  # empty slots go nowhere
+        return jnp.zeros((T, nq, hd), q.dtype).at[dest].set(out.astype(q.dtype), mode="drop"), kv
