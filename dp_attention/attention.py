@@ -68,12 +68,16 @@ def write_kv(kv: jax.Array, layer, batch: PagedBatch, k_new: jax.Array, v_new: j
 
 
 def q_tile_rows(tokens: int, seqs: int) -> int:
-    """Query rows per tile for a bucket of `tokens` and `seqs` per group: 1 when a bucket is all
-    decode (a tile per token, no empty rows), else the power of two nearest tokens per sequence,
-    up to MAX_Q_TILE. Static: it shapes the executable."""
-    per_seq = tokens // max(seqs, 1)
+    """Query rows per tile for a bucket of `tokens` and `seqs` per group. 1 when the bucket is
+    decode-shaped (tokens <= seqs): a tile per token, no empty rows. Otherwise a power of two, the
+    larger of tokens per sequence and tokens / 16, at most MAX_Q_TILE: a prefill chunk then reads
+    its context once per 8-16 tokens, while a decode token that shares the step wastes only the
+    tile's empty rows of arithmetic, not reads. Static: it shapes the executable."""
+    if tokens <= seqs:
+        return 1
+    want = min(MAX_Q_TILE, max(tokens // max(seqs, 1), tokens // 16))
     rows = 1
-    while rows * 2 <= min(per_seq, MAX_Q_TILE):
+    while rows * 2 <= want:
         rows *= 2
     return rows
 
@@ -105,57 +109,88 @@ def query_tiles(batch: PagedBatch, tokens: int, rows_per_tile: int) -> QueryTile
     return QueryTiles(jnp.clip(rows, 0, tokens - 1), real, seq)
 
 
+def _attend_tiles(q, pos, pages, kv, layer, block: int, hd: int):
+    """One chunk of tiles: q [N, kv, g*R, hd] (a kv head's queries, (g, r) major, pre-scaled),
+    pos [N, R] (-1: no query), pages [N, blocks * block] -> [N, kv, g*R, hd].
+
+    Walks the context a block of pages at a time with an online softmax, as far as the chunk's
+    furthest query. Each kv head's keys and values are gathered straight into [N, width, hd], the
+    layout the batched dots take, so nothing is transposed."""
+    N, nkv, gr, _ = q.shape
+    R = pos.shape[1]
+    page_size = kv.shape[2]
+    width = block * page_size
+    keys_needed = jnp.max(pos, axis=1) + 1  # [N]
+
+    def visit(b, carry):
+        m, l, acc = carry
+        blk = lax.dynamic_slice_in_dim(pages, b * block, block, axis=1)  # [N, block]
+        page_start = b * width + jnp.arange(block) * page_size
+        blk = jnp.where(page_start[None, :] < keys_needed[:, None], blk, TRASH_PAGE)
+        seen = b * width + jnp.arange(width)[None, None, :] <= pos[:, :, None]  # [N, R, width]
+        seen = jnp.tile(seen, (1, gr // R, 1))  # rows (g, r)
+        out = []
+        for h in range(nkv):
+            keys = kv[layer, blk, :, 2 * h, :hd].reshape(N, width, hd)
+            values = kv[layer, blk, :, 2 * h + 1, :hd].reshape(N, width, hd)
+            s = jnp.einsum("nqd,ncd->nqc", q[:, h], keys, preferred_element_type=jnp.float32)
+            s = jnp.where(seen, s, -jnp.inf)
+            m_new = jnp.maximum(m[:, h], s.max(axis=-1))
+            p = jnp.exp(s - m_new[..., None])
+            scale = jnp.exp(m[:, h] - m_new)
+            pv = jnp.einsum("nqc,ncd->nqd", p.astype(values.dtype), values, preferred_element_type=jnp.float32)
+            out.append((m_new, l[:, h] * scale + p.sum(axis=-1), acc[:, h] * scale[..., None] + pv))
+        return tuple(jnp.stack(parts, 1) for parts in zip(*out))
+
+    init = (jnp.full((N, nkv, gr), -1e30, jnp.float32), jnp.zeros((N, nkv, gr), jnp.float32),
+            jnp.zeros((N, nkv, gr, hd), jnp.float32))
+    blocks = (jnp.max(keys_needed) + width - 1) // width  # blocks past the furthest query: skipped
+    _, l, acc = lax.fori_loop(0, blocks, visit, init)
+    return acc / jnp.maximum(l, 1e-30)[..., None]  # rows without a query: 0
+
+
 class NativeAttentionBackend:
+    """`q_tile`: query rows per tile (default q_tile_rows of the bucket). Tiles are processed
+    `TILE_ROWS_PER_CHUNK // q_tile` at a time, as many chunks as the batch has real tiles, so a
+    bucket's worst-case tile count costs nothing when a step holds fewer."""
+
+    TILE_ROWS_PER_CHUNK = 64
+
     def __init__(self, block_tokens: int = BLOCK_TOKENS, q_tile: int | None = None):
         self.block_tokens = block_tokens
-        self.q_tile = q_tile  # None: q_tile_rows of the bucket
+        self.q_tile = q_tile
 
     def attend(self, q, k_new, v_new, kv, layer, batch: PagedBatch):
         """q [T, nq, hd], k_new/v_new [T, nkv, hd] -> (out [T, nq, hd], kv with this layer written)."""
         kv = write_kv(kv, layer, batch, k_new, v_new)
-        _, _, page_size, two_kv, cache_hd = kv.shape
+        page_size, two_kv = kv.shape[2], kv.shape[3]
         nkv = two_kv // 2
         T, nq, hd = q.shape
         g = nq // nkv  # q head j uses kv head j // g
         S, pages_per_seq = batch.page_table.shape
         tiles = query_tiles(batch, T, self.q_tile or q_tile_rows(T, S))
         NT, R = tiles.rows.shape
-        qt = (q.reshape(T, nkv, g, hd).astype(jnp.float32) * (hd ** -0.5))[tiles.rows]  # [NT, R, kv, g, hd]
-        pos = jnp.where(tiles.real, batch.positions[tiles.rows], -1)  # [NT, R]
-        keys_needed = jnp.max(pos, axis=1) + 1  # [NT]
+        per_chunk = max(1, min(NT, self.TILE_ROWS_PER_CHUNK // R))
+        chunks = -(-NT // per_chunk)
+        pad = chunks * per_chunk - NT
+        rows = jnp.pad(tiles.rows, ((0, pad), (0, 0)))
+        real = jnp.pad(tiles.real, ((0, pad), (0, 0)))
         block = max(1, min(pages_per_seq, self.block_tokens // page_size))  # pages per block
-        num_blocks = -(-pages_per_seq // block)
-        pages = jnp.pad(batch.page_table, ((0, 0), (0, num_blocks * block - pages_per_seq)))[tiles.seq]
-        width = block * page_size
+        blocks = -(-pages_per_seq // block)
+        pages = jnp.pad(batch.page_table, ((0, 0), (0, blocks * block - pages_per_seq)))
+        pages = pages[jnp.pad(tiles.seq, (0, pad))]  # [chunks * per_chunk, blocks * block]
+        qs = q.reshape(T, nkv, g, hd).astype(jnp.float32) * (hd ** -0.5)
+        pos = jnp.where(real, batch.positions[rows], -1)
 
-        def visit(b, carry):
-            m, l, acc = carry
-            blk = lax.dynamic_slice_in_dim(pages, b * block, block, axis=1)  # [NT, block]
-            page_start = b * width + jnp.arange(block) * page_size
-            blk = jnp.where(page_start[None, :] < keys_needed[:, None], blk, TRASH_PAGE)
-            kvb = kv[layer, blk].reshape(NT, width, nkv, 2, cache_hd)[..., :hd]
-            keys, values = kvb[..., 0, :], kvb[..., 1, :]
-            s = jnp.einsum("nrkgd,nckd->nkgrc", qt, keys, preferred_element_type=jnp.float32)
-            seen = b * width + jnp.arange(width)[None, None, :] <= pos[:, :, None]  # [NT, R, width]
-            s = jnp.where(seen[:, None, None], s, -jnp.inf)
-            m_new = jnp.maximum(m, s.max(axis=-1))
-            p = jnp.exp(s - m_new[..., None])
-            scale = jnp.exp(m - m_new)
-            l = l * scale + p.sum(axis=-1)
-            acc = acc * scale[..., None] + jnp.einsum("nkgrc,nckd->nkgrd", p.astype(values.dtype), values,
-                                                      preferred_element_type=jnp.float32)
-            return m_new, l, acc
+        def chunk(c, out):
+            take = lambda a: lax.dynamic_slice_in_dim(a, c * per_chunk, per_chunk, axis=0)  # noqa: E731
+            r = take(rows)
+            qt = qs[r].transpose(0, 2, 3, 1, 4).reshape(per_chunk, nkv, g * R, hd)
+            o = _attend_tiles(qt, take(pos), take(pages), kv, layer, block, hd)
+            o = o.reshape(per_chunk, nkv, g, R, hd).transpose(0, 3, 1, 2, 4).reshape(per_chunk * R, nq, hd)
+            dest = jnp.where(take(real), r, T).reshape(-1)  # empty slots go nowhere
+            return out.at[dest].set(o.astype(out.dtype), mode="drop")
 
-        furthest = jnp.max(keys_needed)
-
-        def step(b, carry):  # blocks past every tile's last query hold nothing anyone may see
-            return lax.cond(b * width < furthest, visit, lambda b, c: c, b, carry)
-
-        init = (jnp.full((NT, nkv, g, R), -1e30, jnp.float32), jnp.zeros((NT, nkv, g, R), jnp.float32),
-                jnp.zeros((NT, nkv, g, R, hd), jnp.float32))
-        _, l, acc = lax.fori_loop(0, num_blocks, step, init)
-        out = (acc / jnp.maximum(l, 1e-30)[..., None]).transpose(0, 3, 1, 2, 4).reshape(NT * R, nq, hd)
-        if R == 1 and NT == T:  # a tile per row, in row order
-            return out.astype(q.dtype), kv
-        dest = jnp.where(tiles.real, tiles.rows, T).reshape(-1)  # empty slots go nowhere
-        return jnp.zeros((T, nq, hd), q.dtype).at[dest].set(out.astype(q.dtype), mode="drop"), kv
+        real_tiles = jnp.sum(jnp.any(tiles.real, axis=1))  # real tiles come first
+        out = lax.fori_loop(0, (real_tiles + per_chunk - 1) // per_chunk, chunk, jnp.zeros((T, nq, hd), q.dtype))
+        return out, kv

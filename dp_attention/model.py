@@ -200,20 +200,24 @@ def rope(x, positions, theta):
 
 def attention_block(cfg, w: LayerWeights, x, kv, index, batch: PagedBatch, backend):
     """x [T, H] (replicated in the group) -> [T, H]; this device computes its share of the heads."""
-    q = jnp.einsum("th,hnd->tnd", x, w.q_proj)
-    k = jnp.einsum("th,hnd->tnd", x, w.k_proj)
-    v = jnp.einsum("th,hnd->tnd", x, w.v_proj)
+    with jax.named_scope("projections"):
+        q = jnp.einsum("th,hnd->tnd", x, w.q_proj)
+        k = jnp.einsum("th,hnd->tnd", x, w.k_proj)
+        v = jnp.einsum("th,hnd->tnd", x, w.v_proj)
     q = rope(rms_norm(q, w.q_norm, cfg.rms_norm_eps), batch.positions, cfg.rope_theta)
     k = rope(rms_norm(k, w.k_norm, cfg.rms_norm_eps), batch.positions, cfg.rope_theta)
-    out, kv = backend.attend(q, k, v, kv, index, batch)
-    partial_out = jnp.einsum("tnd,ndh->th", out, w.o_proj)
+    with jax.named_scope("attention"):
+        out, kv = backend.attend(q, k, v, kv, index, batch)
+    with jax.named_scope("projections"):
+        partial_out = jnp.einsum("tnd,ndh->th", out, w.o_proj)
     return lax.psum(partial_out, "tensor"), kv
 
 
 def dense_mlp(w: DenseWeights, x):
     """SwiGLU with the intermediate width split over "tensor"."""
-    h = jax.nn.silu(x @ w.gate) * (x @ w.up)
-    return lax.psum(h @ w.down, "tensor")
+    with jax.named_scope("projections"):
+        out = (jax.nn.silu(x @ w.gate) * (x @ w.up)) @ w.down
+    return lax.psum(out, "tensor")
 
 
 def route(cfg: ModelConfig, router_w, x):
@@ -308,8 +312,9 @@ def experts_ragged(w: MoeWeights, x, pairs: RoutedPairs):
 
 def routed_experts(cfg: ModelConfig, w: MoeWeights, x, valid):
     """This device's column share of every routed pair over the global tokens x [N, H] -> [N, H]."""
-    pairs = sort_pairs(cfg, w.router, x, valid)
-    return lax.platform_dependent(w, x, pairs, tpu=experts_ragged, default=experts_by_tile)
+    with jax.named_scope("experts"):
+        pairs = sort_pairs(cfg, w.router, x, valid)
+        return lax.platform_dependent(w, x, pairs, tpu=experts_ragged, default=experts_by_tile)
 
 
 def dense_experts(cfg: ModelConfig, w: MoeWeights, x, valid):
@@ -438,10 +443,13 @@ def device_step(cfg: ModelConfig, bucket: Bucket, opts: StepOptions, flat_weight
     x, kv = run_layers(cfg, w, x, kv, paged, backend, experts_fn)
 
     last = rms_norm(x[b["last_index"]], w.final_norm, cfg.rms_norm_eps)  # [S, H]
-    logits = lax.all_gather(last @ w.lm_head, "tensor", axis=1, tiled=True).astype(jnp.float32)
+    with jax.named_scope("projections"):
+        logits = last @ w.lm_head
+    logits = lax.all_gather(logits, "tensor", axis=1, tiled=True).astype(jnp.float32)
     logits = jnp.where(jnp.arange(logits.shape[1]) < cfg.vocab_size, logits, -jnp.inf)
     position = paged.positions[b["last_index"]] + 1  # of the token being sampled
-    out = sample(logits, {k: b[k] for k in SAMPLING_INPUTS}, position, opts.num_logprobs)
+    with jax.named_scope("sampling"):
+        out = sample(logits, {k: b[k] for k in SAMPLING_INPUTS}, position, opts.num_logprobs)
     if opts.with_logits:
         out["logits"] = logits[:, :cfg.vocab_size]
     carry = b["prev_tokens"].shape[0]

@@ -55,9 +55,11 @@ class BuildConfig:
     platforms: tuple[str, ...] = ("cpu",)
     dtype: str | None = None  # default: the checkpoint's
     modes: tuple[str, ...] = ("max_len", "sum_len")
-    token_ladder: tuple[int, ...] = (4, 8, 16, 32, 64)
+    # Decode rungs hold as many sequences as tokens (a step decodes up to 64 per group); the top rung
+    # holds prefill chunks of 128 tokens, and its queries attend in tiles of 8 (dp_attention.attention).
+    token_ladder: tuple[int, ...] = (8, 16, 32, 64, 128)
     sum_ladder: tuple[int, ...] | None = None
-    max_seqs: int = 8
+    max_seqs: int = 64
     page_size: int = 8
     max_context: int = 256
     pages_per_group: int = 160  # including the reserved page 0

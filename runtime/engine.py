@@ -297,7 +297,9 @@ class Engine:
             exported = jax.export.deserialize(bytearray(path.read_bytes()))
         except Exception as e:  # a corrupted file that still matched its checksum, or a newer jax format
             raise fmt.ArtifactError(f"{path}: cannot deserialize with jax {jax.__version__} ({e})") from None
-        return jax.jit(exported.call, donate_argnums=(1,)).lower(*self.abstract_args(bucket)).compile()
+        call = lambda *args: exported.call(*args)  # noqa: E731
+        call.__name__ = bucket.name.replace("-", "_")  # the compiled module's name: profiles tell steps apart
+        return jax.jit(call, donate_argnums=(1,)).lower(*self.abstract_args(bucket)).compile()
 
     def compile_all(self, jobs: int):
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:

@@ -78,3 +78,4 @@ def test_tile_rows_follow_the_bucket():
     assert q_tile_rows(64, 64) == 1  # all decode: a tile per token
     assert q_tile_rows(256, 8) == 16  # prefill-shaped: capped
     assert q_tile_rows(64, 8) == 8
+    assert q_tile_rows(128, 64) == 8  # a prefill rung that also holds many decoders
