@@ -200,18 +200,21 @@ def _analysis(compiled) -> fmt.Cost:
 
 
 def _reference_step(source: ModelSource, shape: MeshShape, mesh, probes: list, cache: CacheShape, logprobs: int,
-                    weights, kv):
+                    weights):
     """The oracle each executable's probe is checked against: the step jitted here rather than
     exported, MAX_LEN, with the all-experts MoE path, in one shape that holds every probe of the
     mesh. Its padding rows are discarded, so one shape is as good an oracle as an exact fit per
     probe, and the build compiles one reference however long the ladder is. It is compiled without
     XLA's backend optimizations: it runs a few milliseconds per probe, so compiling is all it costs.
-    `weights` and `kv` may be abstract (compiled before the weights are loaded). Returns
-    (weights, groups) -> outputs as numpy."""
+    `weights` may be abstract (it compiles before they are loaded). Returns (weights, groups) ->
+    outputs as numpy."""
     T = max(1, max(sum(len(c.tokens) for c in g) for groups in probes for g in groups))
     S = max(1, max(len(g) for groups in probes for g in groups))
     step = jit_step(source.config, Bucket(MAX_LEN, T, S, shape.dp * T), mesh,
                     weight_specs(source.config, shape), dense_reference=True, num_logprobs=logprobs)
+    model = source.config
+    kv = cache_shape(model, Layout.for_mesh(model, shape), shape.dp, cache, jnp.dtype(model.dtype))  # native layout
+    kv = jax.ShapeDtypeStruct(kv.shape, kv.dtype, sharding=NamedSharding(mesh, CACHE_SPEC))
     compiled = step.lower(weights, kv, pack(probes[0], T, S, cache.pages_per_seq)).compile(
         compiler_options={"xla_backend_optimization_level": 0})
 
@@ -436,13 +439,13 @@ def _build_mesh(tmp: Path, manifest: fmt.Manifest, mesh_entry: fmt.MeshEntry, sh
         # it must be done before the fast-load cache opens, which only the exports may fill.
         reference = None if cfg.executables_only else pool.submit(
             _reference_step, source, shape, mesh, [groups for groups, _ in probes.values()], cache, cfg.logprobs,
-            *engine.abstract_args(buckets[0])[:2])
+            engine.abstract_args(buckets[0])[0])
         pending, ready = list(buckets), []
         while pending and reference is not None and not reference.done():
             found[pending[0]] = _export(tmp, cfg, model, shape, mesh, pending[0], cache)
             report.exported(name, pending[0])
             ready.append(pending.pop(0))
-        reference = reference and reference.result()
+        reference = None if reference is None else reference.result()
         with rt_engine.compilation_cache_at(fast_dir if cfg.fast_load else None, write=True):
             futures = [pool.submit(compile_and_cost, bucket) for bucket in ready]
             for bucket in pending:
