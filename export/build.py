@@ -201,16 +201,49 @@ def _analysis(compiled) -> fmt.Cost:
         alias_bytes=int(mem.alias_size_in_bytes))
 
 
-def _reference_outputs(source: ModelSource, shape: MeshShape, groups, batch_params: dict, cache: CacheShape,
-                       weights, mesh) -> dict:
-    """The unbucketed step: exact-fit shapes, MAX_LEN, and the all-experts MoE path."""
-    T = max(1, max(sum(len(c.tokens) for c in g) for g in groups))
-    S = max(1, max(len(g) for g in groups))
+def _reference_step(source: ModelSource, shape: MeshShape, mesh, probes: list, cache: CacheShape, logprobs: int,
+                    weights):
+    """The oracle each executable's probe is checked against: the step jitted here rather than
+    exported, MAX_LEN, with the all-experts MoE path, in one shape that holds every probe of the
+    mesh. Its padding rows are discarded, so one shape is as good an oracle as an exact fit per
+    probe, and the build compiles one reference however long the ladder is. It is compiled without
+    XLA's backend optimizations: it runs a few milliseconds per probe, so compiling is all it costs.
+    `weights` may be abstract (it compiles before they are loaded). Returns (weights, groups) ->
+    outputs as numpy."""
+    T = max(1, max(sum(len(c.tokens) for c in g) for groups in probes for g in groups))
+    S = max(1, max(len(g) for groups in probes for g in groups))
     step = jit_step(source.config, Bucket(MAX_LEN, T, S, shape.dp * T), mesh,
-                    weight_specs(source.config, shape), dense_reference=True, num_logprobs=batch_params["logprobs"])
-    kv = init_cache(source.config, Layout.for_mesh(source.config, shape), mesh, cache, jnp.dtype(source.config.dtype))
-    out, _ = step(weights, kv, pack(groups, T, S, cache.pages_per_seq))
-    return {k: np.asarray(v) for k, v in out.items()}
+                    weight_specs(source.config, shape), dense_reference=True, num_logprobs=logprobs)
+    model = source.config
+    kv = cache_shape(model, Layout.for_mesh(model, shape), shape.dp, cache, jnp.dtype(model.dtype))  # native layout
+    kv = jax.ShapeDtypeStruct(kv.shape, kv.dtype, sharding=NamedSharding(mesh, CACHE_SPEC))
+    compiled = step.lower(weights, kv, pack(probes[0], T, S, cache.pages_per_seq)).compile(
+        compiler_options={"xla_backend_optimization_level": 0})
+
+    def run(weights, groups) -> dict:
+        kv = init_cache(source.config, Layout.for_mesh(source.config, shape), mesh, cache,
+                        jnp.dtype(source.config.dtype))
+        out, _ = compiled(weights, kv, pack(groups, T, S, cache.pages_per_seq))
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    return run
+
+
+def _probe(tmp: Path, engine, bucket: Bucket, probe, source: ModelSource, reference) -> dict:
+    """Run one executable on its probe against the reference step; its ExecutableEntry fields."""
+    groups, batch = probe
+    got = engine.run(bucket, batch)
+    ref = reference(engine.weights, groups)
+    num_seqs = np.array([len(chunks) for chunks in groups], np.int32)
+    worst, why = compare_outputs(got, ref, num_seqs, batch["temperature"] == 0, tolerance(source.config.dtype))
+    if why:
+        raise BuildError(f"executable {engine.entries[bucket].file} disagrees with the reference step on its probe: "
+                         f"{why}")
+    rel = fmt.probe_path(engine.mesh_entry.name, bucket.name)
+    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+    save_file({**{k: np.asarray(v) for k, v in batch.items()}, "num_seqs": num_seqs,
+               **{f"expected_{k}": np.asarray(got[k]) for k in OUTPUT_NAMES}}, tmp / rel)
+    return {"probe": rel, "probe_max_error": worst}
 
 
 # ------------------------------------------------------------------------------------ the build
@@ -273,65 +306,93 @@ def _build_into(tmp: Path, cfg: BuildConfig, source: ModelSource, cache: CacheSh
     for sub in ("weights", "exec", "probes"):
         (tmp / sub).mkdir()
     local = jax.devices()
+    here = {str(s): local[0].platform in cfg.platforms and s.num_devices <= len(local) for s in cfg.meshes}
     written: set = set()
     weight_files = 0 if cfg.executables_only else sum(
         len(w.layers) or 1 for s in cfg.meshes for w in weight_specs(model, s).values())
-    report.start(sum(len(b) for b in plans.values()), weight_files)
-    meshes, executables = [], []
-    for shape in cfg.meshes:
-        here = local[0].platform in cfg.platforms and shape.num_devices <= len(local)
-        mesh = make_mesh(shape) if here else abstract_mesh(shape, cfg.device_kind)
-        meshes.append(_mesh_entry(tmp, cfg, source, shape, here, cache, written, report))
-        for bucket in plans[str(shape)]:
-            executables.append(_export(tmp, cfg, model, shape, mesh, bucket, cache, here))
-            report.exported(str(shape), bucket)
+    compiled = sum(len(plans[m]) for m in plans if here[m])
+    report.start(sum(len(b) for b in plans.values()), compiled, 0 if cfg.executables_only else compiled,
+                 weight_files, cfg.jobs)
+    meshes = tuple(_mesh_entry(tmp, cfg, source, s, here[str(s)], cache, written, report) for s in cfg.meshes)
+    # Every entry is known before anything is exported, so an engine can compile each export as
+    # soon as it is written while the next one is traced.
     manifest = fmt.Manifest(
         model=fmt.ModelEntry(model.to_json()), dtype=model.dtype, platforms=tuple(cfg.platforms),
         jax_version=jax.__version__, jaxlib_version=jax.lib.__version__,
-        cache=fmt.CacheEntry(**dataclasses.asdict(cache)), meshes=tuple(meshes), executables=tuple(executables),
+        cache=fmt.CacheEntry(**dataclasses.asdict(cache)), meshes=meshes,
+        executables=tuple(_entry(cfg, s, b, cache, here[str(s)]) for s in cfg.meshes for b in plans[str(s)]),
         fastload={}, files={},
         build=fmt.BuildInfo(inputs_hash=digest, created=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                             token_ladder=tuple(cfg.token_ladder), max_seqs=cfg.max_seqs),
         weights_included=not cfg.executables_only, attention=cfg.attention_backend,
         tpu_device_kind=cfg.device_kind, logprobs=cfg.logprobs, tokenizer=None)
-    for shape, mesh_entry in zip(cfg.meshes, manifest.meshes):
-        if mesh_entry.compiled_here:
-            manifest = _compile_and_verify(tmp, manifest, mesh_entry, shape, source, cache, cfg, report)
-    manifest = dataclasses.replace(manifest, tokenizer=_copy_tokenizer(tmp, source))
+    platform = local[0].platform
+    fast_dir = tmp / "fastload" / platform
+    found: dict[tuple[str, Bucket], dict] = {}  # per executable, the fields the build fills in
+    for shape, mesh_entry in zip(cfg.meshes, meshes):
+        found |= {(mesh_entry.name, b): fields for b, fields in _build_mesh(
+            tmp, manifest, mesh_entry, shape, plans[mesh_entry.name], source, cache, cfg, fast_dir, report).items()}
+    manifest = dataclasses.replace(manifest, executables=tuple(
+        dataclasses.replace(e, **found[(e.mesh, e.bucket)]) for e in manifest.executables))
+    if cfg.fast_load and any(here.values()):
+        files = tuple(sorted(f.relative_to(tmp).as_posix() for f in fast_dir.rglob("*") if f.is_file()))
+        manifest = dataclasses.replace(manifest, fastload={platform: fmt.FastLoadEntry(
+            jax_version=jax.__version__, jaxlib_version=jax.lib.__version__, files=files)})
+    tokenizer, original_max_length = _copy_tokenizer(tmp, source, cache.pages_per_seq * cache.page_size)
+    manifest = dataclasses.replace(manifest, tokenizer=tokenizer, tokenizer_model_max_length=original_max_length)
     if cfg.tf_savedmodel:
         manifest = dataclasses.replace(manifest, tf_savedmodel=write_savedmodel(tmp, manifest, model, cfg.meshes,
                                                                                 cfg.platforms))
     return _checksum(tmp, manifest)
 
 
-def _export(tmp: Path, cfg: BuildConfig, model, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShape,
-            here: bool) -> fmt.ExecutableEntry:
+def _entry(cfg: BuildConfig, shape: MeshShape, bucket: Bucket, cache: CacheShape, here: bool) -> fmt.ExecutableEntry:
+    batch = batch_shapes(shape.dp, bucket, cache, cfg.carry_seqs)
+    return fmt.ExecutableEntry(mesh=str(shape), bucket=bucket, file=fmt.exec_path(str(shape), bucket.name),
+                               compiled_here=here, export_seconds=0.0,
+                               batch_shapes={k: tuple(v.shape) for k, v in batch.items()},
+                               batch_dtypes={k: str(v.dtype) for k, v in batch.items()})
+
+
+def _export(tmp: Path, cfg: BuildConfig, model, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShape) -> dict:
+    """Write one export; its entry's fields."""
     t0 = time.perf_counter()
     rel = fmt.exec_path(str(shape), bucket.name)
     (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
     (tmp / rel).write_bytes(export_one(model, shape, mesh, bucket, cache, cfg))
-    batch = batch_shapes(shape.dp, bucket, cache, cfg.carry_seqs)
-    return fmt.ExecutableEntry(mesh=str(shape), bucket=bucket, file=rel, compiled_here=here,
-                               export_seconds=round(time.perf_counter() - t0, 3),
-                               batch_shapes={k: tuple(v.shape) for k, v in batch.items()},
-                               batch_dtypes={k: str(v.dtype) for k, v in batch.items()})
+    return {"export_seconds": round(time.perf_counter() - t0, 3)}
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
-def _copy_tokenizer(tmp: Path, source: ModelSource) -> list[str] | None:
+def _copy_tokenizer(tmp: Path, source: ModelSource, context: int) -> tuple[list[str] | None, int | None]:
     """The checkpoint's tokenizer files into `tokenizer/` (checksummed like every file): the
-    runtime serves text with exactly the tokenizer the model was trained with."""
+    runtime serves text with exactly the tokenizer the model was trained with. Its
+    `model_max_length` becomes the artifact's context, the longest sequence the artifact serves,
+    since tools that read it size prompts by it; the checkpoint's own value is returned for the
+    manifest (None if it had none)."""
     if source.tokenizer_dir is None or not (source.tokenizer_dir / "tokenizer.json").is_file():
-        return None
+        return None, None
     (tmp / "tokenizer").mkdir()
-    copied = []
+    copied, original = [], None
     for name in TOKENIZER_FILES:
         if (source.tokenizer_dir / name).is_file():
             shutil.copyfile(source.tokenizer_dir / name, tmp / "tokenizer" / name)
             copied.append(f"tokenizer/{name}")
-    return copied
+    config_path = tmp / "tokenizer" / "tokenizer_config.json"
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise BuildError(f"{source.tokenizer_dir / 'tokenizer_config.json'}: not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise BuildError(f"{source.tokenizer_dir / 'tokenizer_config.json'}: expected a JSON object")
+        value = config.get("model_max_length")
+        original = int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        config["model_max_length"] = context
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return copied, original
 
 
 def _checksum(tmp: Path, manifest: fmt.Manifest) -> fmt.Manifest:
@@ -341,68 +402,75 @@ def _checksum(tmp: Path, manifest: fmt.Manifest) -> fmt.Manifest:
     return dataclasses.replace(manifest, files=files, executables=executables)
 
 
-def _compile_and_verify(tmp: Path, manifest: fmt.Manifest, mesh_entry: fmt.MeshEntry, shape: MeshShape,
-                        source: ModelSource, cache: CacheShape, cfg: BuildConfig, report) -> fmt.Manifest:
-    """Compile the serialized exports exactly as the runtime will (filling the fast-load cache),
-    record what each costs, run each on its probe and check it against the unbucketed reference
-    step (executables-only builds have no weights to run). Returns the manifest with all that."""
-    platform = jax.devices()[0].platform
-    fast_dir = tmp / "fastload" / platform
-    if cfg.fast_load:
-        fast_dir.mkdir(parents=True, exist_ok=True)
-    engine = rt_engine.Engine(tmp, manifest, mesh_entry, make_mesh(shape))
+def _build_mesh(tmp: Path, manifest: fmt.Manifest, mesh_entry: fmt.MeshEntry, shape: MeshShape, buckets,
+                source: ModelSource, cache: CacheShape, cfg: BuildConfig, fast_dir: Path, report) -> dict:
+    """Export every bucket of one mesh; where the mesh exists here, compile each export exactly as
+    the runtime will (filling the fast-load cache), record what it costs, run it on its probe and
+    check that against the reference step. Returns each bucket's ExecutableEntry fields.
 
-    def timed_compile(bucket):
+    The work overlaps: an export is handed to the compile pool as soon as it is written, while
+    the next one is traced (tracing holds the GIL, XLA's compiler does not), and each executable is
+    reported as it finishes, in whatever order that is."""
+    model, name = source.config, mesh_entry.name
+    found: dict[Bucket, dict] = {}
+    if not mesh_entry.compiled_here:
+        mesh = abstract_mesh(shape, cfg.device_kind)
+        for bucket in buckets:
+            found[bucket] = _export(tmp, cfg, model, shape, mesh, bucket, cache)
+            report.exported(name, bucket)
+        return found
+    mesh = make_mesh(shape)
+    engine = rt_engine.Engine(tmp, manifest, mesh_entry, mesh)
+    probes = {} if cfg.executables_only else {
+        b: make_probe(b, shape.dp, model.vocab_size, cache.page_size, cache.pages_per_seq, carry_seqs=cfg.carry_seqs)
+        for b in buckets}
+
+    def compile_and_cost(bucket):
         t0 = time.perf_counter()
         compiled = engine.compile_one(bucket)
-        return bucket, compiled, time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        cost = _analysis(compiled)
+        report.compiled(name, bucket)
+        return bucket, compiled, {"compile_seconds": round(seconds, 3), "cost": cost}
 
-    found: dict[Bucket, dict] = {}  # per bucket, the fields the build fills in
-    # Only these compilations may land in the fast-load cache, not the reference steps below.
-    with rt_engine.compilation_cache_at(fast_dir if cfg.fast_load else None, write=True):
-        with ThreadPoolExecutor(max_workers=max(1, cfg.jobs)) as pool:
-            for bucket, compiled, seconds in pool.map(timed_compile, engine.buckets):
-                engine.install(bucket, compiled)
-                found[bucket] = {"compile_seconds": round(seconds, 3), "cost": _analysis(compiled)}
-                if cfg.executables_only:
-                    report.compiled(str(shape), bucket)
-    if not cfg.executables_only:
-        engine.load_weights()
-        engine.reset_cache()
-        for bucket in engine.buckets:
-            found[bucket] |= _probe(tmp, engine, bucket, shape, source, cache, cfg.logprobs)
-            report.compiled(str(shape), bucket)
-        for bucket in engine.buckets:  # timed once every reference step has compiled, on a quiet process
-            found[bucket]["step_seconds"] = {platform: step_seconds(engine, bucket)}
-    executables = tuple(dataclasses.replace(e, **found[e.bucket]) if e.mesh == mesh_entry.name else e
-                        for e in manifest.executables)
-    fastload = manifest.fastload
     if cfg.fast_load:
-        files = tuple(sorted(f.relative_to(tmp).as_posix() for f in fast_dir.rglob("*") if f.is_file()))
-        fastload = fastload | {platform: fmt.FastLoadEntry(jax_version=jax.__version__,
-                                                           jaxlib_version=jax.lib.__version__, files=files)}
-    return dataclasses.replace(manifest, executables=executables, fastload=fastload)
-
-
-def _probe(tmp: Path, engine, bucket: Bucket, shape: MeshShape, source: ModelSource, cache: CacheShape,
-           logprobs: int) -> dict:
-    """Run one executable on its probe against the reference step; its ExecutableEntry fields."""
-    model = source.config
-    groups, batch = make_probe(bucket, shape.dp, model.vocab_size, cache.page_size, cache.pages_per_seq,
-                               carry_seqs=engine.carry.shape[1])
-    got = engine.run(bucket, batch)
-    ref = _reference_outputs(source, shape, groups, {"logprobs": logprobs}, cache, engine.weights, engine.mesh)
-    num_seqs = np.array([len(chunks) for chunks in groups], np.int32)
-    tol = tolerance(model.dtype)
-    worst, why = compare_outputs(got, ref, num_seqs, batch["temperature"] == 0, tol)
-    if why:
-        raise BuildError(f"executable {engine.entries[bucket].file} disagrees with the reference step on its probe: "
-                         f"{why}")
-    rel = fmt.probe_path(engine.mesh_entry.name, bucket.name)
-    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-    save_file({**{k: np.asarray(v) for k, v in batch.items()}, "num_seqs": num_seqs,
-               **{f"expected_{k}": np.asarray(got[k]) for k in OUTPUT_NAMES}}, tmp / rel)
-    return {"probe": rel, "probe_max_error": worst}
+        fast_dir.mkdir(parents=True, exist_ok=True)
+    pool = ThreadPoolExecutor(max_workers=max(1, cfg.jobs))
+    try:
+        # The reference step compiles first, beside the first exports (tracing compiles nothing):
+        # it must be done before the fast-load cache opens, which only the exports may fill.
+        reference = None if cfg.executables_only else pool.submit(
+            _reference_step, source, shape, mesh, [groups for groups, _ in probes.values()], cache, cfg.logprobs,
+            engine.abstract_args(buckets[0])[0])
+        pending, ready = list(buckets), []
+        while pending and reference is not None and not reference.done():
+            found[pending[0]] = _export(tmp, cfg, model, shape, mesh, pending[0], cache)
+            report.exported(name, pending[0])
+            ready.append(pending.pop(0))
+        reference = None if reference is None else reference.result()
+        with rt_engine.compilation_cache_at(fast_dir if cfg.fast_load else None, write=True):
+            futures = [pool.submit(compile_and_cost, bucket) for bucket in ready]
+            for bucket in pending:
+                found[bucket] = _export(tmp, cfg, model, shape, mesh, bucket, cache)
+                report.exported(name, bucket)
+                futures.append(pool.submit(compile_and_cost, bucket))
+            for future in futures:
+                bucket, compiled, fields = future.result()
+                engine.install(bucket, compiled)
+                found[bucket] |= fields
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    if cfg.executables_only:
+        return found
+    engine.load_weights()
+    engine.reset_cache()
+    for bucket in buckets:
+        found[bucket] |= _probe(tmp, engine, bucket, probes[bucket], source, reference)
+        report.verified(name, bucket)
+    for bucket in buckets:  # timed once every reference step has run, on a quiet process
+        found[bucket]["step_seconds"] = {mesh.devices.flat[0].platform: step_seconds(engine, bucket)}
+        report.timed(name, bucket)
+    return found
 
 
 def _finish(tmp: Path, out: Path, manifest: fmt.Manifest) -> None:

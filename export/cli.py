@@ -12,6 +12,7 @@ import re
 import sys
 
 DEVICE_FLAG = "--xla_force_host_platform_device_count"
+DEFAULT_JOBS = max(1, min(4, os.cpu_count() or 1))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,18 +30,24 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default="qwen3-moe-tiny", help="a preset name or a Hugging Face checkpoint directory")
     b.add_argument("--out", default=None, help="output directory (default artifacts/<model-name>)")
     b.add_argument("--platform", default=None, help="comma-separated: cpu, tpu, cuda (default: this machine's)")
-    b.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
-    b.add_argument("--padding-modes", default="max_len,sum_len")
+    b.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="weights, activations and KV cache (default: the checkpoint's config.json dtype, float32 "
+                        "if it names another)")
+    b.add_argument("--padding-modes", default="max_len,sum_len",
+                   help="comma-separated DP padding modes to build executables for (default max_len,sum_len)")
     g = b.add_mutually_exclusive_group()
     g.add_argument("--buckets", default=None, metavar="FILE",
                    help='JSON {"tokens": [..], "max_seqs": N, "sums": [..]} (sums optional)')
     g.add_argument("--plan-from", default=None, metavar="TRACE",
                    help='a recorded trace, JSON {"steps": [[tokens per group, ...], ...]}')
-    b.add_argument("--max-buckets", type=int, default=8, help="token rungs to derive from a trace")
-    b.add_argument("--max-context", type=int, default=256)
-    b.add_argument("--page-size", type=int, default=8)
-    b.add_argument("--pages-per-group", type=int, default=160)
-    b.add_argument("--jobs", type=int, default=2)
+    b.add_argument("--max-buckets", type=int, default=8, help="token rungs to derive from a trace (default 8)")
+    b.add_argument("--max-context", type=int, default=256,
+                   help="longest sequence (prompt + generated tokens) the artifact serves (default 256)")
+    b.add_argument("--page-size", type=int, default=8, help="tokens per KV cache page (default 8)")
+    b.add_argument("--pages-per-group", type=int, default=160,
+                   help="KV cache pages per DP group, page 0 reserved: the cache's size (default 160)")
+    b.add_argument("--jobs", type=int, default=DEFAULT_JOBS,
+                   help=f"executables compiled at once (default: CPUs up to 4, here {DEFAULT_JOBS})")
     b.add_argument("--no-fast-load", action="store_true", help="skip the fast-load compilation cache")
     b.add_argument("--logprobs", type=int, default=8, metavar="N",
                    help="top-N log-probabilities every step returns per sequence (default 8)")
@@ -53,13 +60,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="exports from config.json alone (no weights, no probes): to check memory and cost")
     b.add_argument("--tf-savedmodel", action="store_true",
                    help="also write <artifact>/tf_savedmodel/ for TensorFlow Serving (1x1 builds only)")
-    b.add_argument("--quiet", action="store_true")
+    b.add_argument("--quiet", action="store_true", help="print errors only: no plan, progress or summary")
     i = sub.add_parser("inspect", help="describe an artifact")
-    i.add_argument("dir")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("dir", help="the artifact directory")
+    i.add_argument("--json", action="store_true", help="the manifest's figures as one JSON object")
     w = sub.add_parser("warm", help="compile every export here and add this platform's fast-load section")
-    w.add_argument("dir")
-    w.add_argument("--jobs", type=int, default=2)
+    w.add_argument("dir", help="the artifact directory")
+    w.add_argument("--jobs", type=int, default=DEFAULT_JOBS,
+                   help=f"executables compiled at once (default: CPUs up to 4, here {DEFAULT_JOBS})")
     return p
 
 
@@ -80,12 +88,32 @@ def _artifact_meshes(directory: str) -> list[str]:
         return []
 
 
+def _missing(*modules: str) -> list[str]:
+    """The modules of `modules` that are not installed, found without importing them (TensorFlow
+    takes seconds to import)."""
+    import importlib.util
+
+    missing = []
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # its parent package is missing
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         import rich  # noqa: F401
     except ImportError:
-        print("python -m export: error: building needs the export extra: pip install '.[export]'", file=sys.stderr)
+        print("python -m export: error: building needs the export extra: pip install -e '.[export]'", file=sys.stderr)
+        return 2
+    if args.command == "build" and args.tf_savedmodel and (missing := _missing("tensorflow", "orbax.export")):
+        print(f"python -m export build: error: --tf-savedmodel needs {' and '.join(missing)}, which the export extra "
+              "leaves out: pip install -e '.[savedmodel]'", file=sys.stderr)
         return 2
     if args.command == "inspect":
         from .inspect import inspect_main

@@ -1,15 +1,18 @@
-"""`python -m runtime generate|verify DIR`.
+"""`python -m runtime generate|verify|serve DIR`.
 
-The artifact's manifest is read before jax is imported, so on a CPU machine the virtual device
-count can be set to what the artifact's mesh needs.
+The artifact's manifest is read, and the arguments checked against it, before jax is imported: a
+wrong path or flag fails at once rather than after the seconds that import takes, and on a CPU
+machine the virtual device count can be set to what the artifact's mesh needs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import time
 
 DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
@@ -30,34 +33,54 @@ def _token_ids(text: str) -> list[int]:
     return ids
 
 
+def _text(flag: str):
+    def read(text: str) -> str:
+        if not text:
+            raise argparse.ArgumentTypeError("empty prompt (expected some text)")
+        return text
+    return read
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m runtime", description="Serve an ahead-of-time artifact.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    g = sub.add_parser("generate", help="generate tokens for prompts given as token ids")
-    g.add_argument("dir")
-    g.add_argument("--prompt-ids", type=_token_ids, action="append", required=True, metavar="1,2,3")
-    g.add_argument("--max-new-tokens", type=int, default=16)
-    g.add_argument("--padding-mode", choices=["auto", "max_len", "sum_len"], default="auto")
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g = sub.add_parser("generate", help="generate text (or token ids) for one or more prompts")
+    g.add_argument("dir", help="the artifact directory")
+    prompts = g.add_argument_group("prompts (repeat any of them; text and ids do not mix)")
+    prompts.add_argument("--prompt", type=_text("--prompt"), action="append", default=[], metavar="TEXT",
+                         help="a text prompt, tokenized as is; prints the generated text")
+    prompts.add_argument("--chat", type=_text("--chat"), action="append", default=[], metavar="TEXT",
+                         help="a user message, rendered with the checkpoint's chat template; prints the reply")
+    prompts.add_argument("--prompt-ids", type=_token_ids, action="append", default=[], metavar="1,2,3",
+                         help="a prompt as token ids; prints the generated ids")
+    g.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate per prompt (default 16)")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="text prompts: keep generating past the checkpoint's EOS (token-id prompts always do)")
+    g.add_argument("--padding-mode", choices=["auto", "max_len", "sum_len"], default="auto",
+                   help="force one DP padding mode (default auto: the cheaper executable per step)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default)")
+    g.add_argument("--top-k", type=int, default=0, help="0 (the default) disables it")
+    g.add_argument("--top-p", type=float, default=1.0, help="1 (the default) disables it")
+    g.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i (default 0)")
     g.add_argument("--logprobs", type=int, default=0, metavar="N",
-                   help="with --json: each token's logprob and its top-N alternatives (N up to the artifact's)")
+                   help="with --json: each token's logprob and its top-N alternatives (N up to the artifact's; "
+                        "default 0)")
     g.add_argument("--mesh", default=None, help="which of the artifact's meshes (default: largest that fits)")
     g.add_argument("--no-fast-load", action="store_true", help="compile the portable exports even if fast-load fits")
-    g.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    g.add_argument("--json", action="store_true",
+                   help="print exactly one JSON object on stdout: token ids per prompt (and texts), stats")
     v = sub.add_parser("verify", help="replay the artifact's golden probes")
-    v.add_argument("dir")
-    v.add_argument("--mesh", default=None)
+    v.add_argument("dir", help="the artifact directory")
+    v.add_argument("--mesh", default=None, help="which of the artifact's meshes (default: largest that fits)")
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server")
-    s.add_argument("dir")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 429")
-    s.add_argument("--padding-mode", choices=["auto", "max_len", "sum_len"], default="auto")
-    s.add_argument("--mesh", default=None)
-    s.add_argument("--no-fast-load", action="store_true")
+    s.add_argument("dir", help="the artifact directory")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="default 8000")
+    s.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 429 (default 256)")
+    s.add_argument("--padding-mode", choices=["auto", "max_len", "sum_len"], default="auto",
+                   help="force one DP padding mode (default auto: the cheaper executable per step)")
+    s.add_argument("--mesh", default=None, help="which of the artifact's meshes (default: largest that fits)")
+    s.add_argument("--no-fast-load", action="store_true", help="compile the portable exports even if fast-load fits")
     s.add_argument("--served-model-name", default=None, help="the model id clients use (default: the artifact's)")
     for cmd in (g, v, s):
         d = cmd.add_argument_group("multi-process serving (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
@@ -69,16 +92,84 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _set_device_count(directory: str, processes: int) -> None:
+class _Usage(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class _Checked:
+    """What the command line asks for, checked against the artifact's manifest before jax is
+    imported (importing it takes seconds; a wrong path or flag should not)."""
+
+    manifest: object  # runtime.format.Manifest
+    prompts: list[list[int]] = dataclasses.field(default_factory=list)
+    tokenizer: object = None  # runtime.tokenizer.TextTokenizer, for text prompts
+    sampling: object = None  # runtime.sampling.SamplingParams
+
+
+def _check(args) -> _Checked:
+    from .format import ArtifactError, read_manifest
+
+    try:
+        manifest = read_manifest(args.dir)
+    except ArtifactError as e:
+        raise _Usage(str(e)) from None
+    meshes = [m.name for m in manifest.meshes]
+    if args.mesh is not None and args.mesh not in meshes:
+        raise _Usage(f"--mesh {args.mesh}: the artifact has meshes {', '.join(meshes)}")
+    checked = _Checked(manifest)
+    if args.command != "generate":
+        return checked
+    return _check_generate(args, checked)
+
+
+def _check_generate(args, checked: _Checked) -> _Checked:
+    from .sampling import SamplingParams
+
+    manifest, texts = checked.manifest, args.prompt + args.chat
+    if not texts and not args.prompt_ids:
+        raise _Usage("no prompt: give --prompt TEXT, --chat TEXT or --prompt-ids 1,2,3 (each may be repeated)")
+    if texts and args.prompt_ids:
+        raise _Usage("text prompts (--prompt, --chat) and --prompt-ids do not mix: use one kind per run")
+    if args.max_new_tokens < 1:
+        raise _Usage(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not 0 <= args.logprobs <= manifest.logprobs:
+        raise _Usage(f"--logprobs {args.logprobs}: {args.logprobs} top logprobs asked for; this artifact returns "
+                     f"at most {manifest.logprobs} per token")
+    try:
+        checked.sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    except ValueError as e:
+        raise _Usage(str(e)) from None
+    if not texts:
+        checked.prompts = args.prompt_ids
+        return checked
+    if not manifest.tokenizer:
+        raise _Usage(f"{args.dir}: the artifact has no tokenizer (its checkpoint had no tokenizer.json), so it "
+                     "takes token ids only: use --prompt-ids 1,2,3")
+    from pathlib import Path
+
+    from .tokenizer import TextTokenizer
+
+    try:
+        tokenizer = TextTokenizer.from_dir(Path(args.dir) / "tokenizer")
+        if tokenizer is None:
+            raise ValueError(f"{Path(args.dir) / 'tokenizer' / 'tokenizer.json'}: missing (listed in the manifest)")
+        rendered = [tokenizer.render_chat([{"role": "user", "content": c}]) for c in args.chat]
+    except ValueError as e:
+        raise _Usage(str(e)) from None
+    checked.tokenizer = tokenizer
+    checked.prompts = [tokenizer.encode(t) for t in args.prompt + rendered]
+    empty = [t for t, ids in zip(args.prompt + args.chat, checked.prompts) if not ids]
+    if empty:
+        raise _Usage(f"prompt {empty[0]!r} encodes to no tokens")
+    return checked
+
+
+def _set_device_count(manifest, processes: int) -> None:
     """Virtual CPU devices for this process's share of the artifact's largest mesh."""
     if DEVICE_FLAG in os.environ.get("XLA_FLAGS", ""):
         return
-    from .format import read_manifest  # no jax: the device count must be set before jax is imported
-
-    try:
-        need = max(m.devices for m in read_manifest(directory).meshes)
-    except Exception:  # the loader reports a bad manifest properly
-        need = 8
+    need = max((m.devices for m in manifest.meshes), default=8)
     per_process = -(-need // processes)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {DEVICE_FLAG}={max(per_process, 1)}").strip()
 
@@ -91,6 +182,10 @@ def _fail(message: str) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    try:
+        checked = _check(args)
+    except _Usage as e:
+        return _fail(str(e))
     from . import distributed
 
     try:
@@ -101,13 +196,13 @@ def main(argv=None) -> int:
         return _fail(f"--max-queue must be >= 1 and --port in 1..65535, got {args.max_queue} and {args.port}")
     if cluster is not None and not distributed.is_worker():
         return distributed.supervise(argv, cluster)
-    _set_device_count(args.dir, cluster.num_processes if cluster else 1)
+    _set_device_count(checked.manifest, cluster.num_processes if cluster else 1)
     if cluster is not None:
         distributed.redirect_results()
         distributed.initialize(cluster)
     if args.command == "serve":
         return _http(args, cluster)
-    return _serve(args, printing=cluster is None or cluster.process_id == 0)
+    return _serve(args, checked, printing=cluster is None or cluster.process_id == 0)
 
 
 def _http(args, cluster) -> int:
@@ -139,40 +234,48 @@ def _follow(args) -> int:
     return 0
 
 
-def _serve(args, printing: bool) -> int:
+def _serve(args, checked: _Checked, printing: bool) -> int:
     from .engine import load
     from .format import ArtifactError
-    from .sampling import SamplingParams
     from .scheduler import RequestError
 
     try:
         if args.command == "generate":
-            sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
             engine = load(args.dir, mesh=args.mesh, fast_load=not args.no_fast_load)
-            outputs, stats = engine.generate(args.prompt_ids, args.max_new_tokens, args.padding_mode, sampling,
-                                             top_logprobs=args.logprobs)
-            stats["load_seconds"] = round(engine.load_info.seconds, 3)
-            stats["fast_load"] = engine.load_info.fast_load
-            stats["fast_load_hits"] = engine.load_info.fast_load_hits
-            stats["executables"] = engine.load_info.executables
-            stats["mesh"] = engine.load_info.mesh
-            return _print_generate(outputs, stats, args.json) if printing else 0
+            return _generate(args, checked, engine, printing)
         engine = load(args.dir, mesh=args.mesh)
         return _print_verify(engine, printing)
     except (ArtifactError, RequestError, ValueError) as e:
         return _fail(str(e))
 
 
-def _print_generate(outputs, stats, as_json: bool) -> int:
-    if as_json:
-        print(json.dumps({"outputs": outputs, "stats": stats}))
+def _generate(args, checked: _Checked, engine, printing: bool) -> int:
+    """Generate for the checked prompts on a loaded engine; print text, or ids and stats as JSON."""
+    eos = () if checked.tokenizer is None or args.ignore_eos else checked.tokenizer.eos_ids
+    t0 = time.perf_counter()
+    outputs, stats = engine.generate(checked.prompts, args.max_new_tokens, args.padding_mode, checked.sampling,
+                                     top_logprobs=args.logprobs, eos_token_id=list(eos) or None)
+    seconds = time.perf_counter() - t0
+    stats["generate_seconds"] = round(seconds, 4)
+    stats["output_tokens_per_second"] = round(sum(map(len, outputs)) / seconds, 1) if seconds > 0 else None
+    stats["load_seconds"] = round(engine.load_info.seconds, 3)
+    stats["fast_load"] = engine.load_info.fast_load
+    stats["fast_load_hits"] = engine.load_info.fast_load_hits
+    stats["executables"] = engine.load_info.executables
+    stats["mesh"] = engine.load_info.mesh
+    if not printing:
+        return 0
+    texts = None if checked.tokenizer is None else [
+        checked.tokenizer.decode(out, skip_special_tokens=True) for out in outputs]
+    if args.json:
+        print(json.dumps({"outputs": outputs, **({"texts": texts} if texts is not None else {}), "stats": stats}))
         return 0
     for i, out in enumerate(outputs):
-        print(f"[{i}] {','.join(map(str, out))}")
-    print(f"steps {stats['steps']}, padding efficiency {stats['padding_efficiency']:.2f}, "
-          f"modes {stats['modes']}, compiles after load {stats['compiles_after_load']}, "
-          f"load {stats['load_seconds']:.1f}s ({stats['fast_load_hits']}/{stats['executables']} executables from fast-load)",
-          file=sys.stderr)
+        print(f"[{i}] {texts[i] if texts is not None else ','.join(map(str, out))}")
+    print(f"{stats['generated_tokens']} tokens in {seconds:.2f} s ({stats['output_tokens_per_second']} tokens/s), "
+          f"{stats['steps']} steps, padding efficiency {stats['padding_efficiency']:.2f}, modes {stats['modes']}, "
+          f"compiles after load {stats['compiles_after_load']}, load {stats['load_seconds']:.1f} s "
+          f"({stats['fast_load_hits']}/{stats['executables']} executables from fast-load)", file=sys.stderr)
     return 0
 
 

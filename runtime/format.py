@@ -505,6 +505,9 @@ class Manifest(Record):
     tpu_device_kind: str | None = field(optional(STR))
     logprobs: int = field(INT)
     tokenizer: tuple[str, ...] | None = field(optional(list_of(STR)))
+    # The checkpoint's tokenizer_config.json `model_max_length`: the artifact's copy says the
+    # artifact's context instead. Absent when the checkpoint gave none (and in older artifacts).
+    tokenizer_model_max_length: int | None = field(INT, omit_none=True, default=None)
     tf_savedmodel: SavedModelEntry | None = field(record(SavedModelEntry), omit_none=True, default=None)
 
     @classmethod

@@ -35,7 +35,7 @@ def assert_one_line(code, err, message):
     (["--prompt-ids", "1,-1"], "token id -1"),
     (["--prompt-ids", ""], "empty prompt"),
     (["--prompt-ids", "1,x"], "expected comma-separated integers"),
-    (["--prompt-ids", "1,2", "--max-new-tokens", "0"], "max_new_tokens"),
+    (["--prompt-ids", "1,2", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
     (["--prompt-ids", ",".join(["1"] * 250), "--max-new-tokens", "16"], "context"),
     (["--prompt-ids", "1,2", "--temperature", "-0.5"], "temperature must be"),
     (["--prompt-ids", "1,2", "--top-p", "0"], "top_p must be in (0, 1]"),
@@ -149,3 +149,32 @@ def test_import_runtime_stays_slim():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["artifacts/no-such-dir", "--prompt", "hi"], "no such artifact directory"),
+    (["ART", "--prompt", "hi", "--prompt-ids", "1,2"], "do not mix"),
+    (["ART"], "no prompt: give --prompt TEXT, --chat TEXT or --prompt-ids"),
+    (["ART", "--prompt", "hi", "--mesh", "4x4"], "--mesh 4x4: the artifact has meshes 2x4"),
+    (["ART", "--prompt", "hi", "--top-p", "2"], "top_p must be in (0, 1]"),
+    (["ART", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+    (["ART", "--chat", "hi", "--logprobs", "9"], "at most 8 per token"),
+    (["ART", "--prompt", ""], "empty prompt"),
+])
+def test_bad_paths_and_arguments_fail_before_jax_is_imported(tiny_artifact, args, message):
+    """Importing jax takes seconds; a wrong path or flag is told at once, in one line."""
+    argv = [str(tiny_artifact) if a == "ART" else a for a in args]
+    code = ("import sys; from runtime import cli\n"
+            "try:\n    code = cli.main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+            "print('jax imported' if 'jax' in sys.modules else 'no jax', code)")
+    r = subprocess.run([sys.executable, "-c", code, "generate", *argv], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.stdout.split() == ["no", "jax", "2"], r.stdout + r.stderr
+    assert_one_line(2, r.stderr, message)
+
+
+def test_a_text_prompt_needs_the_artifact_s_tokenizer(artifact_copy, capsys):
+    edit_manifest(artifact_copy, lambda m: m.update(tokenizer=None))
+    code, out, err = run_main(capsys, "generate", str(artifact_copy), "--prompt", "hello")
+    assert_one_line(code, err, "the artifact has no tokenizer")
+    assert "--prompt-ids" in err and out == ""
