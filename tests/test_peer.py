@@ -1,0 +1,68 @@
+"""The peer benchmark's pure parts: its checkpoint, workload and figures (no vLLM needed)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dp_attention
+from bench import peer
+from bench.peer_checkpoint import SPEC, hf_config, make_checkpoint, make_prompts, weights
+
+ASSETS = Path(dp_attention.__file__).resolve().parent / "assets" / "qwen3-moe-tiny"
+
+
+def test_checkpoint_is_what_the_loader_reads_and_is_deterministic(tmp_path):
+    from dp_attention import HFCheckpoint, MeshShape, load_hf_config, weight_specs
+    from runtime.tokenizer import TextTokenizer
+
+    out = tmp_path / "ckpt"
+    assert make_checkpoint(out, 0, ASSETS)
+    assert not make_checkpoint(out, 0, ASSETS)  # the same one is already there
+    cfg = load_hf_config(out)
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+            cfg.num_experts, cfg.experts_per_token, cfg.moe_intermediate_size) == (4096, 256, 4, 4, 2, 64, 16, 4, 128)
+    assert all(cfg.is_moe_layer(i) for i in range(cfg.num_layers)) and cfg.norm_topk_prob
+    HFCheckpoint(out).check(weight_specs(cfg, MeshShape(2, 4)))  # every tensor under its HF name and shape
+    assert TextTokenizer.from_dir(out).eos_ids == ()  # no EOS: every request runs to max_tokens
+    w1, w2 = weights(SPEC, 0), weights(SPEC, 0)
+    assert all(np.array_equal(w1[k], w2[k]) for k in w1) and not np.array_equal(w1["lm_head.weight"],
+                                                                                weights(SPEC, 1)["lm_head.weight"])
+    norm, router = w1["model.layers.0.input_layernorm.weight"], w1["model.layers.0.mlp.gate.weight"]
+    assert norm.std() > 0.2 and abs(norm.mean() - 1) < 0.1 and router.std() > 0.3  # not degenerate
+    assert hf_config()["eos_token_id"] is None
+
+
+def test_prompts_seeded_and_in_range():
+    p = make_prompts(64, 16, 256, seed=0)
+    assert p == make_prompts(64, 16, 256, seed=0) != make_prompts(64, 16, 256, seed=1)
+    assert len(p) == 64 and all(16 <= len(x) <= 256 for x in p)
+    assert all(0 <= t < 497 for x in p for t in x)  # below the tokenizer's special ids
+    assert peer.pages_needed([[1] * 10, [1] * 7], 6, page_size=8) == 2 + 2
+
+
+def test_agreement_counts_every_token():
+    a = peer.agreement([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 9, 6]])
+    assert (a["tokens"], a["agree"], a["requests_identical"]) == (6, 5, 1)
+    assert a["first_mismatch"]["request"] == 1 and a["first_mismatch"]["position"] == 1
+    short = peer.agreement([[1, 2]], [[1, 2, 3]])  # a missing token counts as a disagreement
+    assert (short["tokens"], short["agree"]) == (3, 2)
+    assert peer.agreement([[7]], [[7]])["fraction"] == 1.0 and peer.agreement([[7]], [[7]])["first_mismatch"] is None
+    with pytest.raises(ValueError):
+        peer.agreement([[1]], [[1], [2]])
+
+
+def test_serving_summary():
+    recs = [{"sent": 0.0, "times": [0.5, 0.6, 0.8], "tokens": [1, 2, 3], "error": None, "end": 0.9},
+            {"sent": 0.0, "times": [1.5, 1.6, 1.7], "tokens": [1, 2, 3], "error": None, "end": 1.8},
+            {"sent": 0.0, "times": [2.0], "tokens": [1], "error": None, "end": 2.0}]
+    s = peer.serving_summary(recs, 0.0, max_tokens=3)
+    assert (s["completed"], s["output_tokens"]) == (2, 7) and s["problems"] == ["1 of 3 tokens"]
+    assert s["ttft_ms_p50"] == pytest.approx(1000.0) and s["itl_ms_p50"] == pytest.approx(100.0)
+    assert s["output_tok_s"] == pytest.approx(7 / 2.0)
+
+
+def test_without_vllm_it_says_so_and_exits_0(capsys, tmp_path):
+    assert peer.main(["--vllm-python", str(tmp_path / "no-such-python")]) == 0
+    assert "vLLM is not installed" in capsys.readouterr().out
+    assert peer.find_vllm(None)[0] is None
