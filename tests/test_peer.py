@@ -53,16 +53,47 @@ def test_agreement_counts_every_token():
 
 
 def test_serving_summary():
-    recs = [{"sent": 0.0, "times": [0.5, 0.6, 0.8], "tokens": [1, 2, 3], "error": None, "end": 0.9},
-            {"sent": 0.0, "times": [1.5, 1.6, 1.7], "tokens": [1, 2, 3], "error": None, "end": 1.8},
-            {"sent": 0.0, "times": [2.0], "tokens": [1], "error": None, "end": 2.0}]
+    recs = [{"sent": 0.0, "times": [0.5, 0.6, 0.8], "counts": [1, 1, 1], "tokens": [1, 2, 3], "error": None,
+             "end": 0.9},
+            {"sent": 0.0, "times": [1.5, 1.7], "counts": [1, 2], "tokens": [1, 2, 3], "error": None, "end": 1.8},
+            {"sent": 0.0, "times": [2.0], "counts": [1], "tokens": [1], "error": None, "end": 2.0}]
     s = peer.serving_summary(recs, 0.0, max_tokens=3)
     assert (s["completed"], s["output_tokens"]) == (2, 7) and s["problems"] == ["1 of 3 tokens"]
+    # the second request's 2-token event shares its 0.2 s gap: intervals 0.1, 0.2, 0.1, 0.1
     assert s["ttft_ms_p50"] == pytest.approx(1000.0) and s["itl_ms_p50"] == pytest.approx(100.0)
-    assert s["output_tok_s"] == pytest.approx(7 / 2.0)
+    assert s["itl_ms_p99"] == pytest.approx(197.0) and s["tpot_ms_p50"] == pytest.approx(125.0)
+    assert s["tokens_per_event"] == pytest.approx(6 / 5) and s["output_tok_s"] == pytest.approx(7 / 2.0)
 
 
 def test_without_vllm_it_says_so_and_exits_0(capsys, tmp_path):
     assert peer.main(["--vllm-python", str(tmp_path / "no-such-python")]) == 0
     assert "vLLM is not installed" in capsys.readouterr().out
     assert peer.find_vllm(None)[0] is None
+
+
+def _offline_row(tok_s, outputs, compiles=0):
+    return {"outputs": outputs, "output_tok_s": tok_s, "tok_per_cpu_s": tok_s / 2, "startup_seconds": 1.0,
+            "generate_seconds": 1.0, "stats": {"compiles_after_load": compiles}}
+
+
+def test_summary_ratios_goals_and_missing_runs(capsys):
+    import argparse
+
+    args = argparse.Namespace(prompts=2, max_tokens=2, seed=0, rounds=2)
+    same, other = [[1, 2], [3, 4]], [[1, 2], [3, 5]]
+    runs = {"ours_offline_1x1": [_offline_row(50.0, same), _offline_row(70.0, same)],
+            "ours_offline_2x4": [_offline_row(30.0, other)],
+            "vllm_offline": [_offline_row(100.0, same), _offline_row(120.0, same)],
+            "ours_serve_1x1": [{"outputs": same, "output_tok_s": 40.0, "startup_seconds": 2.0, "ttft_ms_p50": 300.0,
+                                "itl_ms_p50": 10.0, "tpot_ms_p50": 10.0, "completed": 2, "compiles_after_load": 0}]}
+    out = peer.summarize(runs, ["1x1", "2x4"], args)  # no vLLM serving run: its ratios and goal are left out
+    assert out["sides"]["ours_offline_1x1"]["output_tok_s"] == 60.0
+    assert out["ratios"]["offline_tok_s_1x1"] == pytest.approx(60 / 110)
+    assert "serve_ttft_ms_p50_1x1" not in out["ratios"]
+    assert out["goals"] == {"offline tok/s 1x1 >= 1.0x vLLM's": False, "offline tok/s 2x4 >= 0.5x vLLM's": False,
+                            "tokens identical to vLLM's": False, "zero compiles after load": True}
+    assert out["agreement"]["ours_offline_2x4"]["agree"] == 3 and out["agreement"]["ours_serve_1x1"]["agree"] == 4
+    assert all(out["same_tokens_every_round"].values())
+    peer.report({**out, "failures": [{"run": "vllm_serve", "round": 1, "error": "RuntimeError: boom"}]})
+    printed = capsys.readouterr().out
+    assert "FAILED run vllm_serve" in printed and "ours 2x4" in printed
