@@ -110,6 +110,14 @@ def serving_summary(recs: list[dict], t0: float, max_tokens: int) -> dict:
             "tokens_per_event": sum(len(r["tokens"]) for r in ok) / events if events else float("nan")}
 
 
+def scrub(data: dict, paths: dict[str, str]) -> dict:
+    """The results without this machine's paths (the repository, vLLM's environment)."""
+    text = json.dumps(data)
+    for path, name in sorted(paths.items(), key=lambda kv: -len(kv[0])):
+        text = text.replace(json.dumps(path)[1:-1], name)
+    return json.loads(text)
+
+
 def pages_needed(prompts: list[list[int]], max_tokens: int, page_size: int = PAGE_SIZE) -> int:
     """KV pages for every request at once in one group (so neither side queues for cache)."""
     return sum(-(-(len(p) + max_tokens) // page_size) for p in prompts)
@@ -352,7 +360,7 @@ def devices_for(meshes: list[str]) -> int:
     return max(int(d) * int(t) for d, t in (m.split("x") for m in meshes))
 
 
-def run(args) -> dict:
+def run(args, save=None) -> dict:
     prompts = make_prompts(args.prompts, 16, 256, args.seed)
     warmup = make_prompts(1, 16, 16, args.seed + 1)[0]
     meshes = args.meshes.split(",")
@@ -400,10 +408,13 @@ def run(args) -> dict:
         attempt("vllm_serve", lambda: serve(
             "vllm", vllm_serve_cmd(args.vllm_python, port, v_args), port, v_env, prompts, warmup, args.max_tokens,
             f"r{r}-vllm-serve", args.timeout), serve_line)
-    out = summarize(runs, meshes, args)
-    out["failures"] = failures
-    out["vllm_ld_preload"] = preload
-    return out
+        if save is not None and r + 1 < args.rounds and runs:  # what is done so far, should a later round not be
+            save(finish(summarize(runs, meshes, args), failures, preload, rounds_done=r + 1))
+    return finish(summarize(runs, meshes, args), failures, preload, rounds_done=args.rounds)
+
+
+def finish(out: dict, failures: list[dict], preload: list[str], rounds_done: int) -> dict:
+    return {**out, "rounds_done": rounds_done, "failures": failures, "vllm_ld_preload": preload}
 
 
 def vllm_serve_cmd(python: str, port: int, v_args: dict) -> list[str]:
@@ -547,9 +558,10 @@ def main(argv=None) -> int:
         return 0
     print(f"vLLM {version} at {args.vllm_python}; {args.rounds} round(s), meshes {args.meshes}, "
           f"{args.prompts} prompts x {args.max_tokens} tokens")
-    out = run(args)
+    paths = {str(ROOT): ".", str(Path(args.vllm_python).parent.parent): "<vllm-env>"}
+    out = run(args, save=lambda partial: write_result(args.result, scrub(partial, paths)))
     report(out)
-    write_result(args.result, out)
+    write_result(args.result, scrub(out, paths))
     return 0
 
 

@@ -65,6 +65,12 @@ def test_serving_summary():
     assert s["tokens_per_event"] == pytest.approx(6 / 5) and s["output_tok_s"] == pytest.approx(7 / 2.0)
 
 
+def test_scrub_paths():
+    data = {"log": "/srv/repo/bench/x.log", "preload": ["/opt/env/lib/libiomp5.so"], "n": 1.5}
+    assert peer.scrub(data, {"/srv/repo": ".", "/opt/env": "<vllm-env>"}) == {
+        "log": "./bench/x.log", "preload": ["<vllm-env>/lib/libiomp5.so"], "n": 1.5}
+
+
 def test_without_vllm_it_says_so_and_exits_0(capsys, tmp_path):
     assert peer.main(["--vllm-python", str(tmp_path / "no-such-python")]) == 0
     assert "vLLM is not installed" in capsys.readouterr().out
