@@ -558,7 +558,7 @@ def main(argv=None) -> int:
         return 0
     print(f"vLLM {version} at {args.vllm_python}; {args.rounds} round(s), meshes {args.meshes}, "
           f"{args.prompts} prompts x {args.max_tokens} tokens")
-    paths = {str(ROOT): ".", str(Path(args.vllm_python).parent.parent): "<vllm-env>"}
+    paths = {str(ROOT): ".", str(Path(args.vllm_python).parent.parent): "<vllm-env>", str(Path.home()): "~"}
     out = run(args, save=lambda partial: write_result(args.result, scrub(partial, paths)))
     report(out)
     write_result(args.result, scrub(out, paths))
