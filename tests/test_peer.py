@@ -103,3 +103,35 @@ def test_summary_ratios_goals_and_missing_runs(capsys):
     peer.report({**out, "failures": [{"run": "vllm_serve", "round": 1, "error": "RuntimeError: boom"}]})
     printed = capsys.readouterr().out
     assert "FAILED run vllm_serve" in printed and "ours 2x4" in printed
+
+
+def test_run_interleaves_rounds_records_failures_and_saves(monkeypatch):
+    import argparse
+
+    order = []
+
+    def offline(side, python, job, env, tag, timeout):
+        order.append(tag)
+        return {**_offline_row(10.0, [[1]] * 2), "own_cpu_seconds": 1.0, "machine_cpu_seconds": 1.0}
+
+    def serve(side, cmd, port, env, prompts, warmup, max_tokens, tag, timeout):
+        order.append(tag)
+        if side == "vllm":
+            raise RuntimeError("server exited")
+        assert warmup not in prompts
+        return {"outputs": [[1]] * 2, "output_tok_s": 5.0, "startup_seconds": 1.0, "ttft_ms_p50": 1.0,
+                "itl_ms_p50": 1.0, "tpot_ms_p50": 1.0, "tokens_per_event": 1.0, "completed": 2, "requests": 2,
+                "server_cpu_seconds": 1.0, "machine_cpu_seconds": 1.0, "compiles_after_load": 0}
+
+    monkeypatch.setattr(peer, "build", lambda *a: None)
+    monkeypatch.setattr(peer, "offline", offline)
+    monkeypatch.setattr(peer, "serve", serve)
+    saved = []
+    args = argparse.Namespace(prompts=2, max_tokens=1, seed=0, rounds=2, meshes="1x1,2x4", no_serving=False,
+                              vllm_python="python", vllm_preload=False, vllm_memory_utilization=0.2, timeout=10)
+    out = peer.run(args, save=saved.append)
+    assert order[:6] == ["r0-ours-offline-1x1", "r0-ours-offline-2x4", "r0-vllm-offline", "r0-ours-serve-1x1",
+                         "r0-ours-serve-2x4", "r0-vllm-serve"] and order[6] == "r1-ours-offline-1x1"
+    assert [s["rounds_done"] for s in saved] == [1] and out["rounds_done"] == 2
+    assert [f["round"] for f in out["failures"]] == [1, 2] and "vllm_serve" not in out["sides"]
+    assert out["goals"]["tokens identical to vLLM's"] and out["goals"]["zero compiles after load"]
