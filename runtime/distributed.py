@@ -12,6 +12,7 @@ a worker that ends that way is reported as one clear line, within the configured
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -125,23 +126,34 @@ class StepChannel:
     do before each step, through the coordination service's key-value store: record n holds the
     submissions and cancellations to apply before step n. Every process applies the same records
     in the same order to the same deterministic scheduler, so all of them run the same steps and
-    their collectives match. A record is published only right before a step, so once the leader
-    publishes record n every process has finished step n-2: that record is deleted.
+    their collectives match.
+
+    A record is deleted only when the leader knows every process has read it (`release`, called
+    when a step launched after it has finished, which it cannot do without every process): a
+    follower that lags behind, or a leader that ran steps with nothing launched, never finds a
+    record it still needs gone.
     """
 
     PREFIX = "qwen3-aot/serve/step"
 
-    def __init__(self):
-        from jax._src.distributed import global_state
+    def __init__(self, client=None):
+        if client is None:
+            from jax._src.distributed import global_state
 
-        if global_state.client is None:
-            raise RuntimeError("jax.distributed is not initialized")
-        self.client = global_state.client
+            if global_state.client is None:
+                raise RuntimeError("jax.distributed is not initialized")
+            client = global_state.client
+        self.client = client
+        self._kept: collections.deque[int] = collections.deque()  # published, not yet deleted
 
     def publish(self, n: int, record: dict) -> None:
         self.client.key_value_set(f"{self.PREFIX}/{n}", json.dumps(record))
-        if n >= 2:
-            self.client.key_value_delete(f"{self.PREFIX}/{n - 2}")
+        self._kept.append(n)
+
+    def release(self, upto: int) -> None:
+        """Delete records <= upto: the caller knows that every process has read them."""
+        while self._kept and self._kept[0] <= upto:
+            self.client.key_value_delete(f"{self.PREFIX}/{self._kept.popleft()}")
 
     def receive(self, n: int) -> dict:
         """Wait for record n as long as it takes: an idle server publishes nothing, and a peer that

@@ -81,6 +81,8 @@ class _Request:
     max_new: int
     num_pages: int  # the most pages it can ever hold: prompt + max_new - 1 positions
     sampling: SamplingParams = SamplingParams()
+    stop_ids: frozenset = frozenset()  # sampled ids that end it (once it has sampling.min_tokens)
+    top_n: int = 0  # top logprobs kept per token
     group: int = -1
     pages: list[int] = dataclasses.field(default_factory=list)
     written: int = 0  # tokens (prompt, then generated) whose K/V are in the cache or being written
@@ -92,7 +94,7 @@ class _Request:
     logprobs: list[float] = dataclasses.field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     last_step: int = -1  # last step that served it: decoders are rotated by this
-    finish_reason: str | None = None  # "stop" (an EOS id), "length" (max_new), "cancelled"
+    finish_reason: str | None = None  # "stop" (a stop id, or the caller's stop string), "length", "cancelled"
     tag: object = None  # the caller's handle (a server's request id)
 
     @property
@@ -166,6 +168,9 @@ class Scheduler:
         self._pipelined = pipeline and callable(getattr(executor, "dispatch", None)) \
             and callable(getattr(executor, "fetch", None))
         self._in_flight: _Launch | None = None  # launched, outputs not read yet
+        # Steps launched, and how many of them had their outputs read: a multi-process leader
+        # learns from the second which steps every process has launched.
+        self.launched = self.collected = 0
         # Bumped whenever a request joins or leaves a group or its pages change; a step can only
         # be repeated on the device (_launch_again) while it stays what it was at that step.
         self._changes = 0
@@ -231,7 +236,15 @@ class Scheduler:
         if pages > self.ex.num_pages - 1:
             raise RequestError(f"{name} needs {pages} KV pages but a group's cache has only "
                                f"{self.ex.num_pages - 1} allocatable pages (page 0 is reserved)")
-        return _Request(i, tuple(int(t) for t in ids), max_new, pages, sampling or self.sampling.for_request(i))
+        sampling = sampling or self.sampling.for_request(i)
+        if sampling.min_tokens > max_new:
+            raise RequestError(f"{name}: min_tokens {sampling.min_tokens} is more than the {max_new} new tokens "
+                               "it may have (max_tokens)")
+        bad = [t for t in sampling.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"{name}: stop token id {bad[0]} is outside [0, {vocab})")
+        stop_ids = (frozenset() if sampling.ignore_eos else self.eos_ids) | frozenset(sampling.stop_token_ids)
+        return _Request(i, tuple(int(t) for t in ids), max_new, pages, sampling, stop_ids, self.top_logprobs)
 
     # ---- limits -----------------------------------------------------------------------------
 
@@ -421,6 +434,7 @@ class Scheduler:
                 c.prev_row == j for cs in groups for j, c in enumerate(cs))
             self._repeatable = (bucket, plan, self._changes) if steady and self._pipelined else None
         self.stats.record(bucket, plan, self.dp)
+        self.launched += 1
         sampled = []
         for g, ws in enumerate(plan):
             for j, w in enumerate(ws):
@@ -451,6 +465,7 @@ class Scheduler:
         """Read a launched step's sampled tokens and hand each to its request. Returns the requests
         that got a token (finished ones have their finish_reason set and are retired)."""
         out = self.ex.fetch(launch.outputs) if self._pipelined else launch.outputs
+        self.collected += 1
         want = (self.dp, launch.bucket.seqs)
         if np.shape(out["tokens"]) != want:
             raise RuntimeError(f"executor returned tokens of shape {np.shape(out['tokens'])} for "
@@ -462,11 +477,10 @@ class Scheduler:
             r.owed -= 1
             r.generated.append(int(out["tokens"][g, j]))
             r.logprobs.append(float(out["logprobs"][g, j]))
-            if self.top_logprobs:
+            if r.top_n:  # converted only for a request that asked
                 r.top_logprobs.append([(int(i), float(p)) for i, p in
-                                       zip(out["top_ids"][g, j, :self.top_logprobs],
-                                           out["top_logprobs"][g, j, :self.top_logprobs])])
-            if r.generated[-1] in self.eos_ids:
+                                       zip(out["top_ids"][g, j, :r.top_n], out["top_logprobs"][g, j, :r.top_n])])
+            if r.generated[-1] in r.stop_ids and len(r.generated) >= r.sampling.min_tokens:
                 r.finish_reason = "stop"
             elif len(r.generated) == r.max_new:
                 r.finish_reason = "length"
@@ -487,27 +501,35 @@ class Scheduler:
     # ---- online serving: submit, step, cancel ------------------------------------------------
 
     def submit(self, prompt: Sequence[int], max_new_tokens: int, sampling: SamplingParams | None = None,
-               tag=None) -> _Request:
-        """Validate one request and queue it (RequestError if it can never be served)."""
+               tag=None, top_logprobs: int | None = None) -> _Request:
+        """Validate one request and queue it (RequestError if it can never be served).
+        `top_logprobs`: how many of the scheduler's top logprobs this request keeps per token
+        (default all); each costs host time on every step."""
         if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) \
                 or max_new_tokens < 1:
             raise RequestError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         r = self._make_request(self._submitted, prompt, int(max_new_tokens), sampling, name="the prompt")
+        if top_logprobs is not None:
+            if not 0 <= top_logprobs <= self.top_logprobs:
+                raise RequestError(f"{top_logprobs} top logprobs asked for; this scheduler keeps at most "
+                                   f"{self.top_logprobs}")
+            r.top_n = int(top_logprobs)
         self._submitted += 1
         r.tag = tag
         self.queue.append(r)
         return r
 
-    def check(self, prompt: Sequence[int], max_new_tokens: int) -> None:
-        """Raise RequestError if this request could never be served (ids, context, pages)."""
-        self._make_request(-1, prompt, int(max_new_tokens), name="the prompt")
+    def check(self, prompt: Sequence[int], max_new_tokens: int, sampling: SamplingParams | None = None) -> None:
+        """Raise RequestError if this request could never be served (ids, context, pages, stop ids)."""
+        self._make_request(-1, prompt, int(max_new_tokens), sampling, name="the prompt")
 
-    def cancel(self, r: _Request) -> None:
+    def cancel(self, r: _Request, reason: str = "cancelled") -> None:
         """Drop a queued or running request now; its pages are free for the next step (a launched
-        step still writing into them is ordered before any step that reuses them)."""
+        step still writing into them is ordered before any step that reuses them). `reason` is
+        why: "stop" when the caller found a stop string in its text."""
         self._retire(r)
         if r.finish_reason is None:
-            r.finish_reason = "cancelled"
+            r.finish_reason = reason
 
     @property
     def busy(self) -> bool:

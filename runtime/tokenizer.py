@@ -25,6 +25,22 @@ NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table): char -> byte."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in kept:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF = _byte_level_alphabet()
+
+
 def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
@@ -116,6 +132,21 @@ class TextTokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """The text of `ids`; bytes that do not form a character come out as U+FFFD."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token i stands for. Its decoded text is U+FFFD when it holds part of a
+        character; a byte-level BPE piece (Qwen's tokenizers) or a byte-fallback piece (<0xE4>)
+        says which bytes exactly. Other tokenizers give the UTF-8 of the token's text."""
+        piece = self._tok.id_to_token(int(i))
+        if piece is not None:
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                try:
+                    return bytes([int(piece[3:5], 16)])
+                except ValueError:
+                    pass
+            if type(self._tok.decoder).__name__ == "ByteLevel" and all(c in _BYTE_OF for c in piece):
+                return bytes(_BYTE_OF[c] for c in piece)
+        return self.decode([i]).encode("utf-8")
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
