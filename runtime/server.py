@@ -151,10 +151,10 @@ class TextStream:
     """Token ids in, text out: incremental detokenization, stop ids kept out of the text, stop strings."""
 
     def __init__(self, tokenizer, stops: list[str]):
-        from .tokenizer import IncrementalDetokenizer
+        from .tokenizer import StreamDetokenizer
 
         self.tokenizer, self.stops = tokenizer, stops
-        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True) if tokenizer is not None else None
+        self.detok = StreamDetokenizer(tokenizer, skip_special_tokens=True) if tokenizer is not None else None
         self.held = ""  # text that might be the start of a stop string
         self.text = ""  # everything emitted so far
         self.stopped = False

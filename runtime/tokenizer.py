@@ -325,3 +325,36 @@ class IncrementalDetokenizer:
         self._prefix = self._read = len(self.ids)
         self._prefix_text, self._emitted = "", 0
         return out
+
+
+class StreamDetokenizer:
+    """IncrementalDetokenizer's contract (pieces never split a character; with `flush`, they add
+    up to `decode(all ids)`) on tokenizers' own incremental decoder, `DecodeStream`, in Rust: about
+    a fifth of the host time per token. Its pieces are always a prefix of the full decode; what it
+    still holds at the end (an unfinished character) is taken from one full decode in `flush`."""
+
+    def __init__(self, tokenizer: TextTokenizer, skip_special_tokens: bool = False):
+        from tokenizers.decoders import DecodeStream
+
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self._emitted = 0  # characters returned so far
+        self._held = False  # the last push returned nothing: bytes may be waiting
+
+    def push(self, token: int) -> str:
+        self.ids.append(int(token))
+        piece = self._stream.step(self.tokenizer._tok, int(token))
+        self._held = piece is None
+        piece = piece or ""
+        self._emitted += len(piece)
+        return piece
+
+    def flush(self) -> str:
+        if not self._held:
+            return ""
+        rest = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)[self._emitted:]
+        self._emitted += len(rest)
+        self._held = False
+        return rest
