@@ -97,10 +97,20 @@ def supervise(argv: list[str], cluster: Cluster) -> int:
         return 0
     ours = [line for line in err.splitlines() if line.startswith("python -m runtime: error:")]
     if ours:
-        print(ours[-1], file=sys.stderr)
+        line = ours[-1]
+        if any(sign in line for sign in PEER_GONE):  # a step's collective lost its peer: say so first
+            where = f"process {cluster.process_id} of {cluster.num_processes}, coordinator {cluster.coordinator}"
+            line = (f"python -m runtime: error: lost contact with a peer process ({where}): it stopped or became "
+                    f"unreachable; {line.split('error: ', 1)[1][:300]}")
+        print(line, file=sys.stderr)
         return child.returncode if child.returncode > 0 else 1
     print(f"python -m runtime: error: {_explain(err, cluster)}", file=sys.stderr)
     return 1
+
+
+# What a collective says when the process at its other end is gone (gloo on CPU, the coordination
+# service elsewhere).
+PEER_GONE = ("Gloo", "Connection reset by peer", "DEADLINE_EXCEEDED", "UNAVAILABLE", "heartbeat")
 
 
 def redirect_results() -> None:
