@@ -55,14 +55,14 @@ def cpu_seconds(pid: int) -> float:
 
 
 class Server:
-    def __init__(self, artifact, max_queue: int = 256):
+    def __init__(self, artifact, max_queue: int = 256, launcher=("-m", "runtime")):
         import httpx
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="bench-serve-", suffix=".log", delete=False)
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, "-m", "runtime", "serve", str(artifact), "--port", str(self.port),
+        self.proc = subprocess.Popen([sys.executable, *launcher, "serve", str(artifact), "--port", str(self.port),
                                       "--max-queue", str(max_queue)],
                                      cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 300
@@ -299,6 +299,127 @@ def offline(trace, eos, repeats: int = 5) -> dict:
     return res
 
 
+# ------------------------------------------------------------------------------------ a sleeping device
+
+def raw_stream(port: int, body: bytes):
+    """One streamed request over a bare socket: the client costs next to nothing per token.
+    Returns (token events, end time)."""
+    async def go():
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                     b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        events, tail = 0, b""
+        while chunk := await reader.read(65536):
+            data = tail + chunk
+            events += data.count(b"data: {")
+            tail = data[-8:]
+        writer.close()
+        return events, time.perf_counter()
+    return go()
+
+
+def serve_fake(port: int, model: str, prompts, tokens: int) -> tuple[float, int, float]:
+    """All streams at once; (seconds from the first send to the last stream's end, token events,
+    client CPU seconds)."""
+    bodies = [json.dumps({"model": model, "prompt": p, "max_tokens": tokens, "temperature": 0, "stream": True,
+                          "ignore_eos": True}).encode() for p in prompts]
+
+    async def all_of_them():
+        return await asyncio.gather(*(raw_stream(port, b) for b in bodies))
+
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    results = asyncio.run(all_of_them())
+    return max(end for _, end in results) - t0, sum(n for n, _ in results), time.process_time() - cpu0
+
+
+def loop_alone(artifact, step_ms: float, prompts, tokens: int) -> dict:
+    """The engine loop over the same sleeping device in this process, every request at once,
+    nothing but a counter per token: what the server is measured against."""
+    import threading
+
+    from bench.fake_device import sleeping_device
+    from runtime.engine_loop import EngineLoop
+    from runtime.sampling import SamplingParams
+
+    device = sleeping_device(artifact, step_ms)
+    loop = EngineLoop(device, max_queue=len(prompts) + 1)
+    left, done, counted = [len(prompts)], threading.Event(), [0]
+
+    def on_event(ev):
+        counted[0] += 1
+        if getattr(ev, "finish_reason", None) is not None or isinstance(ev, Exception):
+            left[0] -= 1
+            if not left[0]:
+                done.set()
+
+    loop.start()
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for p in prompts:
+        loop.submit(p, tokens, SamplingParams(), on_event)
+    done.wait()
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    loop.stop(timeout=10)
+    gaps = [gap for _, gap in device.idle[1:]]
+    return {"seconds": seconds, "tokens": counted[0], "tok_s": counted[0] / seconds, "cpu_s": cpu,
+            "steps": device.steps, "gap_ms_p50": pct(gaps, 50), "gap_ms_p99": pct(gaps, 99)}
+
+
+def fake_step(args) -> None:
+    """`--fake-step-ms MS`: the server's host side against the engine loop's alone."""
+    artifact = ensure_artifact()
+    manifest = read_manifest(artifact)
+    rng = np.random.default_rng(args.seed)
+    prompts = [rng.integers(1, manifest.model.vocab_size, 8).tolist() for _ in range(args.streams)]
+    lengths = sorted({max(1, args.tokens // 4), args.tokens})
+    load_avg = os.getloadavg()[0]
+    print(f"sleeping device, {args.fake_step_ms} ms a step; {args.streams} streams x {lengths} tokens; "
+          f"load average {load_avg:.1f} on {os.cpu_count()} cores")
+    alone = {n: loop_alone(artifact, args.fake_step_ms, prompts, n) for n in lengths}
+    stats_file = tempfile.NamedTemporaryFile(prefix="bench-fake-device-", suffix=".json", delete=False).name
+    server = Server(artifact, max_queue=4 * args.streams,
+                    launcher=("-m", "bench.fake_device", str(args.fake_step_ms), stats_file))
+    served, windows = {}, {}
+    try:
+        serve_fake(server.port, server.model, prompts[:16], 4)  # warm-up, untimed
+        for n in lengths:
+            cpu0, t0 = server.cpu_seconds(), time.perf_counter()
+            seconds, events, client_cpu = serve_fake(server.port, server.model, prompts, n)
+            served[n] = {"seconds": seconds, "tokens": events, "tok_s": events / seconds,
+                         "server_cpu_s": server.cpu_seconds() - cpu0, "client_cpu_s": client_cpu}
+            windows[n] = (t0, t0 + seconds)
+    finally:
+        exit_code = server.stop()
+    with open(stats_file) as f:
+        idle = json.load(f).get("idle", [])
+    os.unlink(stats_file)
+    for n, (a, b) in windows.items():
+        gaps = [gap for when, gap in idle if a < when <= b][1:]  # the first waited for the requests
+        served[n] |= {"gap_ms_p50": pct(gaps, 50), "gap_ms_p99": pct(gaps, 99), "steps": len(gaps) + 1}
+    # API-side CPU: the server's CPU beyond the engine loop's own, per request and per token, from the
+    # two output lengths (a line through both)
+    extra = {n: served[n]["server_cpu_s"] - alone[n]["cpu_s"] for n in lengths}
+    lo, hi = lengths[0], lengths[-1]
+    per_token = (extra[hi] - extra[lo]) / (args.streams * (hi - lo)) if hi > lo else float("nan")
+    per_request = (extra[lo] - per_token * args.streams * lo) / args.streams if hi > lo else extra[hi] / args.streams
+    for n in lengths:
+        a, s = alone[n], served[n]
+        print(f"{n:3d} tokens: loop alone {a['tok_s']:7.0f} tok/s (gap p50/p99 {a['gap_ms_p50']:.2f}/"
+              f"{a['gap_ms_p99']:.2f} ms, cpu {a['cpu_s']:.2f} s); server {s['tok_s']:7.0f} tok/s (gap p50/p99 "
+              f"{s['gap_ms_p50']:.2f}/{s['gap_ms_p99']:.2f} ms, cpu {s['server_cpu_s']:.2f} s, "
+              f"client "
+              f"{s['client_cpu_s']:.2f} s); ratio {s['tok_s'] / a['tok_s']:.3f}")
+    ratio = served[hi]["tok_s"] / alone[hi]["tok_s"]
+    print(f"server / loop alone at {hi} tokens: {ratio:.3f} (goal >= 0.95); engine step gap p99 "
+          f"{served[hi]['gap_ms_p99']:.2f} ms (goal <= 1); API-side CPU {per_request * 1e3:.2f} ms per request "
+          f"(goal <= 0.5), {per_token * 1e6:.0f} us per token (goal <= 25); server exit {exit_code}")
+    write_result(args.result if args.result != "serve" else "serve_fake_step", {
+        "workload": {"step_ms": args.fake_step_ms, "streams": args.streams, "tokens": lengths,
+                     "load_average_before": load_avg, "load_average_after": os.getloadavg()[0]},
+        "loop_alone": {str(n): v for n, v in alone.items()}, "server": {str(n): v for n, v in served.items()},
+        "ratio": ratio, "api_cpu_ms_per_request": per_request * 1e3, "api_cpu_us_per_token": per_token * 1e6,
+        "server_exit_code": exit_code})
+
+
 # ------------------------------------------------------------------------------------ main
 
 def parse_rates(text: str) -> list[float]:
@@ -318,8 +439,17 @@ def main():
                         help="saturation (inf) and offline runs to take the median of (default 5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--result", default="serve",
-                        help="name of the results: bench/results/NAME.json and NAME.png (default serve)")
+                        help="name of the results: bench/results/NAME.json and NAME.png (default serve; "
+                             "serve_fake_step with --fake-step-ms)")
+    parser.add_argument("--fake-step-ms", type=float, default=None, metavar="MS",
+                        help="instead: the server over a device whose step sleeps MS (no host CPU) against the "
+                             "engine loop alone over the same device (default: the real artifact)")
+    parser.add_argument("--streams", type=int, default=256,
+                        help="with --fake-step-ms: concurrent streams (default 256)")
+    parser.add_argument("--tokens", type=int, default=32, help="with --fake-step-ms: tokens per stream (default 32)")
     args = parser.parse_args()
+    if args.fake_step_ms is not None:
+        return fake_step(args)
     args.requests = args.requests or (24 if args.quick else 96)
     args.rates = args.rates or parse_rates("4,inf" if args.quick else "2,4,8,inf")
 

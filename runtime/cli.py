@@ -75,19 +75,24 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server")
     s.add_argument("dir", help="the artifact directory")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8000, help="default 8000")
-    s.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 429 (default 256)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    s.add_argument("--max-queue", type=int, default=256,
+                   help="waiting requests beyond this get 429 (default 256)")
     s.add_argument("--padding-mode", choices=["auto", "max_len", "sum_len"], default="auto",
-                   help="force one DP padding mode (default auto: the cheaper executable per step)")
-    s.add_argument("--mesh", default=None, help="which of the artifact's meshes (default: largest that fits)")
-    s.add_argument("--no-fast-load", action="store_true", help="compile the portable exports even if fast-load fits")
+                   help="DP padding mode; auto picks the cheaper executable per step (default auto)")
+    s.add_argument("--mesh", default=None, help="which of the artifact's meshes (default: the largest that fits)")
+    s.add_argument("--no-fast-load", action="store_true",
+                   help="compile the portable exports even if the fast-load section fits (default: use it)")
     s.add_argument("--served-model-name", default=None, help="the model id clients use (default: the artifact's)")
     for cmd in (g, v, s):
         d = cmd.add_argument_group("multi-process serving (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
                                    "JAX_PROCESS_ID)")
-        d.add_argument("--coordinator", default=None, metavar="HOST:PORT")
-        d.add_argument("--num-processes", type=int, default=None)
-        d.add_argument("--process-id", type=int, default=None)
+        d.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                       help="process 0's address for the coordination service (default: one process)")
+        d.add_argument("--num-processes", type=int, default=None,
+                       help="processes in all (default 1; required with --coordinator)")
+        d.add_argument("--process-id", type=int, default=None,
+                       help="this process's index, 0 to N-1 (default: none; required with --coordinator)")
         d.add_argument("--timeout", type=int, default=60, help="seconds to wait for peers (default 60)")
     return p
 

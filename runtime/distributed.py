@@ -12,6 +12,7 @@ a worker that ends that way is reported as one clear line, within the configured
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -96,10 +97,20 @@ def supervise(argv: list[str], cluster: Cluster) -> int:
         return 0
     ours = [line for line in err.splitlines() if line.startswith("python -m runtime: error:")]
     if ours:
-        print(ours[-1], file=sys.stderr)
+        line = ours[-1]
+        if any(sign in line for sign in PEER_GONE):  # a step's collective lost its peer: say so first
+            where = f"process {cluster.process_id} of {cluster.num_processes}, coordinator {cluster.coordinator}"
+            line = (f"python -m runtime: error: lost contact with a peer process ({where}): it stopped or became "
+                    f"unreachable; {line.split('error: ', 1)[1][:300]}")
+        print(line, file=sys.stderr)
         return child.returncode if child.returncode > 0 else 1
     print(f"python -m runtime: error: {_explain(err, cluster)}", file=sys.stderr)
     return 1
+
+
+# What a collective says when the process at its other end is gone (gloo on CPU, the coordination
+# service elsewhere).
+PEER_GONE = ("Gloo", "Connection reset by peer", "DEADLINE_EXCEEDED", "UNAVAILABLE", "heartbeat")
 
 
 def redirect_results() -> None:
@@ -125,23 +136,34 @@ class StepChannel:
     do before each step, through the coordination service's key-value store: record n holds the
     submissions and cancellations to apply before step n. Every process applies the same records
     in the same order to the same deterministic scheduler, so all of them run the same steps and
-    their collectives match. A record is published only right before a step, so once the leader
-    publishes record n every process has finished step n-2: that record is deleted.
+    their collectives match.
+
+    A record is deleted only when the leader knows every process has read it (`release`, called
+    when a step launched after it has finished, which it cannot do without every process): a
+    follower that lags behind, or a leader that ran steps with nothing launched, never finds a
+    record it still needs gone.
     """
 
     PREFIX = "qwen3-aot/serve/step"
 
-    def __init__(self):
-        from jax._src.distributed import global_state
+    def __init__(self, client=None):
+        if client is None:
+            from jax._src.distributed import global_state
 
-        if global_state.client is None:
-            raise RuntimeError("jax.distributed is not initialized")
-        self.client = global_state.client
+            if global_state.client is None:
+                raise RuntimeError("jax.distributed is not initialized")
+            client = global_state.client
+        self.client = client
+        self._kept: collections.deque[int] = collections.deque()  # published, not yet deleted
 
     def publish(self, n: int, record: dict) -> None:
         self.client.key_value_set(f"{self.PREFIX}/{n}", json.dumps(record))
-        if n >= 2:
-            self.client.key_value_delete(f"{self.PREFIX}/{n - 2}")
+        self._kept.append(n)
+
+    def release(self, upto: int) -> None:
+        """Delete records <= upto: the caller knows that every process has read them."""
+        while self._kept and self._kept[0] <= upto:
+            self.client.key_value_delete(f"{self.PREFIX}/{self._kept.popleft()}")
 
     def receive(self, n: int) -> dict:
         """Wait for record n as long as it takes: an idle server publishes nothing, and a peer that

@@ -5,10 +5,14 @@ may cancel it; the loop thread drains both inboxes before every step, so a reque
 next step after it arrives (continuous batching with online admission), and a cancelled request's
 KV pages are free for that step. Callbacks run on the loop thread: they must only hand data over
 (e.g. `asyncio.AbstractEventLoop.call_soon_threadsafe`).
+
+When the engine fails, nothing waits on it in silence: every open request gets an `EngineFailed`
+event, later submissions raise it, and `on_failure` tells the owner (the server ends itself).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import queue
 import threading
@@ -21,6 +25,10 @@ from .scheduler import RequestError, Scheduler
 
 class QueueFull(Exception):
     """More requests are waiting than the server accepts (HTTP 429)."""
+
+
+class EngineFailed(Exception):
+    """The engine loop stopped on an error; no request will be served any more (HTTP 503/500)."""
 
 
 @dataclasses.dataclass
@@ -39,8 +47,12 @@ class Handle:
     max_tokens: int
     sampling: SamplingParams
     on_event: Callable[[TokenEvent | Exception], None]
+    top_logprobs: int = 0
     request: object = None  # the scheduler's, once admitted by the loop
     done: bool = False
+    # Set by the HTTP side before it queues the cancel: a handle not yet admitted when the cancel
+    # pass runs is dropped at admission instead, so no cancel is lost between the two.
+    cancel_reason: str | None = None
 
 
 @dataclasses.dataclass
@@ -51,6 +63,9 @@ class LoopStats:
     generated_tokens: int = 0
     finished: dict = dataclasses.field(default_factory=dict)  # finish_reason -> count
 
+    def finish(self, reason: str) -> None:
+        self.finished[reason] = self.finished.get(reason, 0) + 1
+
 
 class EngineLoop:
     def __init__(self, engine, *, padding_mode: str = "auto", eos_ids: Sequence[int] = (), max_queue: int = 256,
@@ -59,6 +74,7 @@ class EngineLoop:
         self.scheduler = make_scheduler(engine, padding_mode, eos_ids)
         self.channel = channel  # multi-process: where the other processes learn what to apply before each step
         self._events: list[dict] = []  # applied here since the last published record
+        self._record_of_launch: collections.deque = collections.deque()  # (launch number, record number)
         self.max_queue = max_queue
         self.stats = LoopStats()
         self._inbox: queue.Queue = queue.Queue()
@@ -72,24 +88,31 @@ class EngineLoop:
         # Called on the loop thread after each round of callbacks (a step's tokens, refused
         # submissions): a consumer that batches its hand-overs flushes them here, once per step.
         self.after_callbacks: Callable[[], None] = lambda: None
+        # Called on the loop thread once, after every open request has heard of the failure.
+        self.on_failure: Callable[[BaseException], None] = lambda e: None
 
     # ---------------------------------------------------------------- the HTTP side
 
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, prompt: Sequence[int], max_tokens: int, sampling: SamplingParams, on_event) -> Handle:
-        with self._lock:
+    def submit(self, prompt: Sequence[int], max_tokens: int, sampling: SamplingParams, on_event,
+               top_logprobs: int = 0) -> Handle:
+        handle = Handle(tuple(prompt), max_tokens, sampling, on_event, top_logprobs)
+        with self._lock:  # the loop fails under this lock too: a handle is either failed there or refused here
+            if self.error is not None:
+                raise EngineFailed(describe(self.error))
             if self._waiting + len(self.scheduler.queue) >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting; retry later")
             self._waiting += 1
-        handle = Handle(tuple(prompt), max_tokens, sampling, on_event)
-        self._inbox.put(handle)
+            self._inbox.put(handle)
         self._wake.set()
         return handle
 
-    def cancel(self, handle: Handle) -> None:
-        if not handle.done:
+    def cancel(self, handle: Handle, reason: str = "cancelled") -> None:
+        """End a request early: "cancelled" (its client left) or "stop" (a stop string was found)."""
+        if not handle.done and handle.cancel_reason is None:
+            handle.cancel_reason = reason
             self._cancels.put(handle)
             self._wake.set()
 
@@ -97,8 +120,12 @@ class EngineLoop:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
-        if self.channel is not None:
+        if self.channel is not None and self.error is None:
             self.channel.publish(self.stats.steps, {"stop": True})
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
 
     # ---------------------------------------------------------------- the loop thread
 
@@ -106,22 +133,31 @@ class EngineLoop:
         for h in _drain(self._inbox):
             with self._lock:
                 self._waiting -= 1
+            if h.cancel_reason is not None:  # cancelled before it was admitted
+                self._finish_unadmitted(h)
+                continue
             self._record({"op": "submit", "prompt": list(h.prompt), "max_tokens": h.max_tokens,
-                          "sampling": dataclasses.asdict(h.sampling)})
+                          "sampling": dataclasses.asdict(h.sampling), "top_logprobs": h.top_logprobs})
             try:
-                h.request = self.scheduler.submit(h.prompt, h.max_tokens, h.sampling, tag=h)
+                h.request = self.scheduler.submit(h.prompt, h.max_tokens, h.sampling, tag=h,
+                                                  top_logprobs=h.top_logprobs)
                 self.stats.prompt_tokens += len(h.prompt)
             except RequestError as e:
                 h.done = True
                 h.on_event(e)
 
+    def _finish_unadmitted(self, h: Handle) -> None:
+        h.done = True
+        self.stats.finish(h.cancel_reason)
+
     def _apply_cancels(self) -> None:
         for h in _drain(self._cancels):
-            if h.request is not None and not h.done:
-                self._record({"op": "cancel", "index": h.request.index})
-                self.scheduler.cancel(h.request)
-                h.done = True
-                self.stats.finished["cancelled"] = self.stats.finished.get("cancelled", 0) + 1
+            if h.request is None or h.done:
+                continue  # not admitted yet: admission drops it (its cancel_reason is set)
+            self._record({"op": "cancel", "index": h.request.index, "reason": h.cancel_reason})
+            self.scheduler.cancel(h.request, h.cancel_reason)
+            h.done = True
+            self.stats.finish(h.cancel_reason)
 
     def _record(self, event: dict) -> None:
         """Keep what the other processes must replay (nothing to keep when serving alone)."""
@@ -138,22 +174,51 @@ class EngineLoop:
                     self._wake.wait(0.05)
                     self._wake.clear()
                     continue
-                if self.channel is not None:
-                    self.channel.publish(self.stats.steps, {"events": self._events})
-                    self._events = []
-                t0 = time.perf_counter()
-                served = self.scheduler.step()
-                self.stats.steps += 1
-                self.stats.step_seconds.append(time.perf_counter() - t0)
-                for r in served:
-                    self._deliver(r)
+                self._step()
                 self.after_callbacks()
-        except BaseException as e:  # the engine failed: every open request hears of it
+        except BaseException as e:  # noqa: BLE001 - the engine failed: every open request hears of it
+            self._fail(e)
+
+    def _step(self) -> None:
+        record = self.stats.steps
+        if self.channel is not None:
+            self.channel.publish(record, {"events": self._events})
+            self._events = []
+        launched = self.scheduler.launched
+        t0 = time.perf_counter()
+        served = self.scheduler.step()
+        self.stats.steps += 1
+        self.stats.step_seconds.append(time.perf_counter() - t0)
+        if self.channel is not None:
+            self._release_records(record, launched)
+        for r in served:
+            self._deliver(r)
+
+    def _release_records(self, record: int, launched_before: int) -> None:
+        """Delete the step records every process has read. A step whose outputs were read ran on
+        every process's devices (its collectives span them all), so each process had read the
+        record published before it was launched, and every earlier one. A step-call that launched
+        nothing proves nothing, which is why deleting by count alone would not be safe."""
+        if self.scheduler.launched > launched_before:
+            self._record_of_launch.append((self.scheduler.launched, record))
+        read = None
+        while self._record_of_launch and self._record_of_launch[0][0] <= self.scheduler.collected:
+            read = self._record_of_launch.popleft()[1]
+        if read is not None:
+            self.channel.release(read)
+
+    def _fail(self, e: BaseException) -> None:
+        with self._lock:
             self.error = e
-            for h in self._open_handles():
+            pending = list(_drain(self._inbox))
+            self._waiting = 0
+        failure = EngineFailed(describe(e))
+        for h in self._open_handles() + pending:
+            if not h.done:
                 h.done = True
-                h.on_event(e)
-            self.after_callbacks()
+                h.on_event(failure)
+        self.after_callbacks()
+        self.on_failure(e)
 
     def _deliver(self, r) -> None:
         h: Handle = r.tag
@@ -163,12 +228,16 @@ class EngineLoop:
         top = r.top_logprobs[-1] if r.top_logprobs else []
         if r.finish_reason is not None:
             h.done = True
-            self.stats.finished[r.finish_reason] = self.stats.finished.get(r.finish_reason, 0) + 1
+            self.stats.finish(r.finish_reason)
         h.on_event(TokenEvent(r.generated[-1], r.logprobs[-1], top, r.finish_reason))
 
     def _open_handles(self) -> list[Handle]:
         hs = [r.tag for r in self.scheduler.queue] + [r.tag for g in self.scheduler.active for r in g]
-        return [h for h in hs + list(_drain(self._inbox)) if not h.done]
+        return [h for h in hs if not h.done]
+
+
+def describe(e: BaseException) -> str:
+    return f"the engine failed: {type(e).__name__}: {e}"
 
 
 def _drain(q: queue.Queue):
@@ -183,7 +252,7 @@ def _drain(q: queue.Queue):
 def make_scheduler(engine, padding_mode: str, eos_ids: Sequence[int]) -> Scheduler:
     """The serving scheduler; every process of a multi-process server builds the same one."""
     return Scheduler(engine, padding_mode=padding_mode, eos_token_id=list(eos_ids) or None,
-                     top_logprobs=engine.num_logprobs)
+                     top_logprobs=getattr(engine, "num_logprobs", 0))
 
 
 def follow(engine, channel, *, padding_mode: str = "auto", eos_ids: Sequence[int] = ()) -> int:
@@ -199,12 +268,13 @@ def follow(engine, channel, *, padding_mode: str = "auto", eos_ids: Sequence[int
         for ev in record["events"]:
             if ev["op"] == "submit":
                 try:
-                    r = scheduler.submit(ev["prompt"], ev["max_tokens"], SamplingParams(**ev["sampling"]))
+                    r = scheduler.submit(ev["prompt"], ev["max_tokens"], SamplingParams(**ev["sampling"]),
+                                         top_logprobs=ev.get("top_logprobs"))
                     requests[r.index] = r
                 except RequestError:
                     pass  # refused by the leader alike
             elif ev["index"] in requests:
-                scheduler.cancel(requests.pop(ev["index"]))
+                scheduler.cancel(requests.pop(ev["index"]), ev.get("reason", "cancelled"))
         if scheduler.busy:
             for r in scheduler.step():
                 if r.finish_reason is not None:

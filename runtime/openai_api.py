@@ -29,15 +29,20 @@ class ApiError(Exception):
                              503: "unavailable"}.get(status, "error")
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        # a message quoting the client's own bad text must still encode as UTF-8
+        message = self.message.encode("utf-8", "backslashreplace").decode("utf-8")
+        return {"error": {"message": message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 # Fields accepted with any value (informational), and fields accepted only at their neutral value.
 _IGNORED = {"user", "stream_options", "service_tier", "metadata", "store"}
 _NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "presence_penalty": 0, "frequency_penalty": 0,
             "logit_bias": None, "suffix": None, "parallel_tool_calls": None, "tools": None, "tool_choice": None,
-            "functions": None, "function_call": None, "response_format": None, "modalities": None}
-_COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream"}
+            "functions": None, "function_call": None, "modalities": None}
+# top_k, ignore_eos, min_tokens and stop_token_ids are extensions (vLLM's and SGLang's): load tools
+# send the last three to fix output lengths.
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "response_format",
+           "ignore_eos", "min_tokens", "stop_token_ids"}
 COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs"}
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
 
@@ -56,6 +61,7 @@ class Request:
     stream: bool
     logprobs: int | None  # None: no logprobs; else that many top alternatives
     include_usage: bool = False
+    messages: list[dict] | None = None  # chat: text content only
     id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
@@ -96,7 +102,32 @@ def _sampling(body: dict) -> SamplingParams:
     top_k = _number(body, "top_k", 0, lo=-1, integer=True)
     seed = body.get("seed")
     seed = secrets.randbelow(2**31) if seed is None else _number(body, "seed", 0, integer=True)
-    return SamplingParams(temperature, max(top_k, 0), top_p, seed % 2**31)
+    stop_ids = body.get("stop_token_ids") or []
+    if not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
+        raise ApiError(400, f"'stop_token_ids' must be a list of token ids, got {stop_ids!r}", param="stop_token_ids")
+    return SamplingParams(temperature, max(top_k, 0), top_p, seed % 2**31, ignore_eos=_bool(body, "ignore_eos"),
+                          stop_token_ids=tuple(stop_ids), min_tokens=_number(body, "min_tokens", 0, lo=0, integer=True))
+
+
+def _response_format(body: dict) -> None:
+    """Plain text is what this server produces; JSON modes would need constrained decoding."""
+    fmt = body.get("response_format")
+    if fmt is None or fmt == {"type": "text"}:
+        return
+    kind = fmt.get("type") if isinstance(fmt, dict) else fmt
+    raise ApiError(400, f"'response_format' {kind!r} is not supported; only {{'type': 'text'}}",
+                   param="response_format")
+
+
+def valid_text(value: str, param: str) -> str:
+    """`value`, if it is text UTF-8 can carry: JSON's \\ud800 escapes give lone surrogates, which
+    no tokenizer (nor a UTF-8 response) can take."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"'{param}' holds a lone UTF-16 surrogate {value[e.start]!r} at character "
+                            f"{e.start}; send valid Unicode", param=param) from None
+    return value
 
 
 def _stop(body: dict) -> list[str]:
@@ -106,17 +137,18 @@ def _stop(body: dict) -> list[str]:
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
         raise ApiError(400, "'stop' must be a non-empty string or a list of up to 4 of them", param="stop")
-    return stops
+    return [valid_text(s, "stop") for s in stops]
 
 
 def parse_completion(body: dict, max_logprobs: int) -> Request:
     _check_fields(body, COMPLETION_FIELDS)
+    _response_format(body)
     prompt = body.get("prompt")
     text, ids = None, None
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
-        text = prompt
+        text = valid_text(prompt, "prompt")
     elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         ids = list(prompt)
     else:
@@ -131,22 +163,35 @@ def parse_completion(body: dict, max_logprobs: int) -> Request:
 
 def parse_chat(body: dict, max_logprobs: int) -> Request:
     _check_fields(body, CHAT_FIELDS)
+    _response_format(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages):
-        raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects with text content",
-                       param="messages")
+            isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+        raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
+    messages = [{"role": m["role"], "content": _content(m.get("content"))} for m in messages]
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     logprobs = None
     if _bool(body, "logprobs"):
         logprobs = _number(body, "top_logprobs", 0, lo=0, hi=max_logprobs, integer=True)
     elif body.get("top_logprobs") is not None:
         raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-    req = Request("chat", _model(body), None, None, _max_tokens(body, name, None), _sampling(body), _stop(body),
-                  _bool(body, "stream"), logprobs, _include_usage(body))
-    req.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return req
+    return Request("chat", _model(body), None, None, _max_tokens(body, name, None), _sampling(body), _stop(body),
+                   _bool(body, "stream"), logprobs, _include_usage(body), messages)
+
+
+def _content(content) -> str:
+    """A message's text: a string, or a list of text parts (joined by newlines, as vLLM does)."""
+    if isinstance(content, str):
+        return valid_text(content, "messages")
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        kinds = {p.get("type") for p in content} - {"text"}
+        if kinds:
+            raise ApiError(400, f"message content parts of type {sorted(map(str, kinds))} are not supported; "
+                                "this model reads text parts only", param="messages")
+        if all(isinstance(p.get("text"), str) for p in content):
+            return valid_text("\n".join(p["text"] for p in content), "messages")
+    raise ApiError(400, "a message's 'content' must be a string or a list of {'type': 'text', 'text': ...} parts",
+                   param="messages")
 
 
 def _model(body) -> str:
@@ -213,18 +258,27 @@ def chunk(req: Request, text: str | None, token_ids, finish_reason=None, logprob
             "created": req.created, "model": req.model, "choices": [choice]}
 
 
-def logprobs_block(req: Request, entries: list[tuple[str, float, list[tuple[str, float]]]], offset: int = 0):
-    """OpenAI logprobs for some tokens: entries are (token text, logprob, [(alt text, logprob)])."""
+def logprobs_block(req: Request, entries, offsets, text_of, bytes_of):
+    """OpenAI logprobs for some tokens. entries: (token id, logprob, [(alternative id, logprob)]);
+    offsets: where each token's text starts in the choice's text; text_of / bytes_of: a token's
+    text and its own bytes (a piece of a character has bytes, but its text is U+FFFD)."""
     if req.logprobs is None or not entries:
         return None
     if req.kind == "chat":
-        return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")),
-                             "top_logprobs": [{"token": a, "logprob": alp, "bytes": list(a.encode("utf-8"))}
+        return {"content": [{"token": text_of(t), "logprob": lp, "bytes": list(bytes_of(t)),
+                             "top_logprobs": [{"token": text_of(a), "logprob": alp, "bytes": list(bytes_of(a))}
                                               for a, alp in top[:req.logprobs]]}
                             for t, lp, top in entries]}
-    offsets, at = [], offset
-    for t, _, _ in entries:
-        offsets.append(at)
-        at += len(t)
-    return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
-            "top_logprobs": [dict(top[:req.logprobs]) for _, _, top in entries], "text_offset": offsets}
+    return {"tokens": [text_of(t) for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [_by_text(top[:req.logprobs], text_of) for _, _, top in entries],
+            "text_offset": list(offsets)}
+
+
+def _by_text(top, text_of) -> dict[str, float]:
+    """The completions API keys alternatives by text; two tokens with one text (pieces of a
+    character, spellings with and without a merge) keep both: the second under its id."""
+    out: dict[str, float] = {}
+    for i, lp in top:
+        key = text_of(i)
+        out["token_id:%d" % i if key in out else key] = lp
+    return out

@@ -15,14 +15,28 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 means greedy; top_k 0 means no top-k cut; top_p 1.0 means no nucleus cut."""
+    """temperature 0 means greedy; top_k 0 means no top-k cut; top_p 1.0 means no nucleus cut.
+
+    The last three decide where a request ends (the host applies them; the device never sees
+    them): `ignore_eos` runs past the checkpoint's EOS ids, `stop_token_ids` end it on ids of the
+    caller's choosing, and neither may end it before `min_tokens` tokens. Load generators set
+    them to fix output lengths.
+    """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    min_tokens: int = 0
 
     def __post_init__(self):
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))  # hashable, even from JSON
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be integers, got {list(self.stop_token_ids)}")
+        if int(self.min_tokens) != self.min_tokens or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens}")
         if not np.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature}")
         if int(self.top_k) != self.top_k or self.top_k < 0:

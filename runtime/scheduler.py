@@ -1,24 +1,13 @@
 """Continuous batching over DP groups (numpy + stdlib; drives an abstract executor).
 
-Each step: admit waiting requests into groups that have free KV pages, give every group a list of
-chunks (decode sequences feed their last token, prefilling ones the next piece of their prompt),
-map the step to a ready executable with `buckets.choose`, pack, run, unpad, sample. The executor
-is anything with the `Executor` shape below, so this runs and is tested without an artifact.
-
-Policies:
-- KV on demand (the default): a request is admitted when a group has the pages its known tokens
-  need now, and takes a page more whenever its next token starts one (decoders in its group that
-  will soon want one take theirs at the same step, so page tables change together, about once
-  every page_size steps, and steady decode steps send no input). When a group runs out, its
-  newest request is preempted: its pages are freed and it goes back to the head of the queue, to
-  be prefilled again (prompt and the tokens generated so far) when pages free up. Its output does
-  not change: the same tokens are fed at the same positions, and sampling is keyed by (seed,
-  position). `kv="reserve"` instead allocates prompt + max_new_tokens - 1 positions at admission
-  and never preempts.
-- Admission is FIFO: the head of the queue waits until some group can hold it, later requests
-  wait behind it, so a large request can't be starved by small ones.
-- A new request goes to the group with the least work pending (tokens still to feed), then the
-  fewest pages held, so groups stay balanced in tokens per step, not only in pages.
+Three parts, each small enough to hold in one's head:
+- the page allocator (`runtime.pages`): which KV pages each request holds, per DP group;
+- the planner (`runtime.planner`): admission, routing to groups, preemption under page
+  pressure, the step's work per group and the bucket that serves it;
+- the pipeline (here): pack and launch the planned step, read the one before it, hand each
+  sampled token to its request, and repeat a steady step on the device.
+The executor is anything with the `Executor` shape below, so this runs and is tested without an
+artifact.
 
 Pipelining: with an executor that can `dispatch` a step and `fetch` its outputs later (the engine:
 JAX dispatch is asynchronous), each `step()` plans and launches step n+1 before it reads step n's
@@ -28,7 +17,9 @@ and lengths are all known on the host; only an EOS is learnt a step late, and th
 past it is dropped, so outputs are the same as unpipelined. When nothing changed since the last
 step and it fed every runnable request from its own row, the next step is that one again, one
 position on: an executor with `dispatch_again` runs it from the inputs already on the device, and
-the host neither plans nor packs it (`_launch_again`).
+the host neither plans nor packs it (`_launch_again`). A preempted request's output does not
+change either: the same tokens are fed at the same positions, and sampling is keyed by (seed,
+position).
 """
 
 from __future__ import annotations
@@ -40,7 +31,9 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from runtime.batching import Chunk, pack
-from runtime.buckets import MAX_LEN, MODES, SUM_LEN, Bucket, choose
+from runtime.buckets import MODES, Bucket, choose
+from runtime.pages import PageAllocator
+from runtime.planner import Planner, Work
 from runtime.sampling import SamplingParams
 
 PADDING_MODES = ("auto",) + MODES
@@ -81,6 +74,8 @@ class _Request:
     max_new: int
     num_pages: int  # the most pages it can ever hold: prompt + max_new - 1 positions
     sampling: SamplingParams = SamplingParams()
+    stop_ids: frozenset = frozenset()  # sampled ids that end it (once it has sampling.min_tokens)
+    top_n: int = 0  # top logprobs kept per token
     group: int = -1
     pages: list[int] = dataclasses.field(default_factory=list)
     written: int = 0  # tokens (prompt, then generated) whose K/V are in the cache or being written
@@ -92,7 +87,7 @@ class _Request:
     logprobs: list[float] = dataclasses.field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     last_step: int = -1  # last step that served it: decoders are rotated by this
-    finish_reason: str | None = None  # "stop" (an EOS id), "length" (max_new), "cancelled"
+    finish_reason: str | None = None  # "stop" (a stop id, or the caller's stop string), "length", "cancelled"
     tag: object = None  # the caller's handle (a server's request id)
 
     @property
@@ -125,15 +120,6 @@ class _Request:
                      self.owed_row if owed else -1)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Limits:
-    """What one step may hold: per group tokens and sequences, and tokens over all groups."""
-
-    tokens: int
-    seqs: int
-    total: int
-
-
 class Scheduler:
     """Serves lists of prompts on one executor. Holds the per-group page allocators."""
 
@@ -143,21 +129,17 @@ class Scheduler:
         if kv not in KV_POLICIES:
             raise RequestError(f"kv {kv!r} is not one of {KV_POLICIES}")
         self.kv = kv
-        self._admissions = 0
         self.ex = executor
         self.dp = int(executor.dp)
         self.mode = padding_mode
         self.sampling = sampling or SamplingParams()
-        self._allowed: list[Bucket] | None = None
-        self._limit_list: list[_Limits] | None = None
         # One EOS id, several (a checkpoint's generation_config lists them), or None.
         self.eos_ids = frozenset() if eos_token_id is None else frozenset(
             [int(eos_token_id)] if np.isscalar(eos_token_id) else [int(e) for e in eos_token_id])
         self.top_logprobs = top_logprobs
         self._check_executor()
-        # Pages are handed out lowest first; freed pages are reused first (LIFO), never page 0.
-        self.free_pages = [list(range(executor.num_pages - 1, 0, -1)) for _ in range(self.dp)]
-        self.committed = [0] * self.dp
+        self.pages = PageAllocator(self.dp, executor.num_pages, executor.page_size)
+        self.planner = Planner(executor, self.dp, padding_mode, kv, self.pages)
         self.queue: list[_Request] = []
         self.active: list[list[_Request]] = [[] for _ in range(self.dp)]
         self.stats = _Stats()
@@ -166,10 +148,14 @@ class Scheduler:
         self._pipelined = pipeline and callable(getattr(executor, "dispatch", None)) \
             and callable(getattr(executor, "fetch", None))
         self._in_flight: _Launch | None = None  # launched, outputs not read yet
-        # Bumped whenever a request joins or leaves a group or its pages change; a step can only
-        # be repeated on the device (_launch_again) while it stays what it was at that step.
-        self._changes = 0
-        self._repeatable: tuple | None = None  # (bucket, plan, _changes) of the last step, if steady
+        # Steps launched, and how many of them had their outputs read: a multi-process leader
+        # learns from the second which steps every process has launched.
+        self.launched = self.collected = 0
+        # Bumped whenever a request leaves; with the allocator's version (admissions, preemptions,
+        # pages) it says whether the batch is still what a step saw: only then can that step be
+        # repeated on the device (_launch_again).
+        self._retired = 0
+        self._repeatable: tuple | None = None  # (bucket, plan, _version()) of the last step, if steady
 
     # ---- validation -------------------------------------------------------------------------
 
@@ -231,178 +217,22 @@ class Scheduler:
         if pages > self.ex.num_pages - 1:
             raise RequestError(f"{name} needs {pages} KV pages but a group's cache has only "
                                f"{self.ex.num_pages - 1} allocatable pages (page 0 is reserved)")
-        return _Request(i, tuple(int(t) for t in ids), max_new, pages, sampling or self.sampling.for_request(i))
-
-    # ---- limits -----------------------------------------------------------------------------
-
-    def _allowed_buckets(self) -> list[Bucket]:
-        """Fixed for the scheduler's life (executor and mode don't change): computed once."""
-        if self._allowed is None:
-            self._allowed = [b for b in self.ex.buckets if self.mode == "auto" or b.mode == self.mode]
-        return self._allowed
-
-    def _limits(self) -> list[_Limits]:
-        if self._limit_list is None:  # fixed for the scheduler's life, like the allowed buckets
-            self._limit_list = self._make_limits()
-        return self._limit_list
-
-    def _make_limits(self) -> list[_Limits]:
-        """Step limits to try, in order: the largest bucket's per-group sizes first, then, should
-        no bucket hold that step (forced mode, SUM_LEN row cap, ragged ladders), each allowed
-        bucket's own limits, which hold it by construction."""
-        allowed = self._allowed_buckets()
-        first = _Limits(max(b.tokens for b in allowed), max(b.seqs for b in allowed), math.inf)
-        each = [_Limits(b.tokens, b.seqs, b.global_len if b.mode == SUM_LEN else math.inf)
-                for b in sorted(allowed, key=lambda b: (-b.tokens, -b.seqs, -b.global_len))]
-        return list(dict.fromkeys([first] + each))
-
-    # ---- admission and pages ----------------------------------------------------------------
-
-    def _pages_for(self, tokens: int) -> int:
-        return -(-tokens // self.ex.page_size)
-
-    def _admit(self, queue: list[_Request], active: list[list[_Request]]) -> None:
-        """Move requests from the head of the queue into groups while some group holds them.
-
-        A group takes at most as many requests as the largest bucket has sequences: more would
-        hold pages without being able to run, starving requests that could.
-        """
-        max_seqs = max(b.seqs for b in self._allowed_buckets())
-        while queue and not queue[0].owed:  # a preempted request is re-prefilled once its token is read
-            r = queue[0]
-            need = r.num_pages if self.kv == "reserve" else self._pages_for(r.known)
-            # On demand, leave a page of headroom per running request: each will want one soon, and
-            # admitting into a group that must preempt at once only wastes a prefill.
-            headroom = (lambda g: 0) if self.kv == "reserve" else (lambda g: len(active[g]))
-            fits = [g for g in range(self.dp)
-                    if len(self.free_pages[g]) >= need + headroom(g) and len(active[g]) < max_seqs]
-            if not fits:
-                return
-            g = min(fits, key=lambda g: (sum(x.pending for x in active[g]), self.committed[g], g))
-            r.group, r.admitted = g, self._admissions
-            self._admissions += 1
-            self._take_pages(r, need)
-            active[g].append(queue.pop(0))
-
-    def _take_pages(self, r: _Request, total: int) -> None:
-        """Grow r's pages to `total` (the caller checked they are free)."""
-        self._changes += 1
-        while len(r.pages) < total:
-            r.pages.append(self.free_pages[r.group].pop())
-            self.committed[r.group] += 1
-
-    def _release(self, r: _Request) -> None:
-        self._changes += 1
-        self.free_pages[r.group].extend(reversed(r.pages))
-        self.committed[r.group] -= len(r.pages)
-        r.pages = []
-
-    def _preempt(self, r: _Request) -> None:
-        """Free a running request's pages and queue it first, to be prefilled again from scratch."""
-        self.active[r.group].remove(r)
-        self._release(r)
-        r.group, r.written = -1, 0
-        r.preemptions += 1
-        self.stats.preemptions += 1
-        self.queue.insert(0, r)
-
-    def _make_room(self) -> None:
-        """Before planning (KV on demand): every decoder gets the page its next token needs, and a
-        group where no request can write another token makes room, by preempting its newest
-        requests. A request alone in its group always fits (checked at submission)."""
-        ps = self.ex.page_size
-        for g in range(self.dp):
-            while True:
-                group = [r for r in self.active[g] if not r.complete]
-                starved = [r for r in group if r.decoding and len(r.pages) * ps <= r.written]
-                stuck = bool(group) and not self.free_pages[g] and all(len(r.pages) * ps <= r.written for r in group)
-                if len(starved) <= len(self.free_pages[g]) and not stuck:
-                    break
-                self._preempt(max(group, key=lambda r: r.admitted))  # group is non-empty: starved or stuck
-            for r in starved:
-                self._take_pages(r, len(r.pages) + 1)
-            if starved:  # the page tables change this step anyway: top up every decoder that will
-                # want a page within the next page_size tokens, from pages nobody else needs now,
-                # so that the tables then stay unchanged for page_size steps and a steady decode
-                # step sends nothing from the host (see Engine.dispatch).
-                for r in sorted(group, key=lambda r: r.admitted):
-                    if not self.free_pages[g]:
-                        break
-                    if r.decoding and len(r.pages) * ps - r.written < ps and len(r.pages) < r.num_pages:
-                        self._take_pages(r, len(r.pages) + 1)
-
-    # ---- one step ---------------------------------------------------------------------------
-
-    def _plan(self, active: list[list[_Request]], lim: _Limits, step: int) -> list[list[_Work]]:
-        """What each group serves this step, within `lim` and the pages it can have.
-
-        Decoders go first (one token each, least recently served first, so all progress when a
-        forced bucket holds fewer sequences); prefills then fill the remaining token budget in
-        arrival order, each up to what its pages and the group's free pages can hold. The group
-        order rotates by step so a shared SUM_LEN row cap is fair.
-        """
-        ps = self.ex.page_size
-        plan: list[list[_Work]] = [[] for _ in range(self.dp)]
-        used = [0] * self.dp
-        free = [len(f) for f in self.free_pages]
-        budget = lim.total
-        order = [(step + k) % self.dp for k in range(self.dp)]
-        for g in order:
-            for r in sorted((r for r in active[g] if r.decoding), key=lambda r: (r.last_step, r.index)):
-                if len(plan[g]) >= lim.seqs or used[g] >= lim.tokens or budget < 1:
-                    break
-                plan[g].append(_Work(r, 1))
-                used[g] += 1
-                budget -= 1
-        for g in order:
-            for r in sorted((r for r in active[g] if not r.decoding), key=lambda r: r.admitted):
-                room = min(lim.tokens - used[g], budget, r.pending, len(r.pages) * ps - r.written + free[g] * ps)
-                if len(plan[g]) >= lim.seqs or room < 1:
-                    continue
-                plan[g].append(_Work(r, room))
-                free[g] -= max(0, self._pages_for(r.written + room) - len(r.pages))
-                used[g] += room
-                budget -= room
-        return plan
-
-    def _build(self, active: list[list[_Request]], step: int) -> tuple[Bucket, list[list[_Work]]]:
-        """The step's work and the bucket that serves it; then the pages its chunks write into.
-
-        The largest bucket's limits are tried first, then each bucket's own (one of them holds any
-        step). When the executor reports each executable's measured step time and the step has
-        prefill work to size, every bucket's limits are tried and the plan with the least time
-        per real token wins: bucket first, then filled, so a prefill tail of 40 tokens runs in a
-        32-token bucket with 8 left for the next step rather than padded to 64.
-        """
-        seconds = getattr(self.ex, "step_seconds", None)
-        best, best_score = None, math.inf
-        for lim in self._limits():
-            plan = self._plan(active, lim, step)
-            real = sum(w.n for ws in plan for w in ws)
-            if real == 0:
-                continue
-            bucket = choose([sum(w.n for w in ws) for ws in plan], [len(ws) for ws in plan], self.ex.buckets,
-                            self.dp, self.mode, getattr(self.ex, "bucket_cost", None))
-            if bucket is None:
-                continue
-            score = seconds[bucket] / real if seconds and bucket in seconds else math.inf
-            if best is None or score < best_score:
-                best, best_score = (bucket, plan), score
-            if not seconds or not any(not w.request.decoding for ws in plan for w in ws):
-                break  # nothing to weigh, or only decoders: a smaller bucket can only hold fewer
-        if best is None:  # unreachable: __init__ checked one token fits, and each bucket's limits fit it
-            raise RuntimeError("no bucket can serve any pending work")
-        bucket, plan = best
-        for w in (w for ws in plan for w in ws):
-            self._take_pages(w.request, self._pages_for(w.request.written + w.n))
-        return bucket, plan
+        sampling = sampling or self.sampling.for_request(i)
+        if sampling.min_tokens > max_new:
+            raise RequestError(f"{name}: min_tokens {sampling.min_tokens} is more than the {max_new} new tokens "
+                               "it may have (max_tokens)")
+        bad = [t for t in sampling.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"{name}: stop token id {bad[0]} is outside [0, {vocab})")
+        stop_ids = (frozenset() if sampling.ignore_eos else self.eos_ids) | frozenset(sampling.stop_token_ids)
+        return _Request(i, tuple(int(t) for t in ids), max_new, pages, sampling, stop_ids, self.top_logprobs)
 
     def _launch(self) -> "_Launch | None":
         """Plan, pack and launch the next step (None when no request can run now). Every chunk is
         credited as written at once; a request whose chunk reaches its last known token owes the
         token this step samples."""
         if self.kv == "on_demand":
-            self._make_room()
+            self.stats.preemptions += self.planner.make_room(self.queue, self.active)
         runnable = [[r for r in group if not r.complete] for group in self.active]
         if not any(runnable):
             return None
@@ -411,7 +241,7 @@ class Scheduler:
         if outputs is not None:
             bucket, plan = self._repeatable[:2]
         else:
-            bucket, plan = self._build(runnable, step)
+            bucket, plan = self.planner.build(runnable, step)
             groups = [[w.request.chunk(w.n) for w in ws] for ws in plan]
             batch = pack(groups, bucket.tokens, bucket.seqs, self.ex.pages_per_seq)
             outputs = self.ex.dispatch(bucket, batch) if self._pipelined else self.ex.run(bucket, batch)
@@ -419,8 +249,9 @@ class Scheduler:
             # here, each fed from its own row of the step before (so from this step's, next time).
             steady = all(len(ws) == len(rs) for ws, rs in zip(plan, runnable)) and all(
                 c.prev_row == j for cs in groups for j, c in enumerate(cs))
-            self._repeatable = (bucket, plan, self._changes) if steady and self._pipelined else None
+            self._repeatable = (bucket, plan, self._version()) if steady and self._pipelined else None
         self.stats.record(bucket, plan, self.dp)
+        self.launched += 1
         sampled = []
         for g, ws in enumerate(plan):
             for j, w in enumerate(ws):
@@ -442,7 +273,7 @@ class Scheduler:
         if self._repeatable is None or again is None:
             return None
         bucket, plan, changes = self._repeatable
-        if changes != self._changes or any(len(ws) != len(rs) for ws, rs in zip(plan, runnable)) \
+        if changes != self._version() or any(len(ws) != len(rs) for ws, rs in zip(plan, runnable)) \
                 or not all(w.request.decoding and not w.request.complete for ws in plan for w in ws):
             return None
         return again(bucket)
@@ -451,6 +282,7 @@ class Scheduler:
         """Read a launched step's sampled tokens and hand each to its request. Returns the requests
         that got a token (finished ones have their finish_reason set and are retired)."""
         out = self.ex.fetch(launch.outputs) if self._pipelined else launch.outputs
+        self.collected += 1
         want = (self.dp, launch.bucket.seqs)
         if np.shape(out["tokens"]) != want:
             raise RuntimeError(f"executor returned tokens of shape {np.shape(out['tokens'])} for "
@@ -462,11 +294,10 @@ class Scheduler:
             r.owed -= 1
             r.generated.append(int(out["tokens"][g, j]))
             r.logprobs.append(float(out["logprobs"][g, j]))
-            if self.top_logprobs:
+            if r.top_n:  # converted only for a request that asked
                 r.top_logprobs.append([(int(i), float(p)) for i, p in
-                                       zip(out["top_ids"][g, j, :self.top_logprobs],
-                                           out["top_logprobs"][g, j, :self.top_logprobs])])
-            if r.generated[-1] in self.eos_ids:
+                                       zip(out["top_ids"][g, j, :r.top_n], out["top_logprobs"][g, j, :r.top_n])])
+            if r.generated[-1] in r.stop_ids and len(r.generated) >= r.sampling.min_tokens:
                 r.finish_reason = "stop"
             elif len(r.generated) == r.max_new:
                 r.finish_reason = "length"
@@ -475,39 +306,50 @@ class Scheduler:
             served.append(r)
         return served
 
+    def _version(self) -> tuple[int, int]:
+        return self.pages.version, self._retired
+
     def _retire(self, r: _Request) -> None:
         """Take a finished or cancelled request out of the queue or its group, freeing its pages."""
-        self._changes += 1
+        self._retired += 1
         if r in self.queue:
             self.queue.remove(r)
         elif r.group >= 0 and r in self.active[r.group]:
             self.active[r.group].remove(r)
-            self._release(r)
+            self.pages.release(r)
 
     # ---- online serving: submit, step, cancel ------------------------------------------------
 
     def submit(self, prompt: Sequence[int], max_new_tokens: int, sampling: SamplingParams | None = None,
-               tag=None) -> _Request:
-        """Validate one request and queue it (RequestError if it can never be served)."""
+               tag=None, top_logprobs: int | None = None) -> _Request:
+        """Validate one request and queue it (RequestError if it can never be served).
+        `top_logprobs`: how many of the scheduler's top logprobs this request keeps per token
+        (default all); each costs host time on every step."""
         if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) \
                 or max_new_tokens < 1:
             raise RequestError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         r = self._make_request(self._submitted, prompt, int(max_new_tokens), sampling, name="the prompt")
+        if top_logprobs is not None:
+            if not 0 <= top_logprobs <= self.top_logprobs:
+                raise RequestError(f"{top_logprobs} top logprobs asked for; this scheduler keeps at most "
+                                   f"{self.top_logprobs}")
+            r.top_n = int(top_logprobs)
         self._submitted += 1
         r.tag = tag
         self.queue.append(r)
         return r
 
-    def check(self, prompt: Sequence[int], max_new_tokens: int) -> None:
-        """Raise RequestError if this request could never be served (ids, context, pages)."""
-        self._make_request(-1, prompt, int(max_new_tokens), name="the prompt")
+    def check(self, prompt: Sequence[int], max_new_tokens: int, sampling: SamplingParams | None = None) -> None:
+        """Raise RequestError if this request could never be served (ids, context, pages, stop ids)."""
+        self._make_request(-1, prompt, int(max_new_tokens), sampling, name="the prompt")
 
-    def cancel(self, r: _Request) -> None:
+    def cancel(self, r: _Request, reason: str = "cancelled") -> None:
         """Drop a queued or running request now; its pages are free for the next step (a launched
-        step still writing into them is ordered before any step that reuses them)."""
+        step still writing into them is ordered before any step that reuses them). `reason` is
+        why: "stop" when the caller found a stop string in its text."""
         self._retire(r)
         if r.finish_reason is None:
-            r.finish_reason = "cancelled"
+            r.finish_reason = reason
 
     @property
     def busy(self) -> bool:
@@ -519,13 +361,21 @@ class Scheduler:
 
     @property
     def pages_used(self) -> int:
-        return sum(self.committed)
+        return self.pages.used
+
+    @property
+    def free_pages(self) -> list[list[int]]:
+        return self.pages.free
+
+    @property
+    def committed(self) -> list[int]:
+        return self.pages.held
 
     def step(self) -> list[_Request]:
         """Admit what fits, launch the next step, then read the one launched before it (with a
         synchronous executor: the one just launched). Returns the requests that got a token; []
         when no step's outputs were read."""
-        self._admit(self.queue, self.active)
+        self.planner.admit(self.queue, self.active)
         self.stats.max_queue = max(self.stats.max_queue, len(self.queue))
         launched = self._launch()
         served = self._collect(self._in_flight) if self._in_flight is not None else []
@@ -569,12 +419,6 @@ class Scheduler:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Work:
-    request: _Request
-    n: int  # tokens it feeds this step, from request.written on
-
-
-@dataclasses.dataclass(frozen=True)
 class _Launch:
     """A step that was launched: what its outputs are owed to."""
 
@@ -597,7 +441,7 @@ class _Stats:
     generated_tokens: int = 0
     step_tokens: list | None = None
 
-    def record(self, bucket: Bucket, plan: list[list[_Work]], dp: int) -> None:
+    def record(self, bucket: Bucket, plan: list[list[Work]], dp: int) -> None:
         """Account one step; called before the step's requests advance."""
         self.steps += 1
         self.buckets[bucket.name] = self.buckets.get(bucket.name, 0) + 1

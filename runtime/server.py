@@ -5,8 +5,13 @@ FastAPI and uvicorn (what vLLM and SGLang use) and prometheus-client are importe
 is ready, every request is validated, tokenized with the checkpoint's tokenizer (copied into the
 artifact), and handed to the engine loop, which batches it with whatever else is running. Tokens
 stream back as they are sampled; text is detokenized incrementally (never half a character) and
-cut at the first stop string. A client that goes away has its request cancelled and its KV pages
-freed. SIGTERM stops admission (503), lets running requests finish, and exits 0.
+cut at the first stop string.
+
+What a fleet relies on: a client that goes away, streamed or not, has its request cancelled at the
+next step and its KV pages freed. An engine that fails is seen at once: every open request ends
+with an error, /health answers 503 with the cause, new requests get 503, and the process exits 1
+so that its supervisor restarts it. SIGTERM stops admission (503, /health too) while running
+requests finish, then the process exits 0; a second SIGTERM stops at once.
 """
 
 from __future__ import annotations
@@ -24,10 +29,19 @@ from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from .engine_loop import EngineLoop, QueueFull, TokenEvent
+from .engine_loop import EngineFailed, EngineLoop, QueueFull, TokenEvent
 from .openai_api import ApiError, Request, chunk, completion_choice, logprobs_block, parse_chat, parse_completion
 from .openai_api import response, usage
 from .scheduler import RequestError
+
+LINGER_S = 1.5  # after an engine failure: long enough for /health to be seen answering 503
+PROG = "python -m runtime serve"
+HEAVY_TEXT = 2000  # characters: longer prompts are tokenized on a worker thread, off the event loop
+
+
+def log(message: str) -> None:
+    """One line on stdout per event a supervisor wants (address, ready, shutdown); errors go to stderr."""
+    print(f"{PROG}: {message}", flush=True)
 
 
 class Mailbox:
@@ -59,20 +73,24 @@ def _hand_over(batch) -> None:
 
 
 class ServerState:
-    """What the HTTP side shares: status, the engine loop once loaded, the tokenizer."""
+    """What the handlers share: status, the engine loop once loaded, the tokenizer, and how the
+    process ends (`exit_code`, and `stop_serving` set by the HTTP server)."""
 
     def __init__(self, artifact: str, model_name: str | None, load_kwargs: dict, loop_kwargs: dict,
                  multi_process: bool = False):
         self.artifact, self.load_kwargs, self.loop_kwargs = artifact, load_kwargs, loop_kwargs
         self.multi_process = multi_process
-        self.status = "loading"
+        self.status = "loading"  # -> ready -> draining, or -> failed
         self.model_name = model_name
         self.loop: EngineLoop | None = None
         self.tokenizer = None
-        self.load_error: str | None = None
+        self.error: str | None = None
+        self.exit_code = 0
         self.created = int(time.time())
-        self.on_failure = lambda: None  # the HTTP server sets it: stop serving
-        self.mailbox: Mailbox | None = None  # set by the HTTP side before loading starts
+        self.in_flight = 0  # API requests being answered (a drain waits for 0)
+        self.aio: asyncio.AbstractEventLoop | None = None
+        self.mailbox: Mailbox | None = None
+        self.stop_serving = lambda: None  # the HTTP server sets it
 
     def load(self) -> None:
         """Runs in a thread at startup: the HTTP side answers 503 until this is done."""
@@ -91,55 +109,78 @@ class ServerState:
                 channel = StepChannel()
             self.loop = EngineLoop(engine, eos_ids=eos, channel=channel, **self.loop_kwargs)
             self.loop.after_callbacks = self.mailbox.flush
+            self.loop.on_failure = self.engine_failed
             self.loop.start()
-            self.status = "ready"
         except Exception as e:  # noqa: BLE001 - one line, then the server exits with status 2
             from .format import ArtifactError
 
-            self.status = "failed"
-            self.load_error = str(e) if isinstance(e, ArtifactError) else f"{type(e).__name__}: {e}"
-            print(f"python -m runtime: error: {self.load_error}", file=sys.stderr, flush=True)
-            self.on_failure()
+            self.fail(str(e) if isinstance(e, ArtifactError) else f"{type(e).__name__}: {e}", 2, linger=0)
+            return
+        if self.status == "loading":  # a SIGTERM during the load leaves it draining
+            self.status = "ready"
+        info = engine.load_info
+        log(f"ready: model {self.model_name}, mesh {info.mesh}, {info.executables} executables, "
+            f"loaded in {info.seconds:.1f} s")
+
+    def engine_failed(self, e: BaseException) -> None:
+        """On the engine thread, after every open request was told: stop serving, exit 1."""
+        from .engine_loop import describe
+
+        self.fail(describe(e), 1, linger=LINGER_S)
+
+    def fail(self, message: str, code: int, linger: float) -> None:
+        self.status, self.error, self.exit_code = "failed", message, code
+        print(f"python -m runtime: error: {message}", file=sys.stderr, flush=True)
+        self.aio.call_soon_threadsafe(self.aio.call_later, linger, self.stop_serving)
 
     def check_ready(self) -> None:
         if self.status != "ready":
-            raise ApiError(503, f"the server is {self.status}" + (f": {self.load_error}" if self.load_error else ""),
+            raise ApiError(503, f"the server is {self.status}" + (f": {self.error}" if self.error else ""),
                            type_="service_unavailable")
+
+    async def drain(self, then) -> None:
+        """Wait until no API request is being answered, then call `then` (stop serving)."""
+        while self.in_flight:
+            await asyncio.sleep(0.05)
+        then()
 
 
 # ------------------------------------------------------------------------------------ text out
 
 class TextStream:
-    """Token ids in, text out: incremental detokenization, EOS kept out of the text, stop strings."""
+    """Token ids in, text out: incremental detokenization, stop ids kept out of the text, stop strings."""
 
-    def __init__(self, tokenizer, stops: list[str], eos_ids):
-        from .tokenizer import IncrementalDetokenizer
+    def __init__(self, tokenizer, stops: list[str]):
+        from .tokenizer import StreamDetokenizer
 
-        self.tokenizer, self.stops, self.eos_ids = tokenizer, stops, set(eos_ids)
-        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True) if tokenizer is not None else None
+        self.tokenizer, self.stops = tokenizer, stops
+        self.detok = StreamDetokenizer(tokenizer, skip_special_tokens=True) if tokenizer is not None else None
         self.held = ""  # text that might be the start of a stop string
         self.text = ""  # everything emitted so far
         self.stopped = False
 
-    def push(self, token: int, last: bool) -> str:
-        """New text to emit after this token; sets `stopped` when a stop string was reached."""
+    def push(self, token: int, finish_reason: str | None, stops_apply: bool = True) -> str:
+        """New text to emit after this token; sets `stopped` when a stop string was reached. The
+        token that ended the request by its id (finish "stop": an EOS or a stop token id) adds
+        no text; stop strings count only once `stops_apply` (after min_tokens)."""
         if self.detok is None:
             return ""
-        new = "" if token in self.eos_ids else self.detok.push(token)
+        new = "" if finish_reason == "stop" else self.detok.push(token)
+        last = finish_reason is not None
         if last:
             new += self.detok.flush()
-        return self._cut(self.held + new, last)
+        return self._cut(self.held + new, last, self.stops if stops_apply else [])
 
-    def _cut(self, pending: str, last: bool) -> str:
-        hits = [(pending.find(s), s) for s in self.stops if s in pending]
+    def _cut(self, pending: str, last: bool, stops: list[str]) -> str:
+        hits = [(pending.find(s), s) for s in stops if s in pending]
         if hits:
             at = min(hits)[0]
             self.stopped, self.held = True, ""
             return self._emit(pending[:at])
-        keep = 0 if last else max((len(s) - 1 for s in self.stops), default=0)
+        keep = 0 if last else max((len(s) - 1 for s in stops), default=0)
         # hold back the longest tail that could still grow into a stop string
         keep = max((k for k in range(min(keep, len(pending)), 0, -1)
-                    if any(s.startswith(pending[-k:]) for s in self.stops)), default=0)
+                    if any(s.startswith(pending[-k:]) for s in stops)), default=0)
         self.held = pending[len(pending) - keep:] if keep else ""
         return self._emit(pending[:len(pending) - keep])
 
@@ -150,186 +191,264 @@ class TextStream:
     def token_text(self, token: int) -> str:
         return self.tokenizer.decode([token]) if self.tokenizer is not None else f"token_id:{token}"
 
-
-# ------------------------------------------------------------------------------------ the app
-
-def make_app(state: ServerState):
-    from .metrics import Metrics
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        state.mailbox = Mailbox(asyncio.get_running_loop())
-        threading.Thread(target=state.load, name="artifact-load", daemon=True).start()
-        yield
-        if state.loop is not None:
-            state.loop.stop(timeout=30)
-
-    app = FastAPI(title="qwen3-moe-aot", lifespan=lifespan)
-    metrics = Metrics(state)
-
-    @app.exception_handler(ApiError)
-    async def api_error(_, e: ApiError):
-        return JSONResponse(e.body(), status_code=e.status)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(_, e: HTTPException):
-        err = ApiError(e.status_code, str(e.detail), type_="invalid_request_error" if e.status_code < 500 else
-                       "server_error", code="not_found" if e.status_code == 404 else None)
-        return JSONResponse(err.body(), status_code=e.status_code)
-
-    @app.exception_handler(Exception)
-    async def server_error(_, e: Exception):
-        err = ApiError(500, f"internal error: {type(e).__name__}: {e}", type_="server_error")
-        return JSONResponse(err.body(), status_code=500)
-
-    @app.get("/health")
-    async def health():
-        body = {"status": state.status} | ({"error": state.load_error} if state.load_error else {})
-        return JSONResponse(body, status_code=200 if state.status == "ready" else 503)
-
-    @app.get("/metrics")
-    async def prometheus():
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
-
-    @app.get("/v1/models")
-    async def models():
-        state.check_ready()
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
-                                             "owned_by": "qwen3-moe-aot"}]}
-
-    async def body_of(http: HttpRequest) -> dict:
-        try:
-            body = await http.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ApiError(400, "the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        return body
-
-    @app.post("/v1/completions")
-    async def completions(http: HttpRequest):
-        state.check_ready()
-        req = parse_completion(await body_of(http), state.loop.engine.num_logprobs)
-        return await serve(http, req)
-
-    @app.post("/v1/chat/completions")
-    async def chat(http: HttpRequest):
-        state.check_ready()
-        req = parse_chat(await body_of(http), state.loop.engine.num_logprobs)
-        return await serve(http, req)
-
-    async def serve(http: HttpRequest, req: Request):
-        if req.model != state.model_name:
-            raise ApiError(404, f"model '{req.model}' does not exist; this server serves '{state.model_name}'",
-                           param="model", code="model_not_found")
-        prompt = prompt_ids(state, req)
-        sched = state.loop.scheduler
-        max_tokens = req.max_tokens or sched.max_context - len(prompt)
-        try:
-            sched.check(prompt, max_tokens)
-        except RequestError as e:
-            raise ApiError(400, str(e), param="prompt" if "token id" in str(e) else "max_tokens") from None
-        events: asyncio.Queue = asyncio.Queue()
-        try:
-            handle = state.loop.submit(prompt, max_tokens, req.sampling, lambda ev: state.mailbox.post(events, ev))
-        except QueueFull as e:
-            raise ApiError(429, str(e), type_="rate_limit_error") from None
-        text = TextStream(state.tokenizer, req.stop, state.loop.scheduler.eos_ids)
-        if req.stream:
-            return StreamingResponse(stream(http, req, handle, events, text, len(prompt)),
-                                     media_type="text/event-stream")
-        ids, entries, finish = [], [], None
-        try:
-            async for ev in tokens(http, handle, events):
-                ids.append(ev.token)
-                text.push(ev.token, ev.finish_reason is not None)
-                if req.logprobs is not None:
-                    entries.append(entry(text, ev))
-                finish = ev.finish_reason
-                if text.stopped:
-                    state.loop.cancel(handle)
-                    finish = "stop"
-                    break
-        finally:
-            if not handle.done:
-                state.loop.cancel(handle)
-        choice = completion_choice(req, text.text, ids, finish, logprobs_block(req, entries))
-        return response(req, choice, len(prompt), len(ids))
-
-    async def tokens(http: HttpRequest, handle, events: asyncio.Queue):
-        """The request's token events; raises ApiError on an engine error, stops if the client left."""
-        while True:
-            try:
-                async with asyncio.timeout(0.5):  # cheaper per token than wait_for's extra task
-                    ev = await events.get()
-            except TimeoutError:
-                if await http.is_disconnected():
-                    state.loop.cancel(handle)
-                    return
-                continue
-            if isinstance(ev, RequestError):
-                raise ApiError(400, str(ev))
-            if isinstance(ev, BaseException):
-                raise ApiError(500, f"the engine failed: {type(ev).__name__}: {ev}", type_="server_error")
-            yield ev
-            if ev.finish_reason is not None:
-                return
-
-    async def stream(http, req: Request, handle, events, text: TextStream, prompt_tokens: int):
-        sent = 0
-        try:
-            if req.kind == "chat":  # the role comes first, as OpenAI streams it
-                yield sse(chunk(req, None, [], first=True))
-            offset = 0
-            async for ev in tokens(http, handle, events):
-                piece = text.push(ev.token, ev.finish_reason is not None)
-                finish = "stop" if text.stopped else ev.finish_reason
-                lp = logprobs_block(req, [entry(text, ev)], offset) if req.logprobs is not None else None
-                offset += len(piece)
-                sent += 1
-                yield sse(chunk(req, piece, [ev.token], finish, lp))
-                if text.stopped:
-                    state.loop.cancel(handle)
-                    break
-            if req.include_usage:
-                final = chunk(req, None, [])
-                final["choices"], final["usage"] = [], usage(prompt_tokens, sent)
-                yield sse(final)
-            yield b"data: [DONE]\n\n"
-        except ApiError as e:
-            yield sse(e.body())
-        finally:
-            if not handle.done:
-                state.loop.cancel(handle)  # the client went away mid-stream: free its pages now
-
-    return app
+    def token_bytes(self, token: int) -> bytes:
+        return self.tokenizer.token_bytes(token) if self.tokenizer is not None else self.token_text(token).encode()
 
 
-def entry(text: TextStream, ev: TokenEvent):
-    return text.token_text(ev.token), ev.logprob, [(text.token_text(t), lp) for t, lp in ev.top]
+# ------------------------------------------------------------------------------------ handlers
+
+def _state(http: HttpRequest) -> ServerState:
+    return http.app.state.server
+
+
+async def health(http: HttpRequest):
+    state = _state(http)
+    body = {"status": state.status} | ({"error": state.error} if state.error else {})
+    return JSONResponse(body, status_code=200 if state.status == "ready" else 503)
+
+
+async def prometheus(http: HttpRequest):
+    return PlainTextResponse(http.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+def _model_card(state: ServerState) -> dict:
+    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "qwen3-moe-aot"}
+
+
+async def models(http: HttpRequest):
+    state = _state(http)
+    state.check_ready()
+    return {"object": "list", "data": [_model_card(state)]}
+
+
+async def model(http: HttpRequest, model_id: str):
+    state = _state(http)
+    state.check_ready()
+    if model_id != state.model_name:
+        raise ApiError(404, f"model '{model_id}' does not exist; this server serves '{state.model_name}'",
+                       param="model", code="model_not_found")
+    return _model_card(state)
+
+
+async def completions(http: HttpRequest):
+    state = _state(http)
+    state.check_ready()
+    return await serve(http, state, parse_completion(await body_of(http), state.loop.engine.num_logprobs))
+
+
+async def chat(http: HttpRequest):
+    state = _state(http)
+    state.check_ready()
+    return await serve(http, state, parse_chat(await body_of(http), state.loop.engine.num_logprobs))
+
+
+async def body_of(http: HttpRequest) -> dict:
+    try:
+        body = await http.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body
+
+
+async def serve(http: HttpRequest, state: ServerState, req: Request):
+    if req.model != state.model_name:
+        raise ApiError(404, f"model '{req.model}' does not exist; this server serves '{state.model_name}'",
+                       param="model", code="model_not_found")
+    prompt = await prompt_ids(state, req)
+    handle, events = submit(state, req, prompt)
+    text = TextStream(state.tokenizer, req.stop)
+    if req.stream:
+        return StreamingResponse(stream(state, req, handle, events, text, len(prompt)),
+                                 media_type="text/event-stream")
+    ids, entries, offsets, finish = [], [], [], None
+    watcher = asyncio.create_task(_watch_disconnect(http, state, handle, events))
+    try:
+        async for ev in tokens(handle, events):
+            offsets.append(len(text.text))
+            ids.append(ev.token)
+            text.push(ev.token, ev.finish_reason, len(ids) >= req.sampling.min_tokens)
+            if req.logprobs is not None:
+                entries.append((ev.token, ev.logprob, ev.top))
+            finish = ev.finish_reason
+            if text.stopped:
+                state.loop.cancel(handle, "stop")
+                finish = "stop"
+                break
+    finally:
+        watcher.cancel()
+        if not handle.done:
+            state.loop.cancel(handle)
+    lp = logprobs_block(req, entries, offsets, text.token_text, text.token_bytes)
+    return response(req, completion_choice(req, text.text, ids, finish, lp), len(prompt), len(ids))
+
+
+def submit(state: ServerState, req: Request, prompt: list[int]):
+    """Check the request against the engine's limits and queue it: its handle and its event queue."""
+    sched = state.loop.scheduler
+    max_tokens = req.max_tokens or sched.max_context - len(prompt)
+    where = "prompt" if req.kind == "completion" else "messages"
+    if max_tokens < 1:
+        raise ApiError(400, f"the prompt is {len(prompt)} tokens, which fills the max context of "
+                            f"{sched.max_context}: no room for a new token; shorten it", param=where)
+    try:
+        sched.check(prompt, max_tokens, req.sampling)
+    except RequestError as e:
+        msg = str(e)
+        param = "min_tokens" if "min_tokens" in msg else "stop_token_ids" if "stop token id" in msg \
+            else where if "token id" in msg else "max_tokens"
+        raise ApiError(400, msg, param=param) from None
+    events: asyncio.Queue = asyncio.Queue()
+    try:
+        handle = state.loop.submit(prompt, max_tokens, req.sampling, lambda ev: state.mailbox.post(events, ev),
+                                   top_logprobs=req.logprobs or 0)
+    except QueueFull as e:
+        raise ApiError(429, str(e), type_="rate_limit_error") from None
+    except EngineFailed as e:
+        raise ApiError(503, str(e), type_="service_unavailable") from None
+    return handle, events
+
+
+_GONE = object()  # put in a request's event queue when its client disconnected
+
+
+async def _watch_disconnect(http: HttpRequest, state: ServerState, handle, events: asyncio.Queue) -> None:
+    """A non-streamed request sends nothing until it ends, so nothing else notices its client
+    leaving: wait on the connection itself and cancel the request at once (pages freed at the
+    next step). A streamed response has Starlette's own watcher, which closes the stream."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    state.loop.cancel(handle)
+    events.put_nowait(_GONE)
+
+
+async def tokens(handle, events: asyncio.Queue):
+    """The request's token events; raises ApiError on an engine error, stops if the client left."""
+    while True:
+        ev = await events.get()
+        if ev is _GONE:
+            return
+        if isinstance(ev, RequestError):
+            raise ApiError(400, str(ev))
+        if isinstance(ev, BaseException):
+            raise ApiError(500, str(ev) if isinstance(ev, EngineFailed) else f"the engine failed: {ev}",
+                           type_="server_error")
+        yield ev
+        if ev.finish_reason is not None:
+            return
+
+
+async def stream(state: ServerState, req: Request, handle, events, text: TextStream, prompt_tokens: int):
+    sent = 0
+    try:
+        if req.kind == "chat":  # the role comes first, as OpenAI streams it
+            yield sse(chunk(req, None, [], first=True))
+        async for ev in tokens(handle, events):
+            offset = len(text.text)
+            sent += 1
+            piece = text.push(ev.token, ev.finish_reason, sent >= req.sampling.min_tokens)
+            finish = "stop" if text.stopped else ev.finish_reason
+            lp = logprobs_block(req, [(ev.token, ev.logprob, ev.top)], [offset], text.token_text, text.token_bytes) \
+                if req.logprobs is not None else None
+            yield sse(chunk(req, piece, [ev.token], finish, lp))
+            if text.stopped:
+                state.loop.cancel(handle, "stop")
+                break
+        if req.include_usage:
+            final = chunk(req, None, [])
+            final["choices"], final["usage"] = [], usage(prompt_tokens, sent)
+            yield sse(final)
+        yield b"data: [DONE]\n\n"
+    except ApiError as e:  # the engine failed: an error event, then the stream closes
+        yield sse(e.body())
+    finally:
+        if not handle.done:
+            state.loop.cancel(handle)  # the client went away mid-stream: free its pages now
 
 
 def sse(obj: dict) -> bytes:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
 
 
-def prompt_ids(state: ServerState, req: Request) -> list[int]:
+async def prompt_ids(state: ServerState, req: Request) -> list[int]:
+    """The prompt's token ids. Templates and long texts are worked on a thread: the event loop
+    keeps streaming other requests' tokens meanwhile (the tokenizer releases the GIL)."""
     if req.prompt_ids is not None:
         return req.prompt_ids
-    if state.tokenizer is None:
+    tok = state.tokenizer
+    if tok is None:
         raise ApiError(400, "this artifact has no tokenizer: send the prompt as a list of token ids "
                             "(/v1/completions), or build it from a checkpoint directory with tokenizer.json",
                        param="prompt" if req.kind == "completion" else "messages")
     if req.kind == "chat":
         try:
-            rendered = state.tokenizer.render_chat(req.messages, add_generation_prompt=True)
+            rendered = await asyncio.to_thread(tok.render_chat, req.messages, add_generation_prompt=True)
+            return await asyncio.to_thread(tok.encode, rendered)
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from None
-        return state.tokenizer.encode(rendered)
-    ids = state.tokenizer.encode(req.prompt_text)
+    text = req.prompt_text
+    ids = await asyncio.to_thread(tok.encode, text) if len(text) > HEAVY_TEXT else tok.encode(text)
     if not ids:
         raise ApiError(400, "'prompt' is empty after tokenization", param="prompt")
     return ids
+
+
+# ------------------------------------------------------------------------------------ the app
+
+async def api_error(_, e: ApiError):
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+async def http_error(_, e: HTTPException):
+    err = ApiError(e.status_code, str(e.detail), type_="invalid_request_error" if e.status_code < 500 else
+                   "server_error", code="not_found" if e.status_code == 404 else None)
+    return JSONResponse(err.body(), status_code=e.status_code)
+
+
+async def server_error(_, e: Exception):
+    err = ApiError(500, f"internal error: {type(e).__name__}: {e}", type_="server_error")
+    return JSONResponse(err.body(), status_code=500)
+
+
+def make_app(state: ServerState) -> FastAPI:
+    from .metrics import Metrics
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        if state.loop is not None:
+            state.loop.stop(timeout=30)
+
+    app = FastAPI(title="qwen3-moe-aot", lifespan=lifespan)
+    app.state.server, app.state.metrics = state, Metrics(state)
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, server_error)
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/metrics", prometheus, methods=["GET"])
+    app.add_api_route("/v1/models", models, methods=["GET"])
+    app.add_api_route("/v1/models/{model_id:path}", model, methods=["GET"])
+    app.add_api_route("/v1/completions", completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
+    return app
+
+
+class Counted:
+    """ASGI wrapper that counts the API requests being answered, streams included until their
+    last byte: a drain waits for them to reach 0."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        self.state.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.state.in_flight -= 1
 
 
 # ------------------------------------------------------------------------------------ running it
@@ -342,8 +461,26 @@ def run(artifact: str, *, host: str, port: int, max_queue: int, padding_mode: st
                         {"padding_mode": padding_mode, "max_queue": max_queue}, multi_process)
 
     class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):  # SIGTERM / SIGINT: stop admitting, let running requests finish
-            state.status = "draining"
+        async def startup(self, sockets=None):
+            """Listening first (/health answers 503 while loading), then the load starts."""
+            await super().startup(sockets)
+            if self.should_exit:  # could not bind: uvicorn has said why
+                state.exit_code = 1
+                return
+            state.aio = asyncio.get_running_loop()
+            state.mailbox = Mailbox(state.aio)
+            log(f"listening on http://{host}:{port}, loading {artifact}")
+            threading.Thread(target=state.load, name="artifact-load", daemon=True).start()
+
+        def handle_exit(self, sig, frame):
+            """The first SIGTERM / SIGINT drains: admission stops (503, /health too) while the
+            listener stays open and running requests finish; a second one stops at once."""
+            if state.status in ("ready", "loading") and state.aio is not None:
+                state.status = "draining"
+                log(f"draining: {state.in_flight} requests in flight, new ones get 503")
+                stop = super().handle_exit
+                state.aio.call_soon_threadsafe(lambda: state.aio.create_task(state.drain(lambda: stop(sig, frame))))
+                return
             super().handle_exit(sig, frame)
 
         @contextlib.contextmanager
@@ -360,9 +497,16 @@ def run(artifact: str, *, host: str, port: int, max_queue: int, padding_mode: st
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
-    config = uvicorn.Config(make_app(state), host=host, port=port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=None)
+    config = uvicorn.Config(Counted(make_app(state), state), host=host, port=port, log_level="warning",
+                            access_log=False, timeout_graceful_shutdown=None)
     server = Server(config)
-    state.on_failure = lambda: setattr(server, "should_exit", True)
+
+    def stop_serving():
+        server.should_exit = True
+        if state.status == "failed":  # connections that would keep a dead server up are not waited for long
+            state.aio.call_later(5.0, lambda: setattr(server, "force_exit", True))
+
+    state.stop_serving = stop_serving
     server.run()
-    return 2 if state.status == "failed" else 0
+    log(f"shut down ({state.status}{': ' + state.error if state.error else ''}), exit {state.exit_code}")
+    return state.exit_code

@@ -25,6 +25,22 @@ NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table): char -> byte."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in kept:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF = _byte_level_alphabet()
+
+
 def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
@@ -116,6 +132,21 @@ class TextTokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """The text of `ids`; bytes that do not form a character come out as U+FFFD."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token i stands for. Its decoded text is U+FFFD when it holds part of a
+        character; a byte-level BPE piece (Qwen's tokenizers) or a byte-fallback piece (<0xE4>)
+        says which bytes exactly. Other tokenizers give the UTF-8 of the token's text."""
+        piece = self._tok.id_to_token(int(i))
+        if piece is not None:
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                try:
+                    return bytes([int(piece[3:5], 16)])
+                except ValueError:
+                    pass
+            if type(self._tok.decoder).__name__ == "ByteLevel" and all(c in _BYTE_OF for c in piece):
+                return bytes(_BYTE_OF[c] for c in piece)
+        return self.decode([i]).encode("utf-8")
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -294,3 +325,36 @@ class IncrementalDetokenizer:
         self._prefix = self._read = len(self.ids)
         self._prefix_text, self._emitted = "", 0
         return out
+
+
+class StreamDetokenizer:
+    """IncrementalDetokenizer's contract (pieces never split a character; with `flush`, they add
+    up to `decode(all ids)`) on tokenizers' own incremental decoder, `DecodeStream`, in Rust: about
+    a fifth of the host time per token. Its pieces are always a prefix of the full decode; what it
+    still holds at the end (an unfinished character) is taken from one full decode in `flush`."""
+
+    def __init__(self, tokenizer: TextTokenizer, skip_special_tokens: bool = False):
+        from tokenizers.decoders import DecodeStream
+
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self._emitted = 0  # characters returned so far
+        self._held = False  # the last push returned nothing: bytes may be waiting
+
+    def push(self, token: int) -> str:
+        self.ids.append(int(token))
+        piece = self._stream.step(self.tokenizer._tok, int(token))
+        self._held = piece is None
+        piece = piece or ""
+        self._emitted += len(piece)
+        return piece
+
+    def flush(self) -> str:
+        if not self._held:
+            return ""
+        rest = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)[self._emitted:]
+        self._emitted += len(rest)
+        self._held = False
+        return rest

@@ -463,3 +463,41 @@ def test_decoders_take_pages_together_so_tables_rarely_change(Fake):
     assert len(decode) >= 30 and changed <= len(decode) // 4 + 1, (changed, len(decode))
     if isinstance(ex, PipelinedFake):  # most steady steps were repeated without planning
         assert ex.repeated >= len(decode) // 2, (ex.repeated, len(decode))
+
+
+def test_stop_token_ids_ignore_eos_and_min_tokens(Fake):
+    """Per request: stop_token_ids end it like an EOS id, ignore_eos runs past the EOS ids (not
+    past its own stop ids), and neither ends it before min_tokens tokens; the tokens themselves
+    never change."""
+    prompts = random_prompts(np.random.default_rng(21), 4, 2, 10)
+    full = reference(prompts, 10)
+    eos = full[0][2]
+    stop = full[1][1]
+
+    def first(want, ids, at_least=1):
+        return next((k + 1 for k, t in enumerate(want) if t in ids and k + 1 >= at_least), len(want))
+
+    cases = [SamplingParams(), SamplingParams(stop_token_ids=(stop,)), SamplingParams(ignore_eos=True),
+             SamplingParams(ignore_eos=True, stop_token_ids=(stop,)), SamplingParams(min_tokens=5),
+             SamplingParams(stop_token_ids=(stop,), min_tokens=10)]
+    for params in cases:
+        sched = Scheduler(Fake(), eos_token_id=eos)
+        reqs = [sched.submit(p, 10, dataclasses.replace(params, seed=i)) for i, p in enumerate(prompts)]
+        while sched.busy:
+            sched.step()
+        ids = ({stop} if params.stop_token_ids else set()) | (set() if params.ignore_eos else {eos})
+        for r, want in zip(reqs, full):
+            cut = first(want, ids, params.min_tokens)
+            assert r.generated == want[:cut], params
+            assert r.finish_reason == ("stop" if cut < 10 or want[9] in ids else "length"), params
+        assert sched.pages_used == 0
+
+
+def test_per_request_stop_rules_are_checked():
+    sched = Scheduler(FakeExecutor())
+    with pytest.raises(RequestError, match="min_tokens 9 is more than the 8 new tokens"):
+        sched.submit([1, 2], 8, SamplingParams(min_tokens=9))
+    with pytest.raises(RequestError, match=f"stop token id {VOCAB} is outside"):
+        sched.submit([1, 2], 8, SamplingParams(stop_token_ids=(VOCAB,)))
+    with pytest.raises(RequestError, match="3 top logprobs asked for; this scheduler keeps at most 0"):
+        sched.submit([1, 2], 8, top_logprobs=3)

@@ -29,12 +29,12 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, artifact, *args):
+    def __init__(self, artifact, *args, launcher=("-m", "runtime"), env=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "runtime", "serve", str(artifact), "--port",
+        self.proc = subprocess.Popen([sys.executable, *launcher, "serve", str(artifact), "--port",
                                       str(self.port), *args], cwd=ROOT, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
+                                     stderr=subprocess.STDOUT, text=True, env=dict(os.environ, **(env or {})))
         deadline = time.time() + 180
         while time.time() < deadline:
             assert self.proc.poll() is None, self.proc.stdout.read()
@@ -94,10 +94,15 @@ def test_models_and_health(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ready"}
 
 
-def test_64_concurrent_streams(server):
+def test_64_concurrent_streams(server, tiny_engine):
+    """Each stream gets exactly `generate`'s tokens for its seed, whatever it was batched with."""
+    from runtime.sampling import SamplingParams
+
+    prompts = [[(i * 7 + k) % 400 + 1 for k in range(1 + i % 23)] for i in range(64)]
+
     def one(i):
-        stream = server.client.completions.create(model=MODEL, prompt=[(i * 7 + k) % 400 + 1 for k in range(1 + i % 23)],
-                                                  max_tokens=4 + i % 9, temperature=0.7, seed=i, stream=True)
+        stream = server.client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=4 + i % 9,
+                                                  temperature=0.7, seed=i, stream=True)
         ids, finish = [], None
         for ev in stream:
             ids += ev.choices[0].model_extra["token_ids"]
@@ -107,6 +112,10 @@ def test_64_concurrent_streams(server):
     with concurrent.futures.ThreadPoolExecutor(64) as pool:
         results = list(pool.map(one, range(64)))
     eos = set(json.loads((server_artifact_tokenizer(server) / "generation_config.json").read_text())["eos_token_id"])
+    tiny_engine.reset_cache()  # request i of a call samples with seed + i: seed 0 gives request i seed i
+    want, _ = tiny_engine.generate(prompts, [4 + i % 9 for i in range(64)], sampling=SamplingParams(0.7),
+                                   eos_token_id=sorted(eos))
+    assert [ids for _, ids, _ in results] == want
     for i, ids, finish in results:
         if finish == "length":
             assert len(ids) == 4 + i % 9
@@ -218,9 +227,16 @@ def test_queue_full_429_and_sigterm_drains(tiny_artifact):
             t.start()
         time.sleep(0.5)
         s.proc.send_signal(signal.SIGTERM)  # while requests run: they finish, new ones get 503
+        time.sleep(0.2)
+        health = httpx.get(s.url + "/health")  # the listener stays open while it drains
+        assert (health.status_code, health.json()) == (503, {"status": "draining"})
+        late = httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": [1], "max_tokens": 2})
+        assert late.status_code == 503 and "draining" in late.json()["error"]["message"]
         for t in threads:
             t.join(120)
         assert s.proc.wait(60) == 0
+        log = s.proc.stdout.read().splitlines()
+        assert [line.split(":")[1].split()[0] for line in log] == ["listening", "ready", "draining", "shut"], log
         assert 429 in results.values()  # one may wait at most: the rest of the burst is refused
         finished = [v for v in results.values() if v != 429]
         assert finished and all(f in ("length", "stop") for _, f in finished)
@@ -240,3 +256,215 @@ def test_an_artifact_that_fails_to_load_ends_the_server_with_one_line(tiny_artif
     assert r.returncode == 2
     lines = [line for line in r.stderr.strip().splitlines() if line]
     assert len(lines) == 1 and "does not match the manifest" in lines[0] and str(victim.name) in lines[0], r.stderr
+
+
+# ------------------------------------------------------------------------------------ failures
+
+def finished(server, reason):
+    return server.metrics().get(f'qwen3_moe_requests_finished_total{{reason="{reason}"}}', 0)
+
+
+def test_a_non_streamed_client_that_leaves_is_cancelled_at_once(server):
+    """Nothing is sent to a non-streamed client until its request ends, so only the connection
+    tells that it left: its request stops within a step or so, not at max_tokens."""
+    server.wait_idle()
+    before, cancelled = server.metrics()["qwen3_moe_generation_tokens_total"], finished(server, "cancelled")
+    body = json.dumps({"model": MODEL, "prompt": [3, 4, 5], "max_tokens": 240, "temperature": 0}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as raw:
+        raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.time() + 30
+        while server.metrics()["qwen3_moe_generation_tokens_total"] - before < 5:
+            assert time.time() < deadline, "the request never started"
+            time.sleep(0.02)
+    server.wait_idle(timeout=10)
+    assert finished(server, "cancelled") == cancelled + 1
+    generated = server.metrics()["qwen3_moe_generation_tokens_total"] - before
+    assert generated < 240, f"the request ran on to {generated} tokens after its client left"
+
+
+FAULT = """
+import os, sys
+import runtime.engine as engine
+fetch = engine.Engine.fetch
+def failing(self, outputs):
+    if os.path.exists(os.environ["FAULT_FILE"]):
+        raise RuntimeError("injected device fault")
+    return fetch(self, outputs)
+engine.Engine.fetch = failing
+from runtime.cli import main
+sys.exit(main())
+"""
+
+
+def test_an_engine_that_fails_ends_every_request_and_the_server(tiny_artifact, tmp_path):
+    """A step raises while requests run and wait: every client hears of it (a 500 in the API's
+    shape, or an error event that ends the stream), /health says why with 503, new requests get
+    503, and the process exits 1 for its supervisor to restart it."""
+    fault = tmp_path / "fault"
+    s = Server(tiny_artifact, launcher=("-c", FAULT), env={"FAULT_FILE": str(fault)})
+    ended, seen = {}, {}
+
+    def plain(i):
+        r = httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": [1 + i] * 100, "max_tokens": 150},
+                       timeout=60)
+        ended[i] = (time.perf_counter(), r.status_code, r.json()["error"]["type"] if r.status_code >= 400 else None)
+
+    def streamed(i):
+        body = {"model": MODEL, "prompt": [1 + i] * 100, "max_tokens": 150, "stream": True}
+        last = None
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                last = line or last
+        ended[i] = (time.perf_counter(), r.status_code, json.loads(last[6:]).get("error", {}).get("type"))
+
+    def watch():
+        while s.proc.poll() is None:
+            try:
+                h = httpx.get(s.url + "/health", timeout=2)
+                if h.status_code == 503:
+                    seen["health"] = h.json()
+                    r = httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": [1], "max_tokens": 2})
+                    seen["new"] = r.status_code, r.json()["error"]["message"]
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+
+    try:
+        threads = [threading.Thread(target=plain if i % 2 else streamed, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 60
+        while s.metrics()["qwen3_moe_generation_tokens_total"] < 20:  # 8 run, 4 wait for pages
+            assert time.time() < deadline
+            time.sleep(0.05)
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        fault.touch()
+        t0 = time.perf_counter()
+        for t in threads:
+            t.join(60)
+        watcher.join(60)
+        assert s.proc.wait(60) == 1
+        out = s.proc.stdout.read()
+    finally:
+        s.stop()
+    assert len(ended) == 12, ended
+    took = max(t for t, _, _ in ended.values()) - t0
+    print(f"every request ended {took:.2f} s after the fault")
+    assert took < 10
+    for i, (_, status, error_type) in ended.items():
+        assert (status, error_type) == ((500, "server_error") if i % 2 else (200, "server_error")), (i, status)
+    assert seen["health"]["status"] == "failed" and "injected device fault" in seen["health"]["error"]
+    assert seen["new"][0] == 503 and "injected device fault" in seen["new"][1]
+    assert "python -m runtime: error: the engine failed: RuntimeError: injected device fault" in out
+    assert "exit 1" in out.splitlines()[-1]
+
+
+# ------------------------------------------------------------------------------------ the API
+
+def post(server, body, path="/v1/completions", **kw):
+    return httpx.post(server.url + path, json={"model": MODEL} | body, timeout=60, **kw)
+
+
+def test_a_lone_surrogate_is_a_400_not_a_reset(server):
+    for path, field in (("/v1/completions", '"prompt": "\\ud800 x"'),
+                        ("/v1/chat/completions", '"messages": [{"role": "user", "content": "a\\udfff"}]')):
+        raw = ('{"model": "%s", "max_tokens": 2, %s}' % (MODEL, field)).encode()
+        r = httpx.post(server.url + path, content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert "lone UTF-16 surrogate" in r.json()["error"]["message"]
+
+
+def test_chat_content_as_text_parts(server):
+    plain = post(server, {"messages": [{"role": "user", "content": "Hi\nthere"}], "max_tokens": 4, "temperature": 0},
+                 "/v1/chat/completions").json()
+    parts = post(server, {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"},
+                                                                     {"type": "text", "text": "there"}]}],
+                          "max_tokens": 4, "temperature": 0}, "/v1/chat/completions").json()
+    assert parts["choices"][0]["token_ids"] == plain["choices"][0]["token_ids"]
+    assert parts["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+    r = post(server, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+             "/v1/chat/completions")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages" and "image_url" in r.text
+
+
+def test_a_model_by_id_and_response_format(server):
+    assert server.client.models.retrieve(MODEL).id == MODEL
+    r = httpx.get(server.url + "/v1/models/gpt-4")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert post(server, {"prompt": [1, 2], "max_tokens": 2, "response_format": {"type": "text"}}).status_code == 200
+    r = post(server, {"prompt": [1, 2], "max_tokens": 2, "response_format": {"type": "json_object"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+
+
+def test_a_chat_prompt_longer_than_the_context_says_so(server):
+    r = post(server, {"messages": [{"role": "user", "content": "hello world " * 300}]}, "/v1/chat/completions")
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "messages" and "fills the max context" in err["message"]
+
+
+def test_stop_token_ids_min_tokens_ignore_eos(server):
+    """The extensions load tools send: exact lengths, stops on ids of the caller's choosing."""
+    base = {"prompt": [11, 12, 13], "max_tokens": 12, "temperature": 0}
+    full = post(server, base | {"ignore_eos": True}).json()["choices"][0]
+    ids = full["token_ids"]
+    assert len(ids) == 12 and full["finish_reason"] == "length"
+    stop = ids[3]
+    cut = post(server, base | {"stop_token_ids": [stop], "ignore_eos": True}).json()["choices"][0]
+    k = ids.index(stop)
+    assert cut["token_ids"] == ids[:k + 1] and cut["finish_reason"] == "stop"
+    late = post(server, base | {"stop_token_ids": [stop], "ignore_eos": True, "min_tokens": k + 2}).json()["choices"][0]
+    later = [j for j in range(k + 1, 12) if ids[j] == stop]
+    assert late["token_ids"] == ids[:later[0] + 1 if later else 12]
+    # EOS: find a seeded request that ends on an EOS id, then run it past that with ignore_eos
+    for seed in range(40):
+        body = {"prompt": [21, 22], "max_tokens": 40, "temperature": 1.0, "seed": seed}
+        c = post(server, body).json()["choices"][0]
+        if c["finish_reason"] == "stop":
+            break
+    else:
+        pytest.fail("no seed of 40 ended on an EOS id")
+    n = len(c["token_ids"])
+    free = post(server, body | {"ignore_eos": True}).json()["choices"][0]
+    assert free["token_ids"][:n] == c["token_ids"] and len(free["token_ids"]) == 40
+    fixed = post(server, body | {"min_tokens": 40}).json()["choices"][0]
+    assert len(fixed["token_ids"]) == 40 and fixed["finish_reason"] == "length"
+    r = post(server, base | {"min_tokens": 13})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens"
+
+
+def test_stop_string_finishes_are_counted_as_stop(server):
+    full = post(server, {"prompt": "The quick brown fox", "max_tokens": 16, "temperature": 0}).json()
+    text = full["choices"][0]["text"].strip()
+    assert len(text) >= 4, full
+    stop = text[2:4]
+    server.wait_idle()
+    stops, cancels = finished(server, "stop"), finished(server, "cancelled")
+    r = post(server, {"prompt": "The quick brown fox", "max_tokens": 16, "temperature": 0, "stop": [stop]}).json()
+    assert r["choices"][0]["finish_reason"] == "stop"
+    server.wait_idle()
+    assert (finished(server, "stop"), finished(server, "cancelled")) == (stops + 1, cancels)
+
+
+def test_logprobs_keep_every_alternative_and_their_bytes(server):
+    """Completions: N alternatives per token even when two decode to one text, and the same
+    offsets streamed or not. Chat: each token's own bytes, which add up to the text's."""
+    body = {"prompt": "Zebras eat", "max_tokens": 10, "temperature": 0, "logprobs": 5}
+    plain = post(server, body).json()["choices"][0]["logprobs"]
+    assert all(len(top) == 5 for top in plain["top_logprobs"])
+    streamed = []
+    with httpx.stream("POST", server.url + "/v1/completions", json={"model": MODEL, "stream": True} | body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                lp = json.loads(line[6:])["choices"][0]["logprobs"]
+                streamed += lp["text_offset"] if lp else []
+    assert streamed == plain["text_offset"]
+    messages = [{"role": "user", "content": "Write something in Japanese: 日本語"}]
+    r = post(server, {"messages": messages, "max_tokens": 16, "temperature": 0, "logprobs": True, "top_logprobs": 2},
+             "/v1/chat/completions").json()["choices"][0]
+    eos = set(json.loads((server_artifact_tokenizer(server) / "generation_config.json").read_text())["eos_token_id"])
+    content = [e for e, t in zip(r["logprobs"]["content"], r["token_ids"]) if t not in eos]
+    assert bytes(b for e in content for b in e["bytes"]).decode("utf-8", "replace") == r["message"]["content"]

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("tokenizers")
 pytest.importorskip("jinja2")
 
-from runtime.tokenizer import IncrementalDetokenizer, TextTokenizer  # noqa: E402
+from runtime.tokenizer import IncrementalDetokenizer, StreamDetokenizer, TextTokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
@@ -174,45 +174,51 @@ def test_special_tokens_in_text(tok):
 # ------------------------------------------------------------------------------------ incremental
 
 
-def stream(tok, ids, **kw):
-    detok = IncrementalDetokenizer(tok, **kw)
+@pytest.fixture(params=[IncrementalDetokenizer, StreamDetokenizer])
+def Detok(request):
+    """Both incremental detokenizers keep the same guarantees."""
+    return request.param
+
+
+def stream(Detok, tok, ids, **kw):
+    detok = Detok(tok, **kw)
     pieces = [detok.push(i) for i in ids]
     return pieces, detok.flush()
 
 
 @pytest.mark.parametrize("skip", [False, True])
-def test_incremental_equals_decode_random_ids(tok, skip):
+def test_incremental_equals_decode_random_ids(Detok, tok, skip):
     rng = random.Random(1 + skip)
     for n in list(range(12)) + [rng.randrange(12, 120) for _ in range(150)]:
         ids = [rng.randrange(tok.vocab_size) for _ in range(n)]
-        pieces, tail = stream(tok, ids, skip_special_tokens=skip)
+        pieces, tail = stream(Detok, tok, ids, skip_special_tokens=skip)
         assert "".join(pieces) + tail == tok.decode(ids, skip_special_tokens=skip), ids
 
 
-def test_incremental_equals_decode_text(tok):
+def test_incremental_equals_decode_text(Detok, tok):
     rng = random.Random(2)
     texts = TEXTS + [random_text(rng, 60) for _ in range(20)]
     for text in texts:
         ids = tok.encode(text)
-        pieces, tail = stream(tok, ids)
+        pieces, tail = stream(Detok, tok, ids)
         assert "".join(pieces) + tail == text
         assert tail == ""  # valid text ends cleanly: nothing left to flush
         assert not any("\ufffd" in p for p in pieces) or "\ufffd" in text
 
 
-def test_incremental_chat_with_special_tokens(tok):
+def test_incremental_chat_with_special_tokens(Detok, tok):
     text = tok.render_chat([{"role": "user", "content": "héllo 世界 🙂"}, {"role": "assistant", "content": "再见 👋"}])
     ids = tok.encode(text)
-    assert "".join(stream(tok, ids)[0]) == text
-    pieces, tail = stream(tok, ids, skip_special_tokens=True)
+    assert "".join(stream(Detok, tok, ids)[0]) == text
+    pieces, tail = stream(Detok, tok, ids, skip_special_tokens=True)
     assert "".join(pieces) + tail == tok.decode(ids, skip_special_tokens=True)
     assert "<|im_start|>" not in "".join(pieces)
 
 
 @pytest.mark.parametrize("char", ["龘", "𝄞", "🙂", "é", "👨‍👩‍👧"])
-def test_multibyte_character_never_emitted_half(tok, char):
+def test_multibyte_character_never_emitted_half(Detok, tok, char):
     text = f"a{char}b{char}{char}"
-    detok = IncrementalDetokenizer(tok)
+    detok = Detok(tok)
     emitted = ""
     for i in tok.encode(text):
         piece = detok.push(i)
@@ -223,36 +229,36 @@ def test_multibyte_character_never_emitted_half(tok, char):
 
 
 @pytest.mark.parametrize("char", ["龘", "𝄞"])  # not in the training corpus: several tokens in every tokenizer
-def test_rare_character_held_until_its_last_token(tok, char):
+def test_rare_character_held_until_its_last_token(Detok, tok, char):
     ids = tok.encode(char)
     assert len(ids) > 1
-    detok = IncrementalDetokenizer(tok)
+    detok = Detok(tok)
     assert [detok.push(i) for i in ids] == [""] * (len(ids) - 1) + [char]
     assert detok.flush() == ""
 
 
-def test_split_character_bytes():
+def test_split_character_bytes(Detok):
     from tokenizers import normalizers
 
     tok = load("qwen3-moe-tiny")  # byte-level: every byte has its own token
     ids = [tok.token_to_id(ch) for ch in normalizers.ByteLevel().normalize_str("世")]  # E4 B8 96
     assert len(ids) == 3 and None not in ids
-    detok = IncrementalDetokenizer(tok)
+    detok = Detok(tok)
     assert [detok.push(i) for i in ids] == ["", "", "世"]
-    detok = IncrementalDetokenizer(tok)
+    detok = Detok(tok)
     assert detok.push(tok.encode("A")[0]) == "A"
     assert detok.push(ids[0]) == "" and detok.push(ids[1]) == ""
     assert detok.flush() == "\ufffd"  # an unfinished character at the end decodes as decode() does
     # an invalid byte before a valid character is emitted once the character completes
-    detok = IncrementalDetokenizer(tok)
+    detok = Detok(tok)
     assert [detok.push(i) for i in [ids[1], *ids]] == ["", "", "", "\ufffd世"]
 
 
-def test_split_character_nibbles():
+def test_split_character_nibbles(Detok):
     tok = load("hf-tiny-a")  # nibble-level: a byte is two symbols
     ids = [tok.token_to_id(ch) for ch in "⑥１ⓔ４ⓑ８⑨６"]  # "a" 0x61, then 世 E4 B8 96 nibble by nibble
     assert None not in ids
-    detok = IncrementalDetokenizer(tok)
+    detok = Detok(tok)
     assert [detok.push(i) for i in ids] == ["", "a", "", "", "", "", "", "世"]
     assert detok.flush() == ""
     # an unpaired nibble decodes as an invalid byte

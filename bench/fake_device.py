@@ -1,0 +1,108 @@
+"""A device whose step takes a fixed wall time and no host CPU, for measuring the host side alone.
+
+`python -m bench.fake_device STEP_MS STATS_JSON serve ARTIFACT [serve options]` is `python -m
+runtime serve` with the artifact's executables replaced by `SleepingDevice`: the scheduler, the
+engine loop and the whole HTTP side are the real ones, the artifact's buckets, cache geometry and
+tokenizer too; only the step is a sleep. At exit it writes the device's timings to STATS_JSON.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import sys
+import time
+
+import numpy as np
+
+
+class SleepingDevice:
+    """An executor with the engine's shape. A launched step runs for `step_s` once the steps
+    before it are done (one device, steps in order); reading its outputs waits for that. Every
+    sampled token is `token`, so nothing ends before max_tokens."""
+
+    def __init__(self, manifest, mesh_entry, step_s: float, token: int):
+        from runtime.engine import LoadInfo
+
+        cache = manifest.cache
+        self.manifest, self.dp = manifest, mesh_entry.dp
+        self.page_size, self.num_pages, self.pages_per_seq = cache.page_size, cache.num_pages, cache.pages_per_seq
+        self.vocab_size, self.num_logprobs = manifest.model.vocab_size, manifest.logprobs
+        self.buckets = sorted({e.bucket for e in manifest.executables_of(mesh_entry.name)})
+        self.step_seconds = self.bucket_cost = None
+        self.compiles_after_load, self.repeats, self.transfers = 0, 0, {}
+        self.load_info = LoadInfo(mesh_entry.name, len(self.buckets), False, 0, 0.0, "sleeping device")
+        self.step_s, self.token = step_s, token
+        self._free_at = 0.0  # when the device is done with everything launched so far
+        self.idle: list[tuple[float, float]] = []  # per launch: (when, how long the device had waited for the host)
+        self.steps = 0
+
+    def dispatch(self, bucket, batch):
+        now = time.perf_counter()
+        if self.steps:
+            self.idle.append((now, max(0.0, now - self._free_at)))
+        self._free_at = max(now, self._free_at) + self.step_s
+        self.steps += 1
+        return bucket, self._free_at
+
+    def dispatch_again(self, bucket):
+        self.repeats += 1
+        return self.dispatch(bucket, None)
+
+    def fetch(self, handle):
+        bucket, done = handle
+        wait = done - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        shape, top = (self.dp, bucket.seqs), (self.dp, bucket.seqs, self.num_logprobs)
+        return {"tokens": np.full(shape, self.token, np.int32), "logprobs": np.zeros(shape, np.float32),
+                "top_ids": np.zeros(top, np.int32), "top_logprobs": np.zeros(top, np.float32)}
+
+    def run(self, bucket, batch):
+        return self.fetch(self.dispatch(bucket, batch))
+
+    def timings(self) -> dict:
+        return {"steps": self.steps, "repeats": self.repeats, "idle": self.idle}
+
+
+def plain_token(artifact) -> int:
+    """A token that ends nothing: not an EOS id of the artifact's tokenizer."""
+    from runtime.tokenizer import TextTokenizer
+
+    tok = TextTokenizer.from_dir(artifact / "tokenizer")
+    eos = set(tok.eos_ids) if tok is not None else set()
+    return next(t for t in range(100, 10**6) if t not in eos)
+
+
+def sleeping_device(artifact, step_ms: float) -> SleepingDevice:
+    from pathlib import Path
+
+    from runtime.format import read_manifest
+
+    manifest = read_manifest(artifact)
+    mesh = max(manifest.meshes, key=lambda m: m.devices)
+    return SleepingDevice(manifest, mesh, step_ms / 1e3, plain_token(Path(artifact)))
+
+
+def main(argv: list[str]) -> int:
+    step_ms, stats_path, rest = float(argv[0]), argv[1], argv[2:]
+    import runtime.engine
+    from runtime.cli import main as runtime_main
+
+    devices = []
+
+    def load(path, **_):
+        devices.append(sleeping_device(path, step_ms))
+        return devices[0]
+
+    def write():
+        with open(stats_path, "w") as f:
+            json.dump(devices[0].timings() if devices else {}, f)
+
+    runtime.engine.load = load
+    atexit.register(write)
+    return runtime_main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
