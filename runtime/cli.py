@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--no-fast-load", action="store_true", help="compile the portable exports even if fast-load fits")
     g.add_argument("--json", action="store_true",
                    help="print exactly one JSON object on stdout: token ids per prompt (and texts), stats")
+    g.add_argument("--profile", default=None, metavar="DIR",
+                   help="write a JAX profiler trace of the generation to DIR and print where each step's time "
+                        "goes (attention, experts, projections, sampling, collectives, other, host)")
     v = sub.add_parser("verify", help="replay the artifact's golden probes")
     v.add_argument("dir", help="the artifact directory")
     v.add_argument("--mesh", default=None, help="which of the artifact's meshes (default: largest that fits)")
@@ -257,9 +260,18 @@ def _serve(args, checked: _Checked, printing: bool) -> int:
 def _generate(args, checked: _Checked, engine, printing: bool) -> int:
     """Generate for the checked prompts on a loaded engine; print text, or ids and stats as JSON."""
     eos = () if checked.tokenizer is None or args.ignore_eos else checked.tokenizer.eos_ids
+    run = lambda: engine.generate(checked.prompts, args.max_new_tokens, args.padding_mode,  # noqa: E731
+                                  checked.sampling, top_logprobs=args.logprobs, eos_token_id=list(eos) or None)
     t0 = time.perf_counter()
-    outputs, stats = engine.generate(checked.prompts, args.max_new_tokens, args.padding_mode, checked.sampling,
-                                     top_logprobs=args.logprobs, eos_token_id=list(eos) or None)
+    if args.profile:
+        from .profile import format_breakdown, profile_run
+
+        (outputs, stats), summary = profile_run(engine, args.profile, run)
+        stats["profile"] = summary
+        if printing:
+            print(format_breakdown(summary) + f"\ntrace and breakdown.json in {args.profile}", file=sys.stderr)
+    else:
+        outputs, stats = run()
     seconds = time.perf_counter() - t0
     stats["generate_seconds"] = round(seconds, 4)
     stats["output_tokens_per_second"] = round(sum(map(len, outputs)) / seconds, 1) if seconds > 0 else None

@@ -47,3 +47,14 @@ def test_json_stats_time_the_generation_alone(tiny_artifact, tiny_engine, capsys
     assert stats["generate_seconds"] + stats["load_seconds"] <= wall  # the load is not counted twice
     assert abs(stats["output_tokens_per_second"] - 16 / stats["generate_seconds"]) <= 0.1 + 1e-3 * 16 / stats[
         "generate_seconds"]
+
+
+def test_profile_writes_a_trace_and_prints_the_breakdown(tiny_artifact, tiny_engine, capsys, tmp_path):
+    out, err = generate(capsys, tiny_artifact, "--prompt-ids", "1,2,3,4,5,6,7,8,9", "--max-new-tokens", 4, "--json",
+                        "--profile", tmp_path / "prof")
+    stats = json.loads(out)["stats"]
+    summary = json.loads((tmp_path / "prof" / "breakdown.json").read_text())
+    assert stats["profile"] == summary and summary["steps"] == stats["steps"]
+    assert summary["ms_per_step"]["attention"] > 0 and summary["ms_per_step"]["experts"] > 0
+    assert "attention" in err and "host" in err
+    assert list((tmp_path / "prof").glob("**/*.trace.json.gz"))
