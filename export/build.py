@@ -337,7 +337,8 @@ def _build_into(tmp: Path, cfg: BuildConfig, source: ModelSource, cache: CacheSh
     if cfg.fast_load and any(here.values()):
         files = tuple(sorted(f.relative_to(tmp).as_posix() for f in fast_dir.rglob("*") if f.is_file()))
         manifest = dataclasses.replace(manifest, fastload={platform: fmt.FastLoadEntry(
-            jax_version=jax.__version__, jaxlib_version=jax.lib.__version__, files=files)})
+            jax_version=jax.__version__, jaxlib_version=jax.lib.__version__, files=files,
+            process_devices=len(jax.devices()))})
     tokenizer, original_max_length = _copy_tokenizer(tmp, source, cache.pages_per_seq * cache.page_size)
     manifest = dataclasses.replace(manifest, tokenizer=tokenizer, tokenizer_model_max_length=original_max_length)
     if cfg.tf_savedmodel:

@@ -61,7 +61,8 @@ def warm(root: Path, jobs: int = 2, log=print) -> fmt.FastLoadEntry:
     files = tuple(sorted(f.relative_to(root).as_posix() for f in final.rglob("*") if f.is_file()))
     old = manifest.fastload[platform].files if platform in manifest.fastload else ()
     section = fmt.FastLoadEntry(jax_version=jax.__version__, jaxlib_version=jax.lib.__version__, files=files,
-                                meshes=tuple(m.name for m in meshes), executables=count)
+                                meshes=tuple(m.name for m in meshes), executables=count,
+                                process_devices=len(devices))
     checksums = {rel: sha for rel, sha in manifest.files.items() if rel not in old}
     executables = tuple(dataclasses.replace(e, step_seconds=(e.step_seconds or {}) | {platform: timed[e.file]})
                         if e.file in timed else e for e in manifest.executables)

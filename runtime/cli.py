@@ -278,6 +278,7 @@ def _generate(args, checked: _Checked, engine, printing: bool) -> int:
     stats["load_seconds"] = round(engine.load_info.seconds, 3)
     stats["fast_load"] = engine.load_info.fast_load
     stats["fast_load_hits"] = engine.load_info.fast_load_hits
+    stats["fast_load_note"] = engine.load_info.fast_load_note
     stats["executables"] = engine.load_info.executables
     stats["mesh"] = engine.load_info.mesh
     if not printing:
@@ -293,6 +294,8 @@ def _generate(args, checked: _Checked, engine, printing: bool) -> int:
           f"{stats['steps']} steps, padding efficiency {stats['padding_efficiency']:.2f}, modes {stats['modes']}, "
           f"compiles after load {stats['compiles_after_load']}, load {stats['load_seconds']:.1f} s "
           f"({stats['fast_load_hits']}/{stats['executables']} executables from fast-load)", file=sys.stderr)
+    if stats["fast_load_hits"] < stats["executables"]:
+        print(f"fast-load: {stats['fast_load_note']}", file=sys.stderr)
     return 0
 
 

@@ -369,6 +369,13 @@ def _fast_load_dir(root: Path, manifest: fmt.Manifest, platform: str) -> tuple[P
     if section.jax_version != jax.__version__ or section.jaxlib_version != jax.lib.__version__:
         return None, (f"fast-load built with jax {section.jax_version}, this is {jax.__version__}; "
                       f"compiling the portable exports instead")
+    here = len(jax.devices(platform))
+    if section.process_devices is not None and section.process_devices != here:
+        fix = (f"XLA_FLAGS=--xla_force_host_platform_device_count={section.process_devices}" if platform == "cpu"
+               else "`python -m export warm` on a host like this one")
+        return None, (f"fast-load compiled in a process with {section.process_devices} {platform} devices, this one "
+                      f"has {here} (XLA keys its cache by the host's device topology): compiling the portable "
+                      f"exports instead; run with {fix} to load without compiling")
     private = Path(tempfile.mkdtemp(prefix="aot-fastload-"))
     for rel in section.files:
         # verified by checksum in load() before we get here; copy so serving never writes there
@@ -404,6 +411,9 @@ def load(path: str | Path, *, mesh: str | None = None, devices=None, jobs: int =
     finally:
         if cache_dir is not None:
             shutil.rmtree(cache_dir, ignore_errors=True)
-    engine.load_info = LoadInfo(chosen.name, len(engine.buckets), cache_dir is not None,
-                                _the_counter().cache_hits - hits_before, time.perf_counter() - t0, note)
+    hits = _the_counter().cache_hits - hits_before
+    if cache_dir is not None and hits < len(engine.buckets):
+        note = f"fast-load section matched jax, but {len(engine.buckets) - hits} executables were compiled here"
+    engine.load_info = LoadInfo(chosen.name, len(engine.buckets), cache_dir is not None, hits,
+                                time.perf_counter() - t0, note)
     return engine

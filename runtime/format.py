@@ -423,13 +423,17 @@ class ExecutableEntry(Record):
 @dataclasses.dataclass(**RECORD)
 class FastLoadEntry(Record):
     """A persistent compilation cache for one platform, usable only with exactly these versions.
-    `meshes` and `executables` say what `export warm` compiled (a build's own section lacks them)."""
+    `meshes` and `executables` say what `export warm` compiled (a build's own section lacks them).
+    `process_devices`: how many devices the compiling process had. XLA keys its cache by the host's
+    whole device topology, so a process with another count misses every entry (older sections
+    lack it)."""
 
     jax_version: str = field(STR)
     jaxlib_version: str = field(STR)
     files: tuple[str, ...] = field(list_of(STR))
     meshes: tuple[str, ...] | None = field(list_of(STR), omit_none=True, default=None)
     executables: int | None = field(INT, omit_none=True, default=None)
+    process_devices: int | None = field(INT, omit_none=True, default=None)
 
 
 @dataclasses.dataclass(**RECORD)

@@ -178,3 +178,25 @@ def test_a_text_prompt_needs_the_artifact_s_tokenizer(artifact_copy, capsys):
     code, out, err = run_main(capsys, "generate", str(artifact_copy), "--prompt", "hello")
     assert_one_line(code, err, "the artifact has no tokenizer")
     assert "--prompt-ids" in err and out == ""
+
+
+def test_fast_load_from_a_process_with_another_device_count_says_why_it_compiles(tiny_artifact):
+    """XLA keys its cache by the host's whole device topology: a section compiled with 8 devices
+    can't serve a process with 3, and the loader says so in one line instead of missing silently."""
+    import dataclasses
+
+    import jax
+
+    from runtime.engine import _fast_load_dir
+
+    manifest = fmt.read_manifest(tiny_artifact)
+    section = manifest.fastload["cpu"]
+    assert section.process_devices == len(jax.devices())  # recorded at build
+    directory, note = _fast_load_dir(tiny_artifact, manifest, "cpu")
+    assert directory is not None
+    shutil.rmtree(directory)
+    other = dataclasses.replace(manifest, fastload={"cpu": dataclasses.replace(section, process_devices=3)})
+    directory, note = _fast_load_dir(tiny_artifact, other, "cpu")
+    assert directory is None
+    assert "3 cpu devices" in note and f"has {len(jax.devices())}" in note
+    assert "--xla_force_host_platform_device_count=3" in note
