@@ -74,10 +74,14 @@ def read_trace(trace_dir: Path) -> list[dict]:
         return [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
 
 
-def breakdown(events: list[dict], modules: dict[str, dict[str, str | None]], wall_seconds: float) -> dict:
+def breakdown(events: list[dict], modules: dict[str, dict[str, str | None]], wall_seconds: float,
+              steps: int | None = None) -> dict:
     """Milliseconds per step by category, averaged over devices, from the trace's op events.
 
-    `modules`: compiled module name -> op_categories of its HLO text.
+    `modules`: compiled module name -> op_categories of its HLO text. `steps`: how many steps the
+    run took, when known: the profiler keeps a bounded number of events, so a long run's trace may
+    hold only some of its steps ("steps_traced"); device times are then their average, and host
+    time is the wall time per step of the whole run less that.
     """
     per_category = collections.Counter()
     runs, devices, unknown = set(), set(), 0
@@ -93,12 +97,13 @@ def breakdown(events: list[dict], modules: dict[str, dict[str, str | None]], wal
         per_category[category] += e.get("dur", 0) / 1e3
         runs.add((module, args.get("run_id")))
         devices.add(args.get("device_ordinal"))
-    steps = max(1, len(runs))
+    traced = max(1, len(runs))
     ndev = max(1, len(devices))
-    device_ms = {c: per_category[c] / ndev / steps for c in CATEGORIES}
+    device_ms = {c: per_category[c] / ndev / traced for c in CATEGORIES}
     busy = sum(device_ms.values())
-    host = max(0.0, wall_seconds * 1e3 / steps - busy)
-    return {"steps": len(runs), "devices": len(devices), "wall_seconds": wall_seconds,
+    steps = steps or len(runs)
+    host = max(0.0, wall_seconds * 1e3 / max(1, steps) - busy)
+    return {"steps": steps, "steps_traced": len(runs), "devices": len(devices), "wall_seconds": wall_seconds,
             "ms_per_step": {**device_ms, "host": host}, "device_ms_per_step": busy,
             "ops_without_category": unknown}
 
@@ -106,7 +111,8 @@ def breakdown(events: list[dict], modules: dict[str, dict[str, str | None]], wal
 def format_breakdown(result: dict) -> str:
     per_step = result["ms_per_step"]
     total = sum(per_step.values()) or 1.0
-    lines = [f"{result['steps']} steps on {result['devices']} devices in {result['wall_seconds']:.2f} s; "
+    traced = "" if result["steps_traced"] == result["steps"] else f" ({result['steps_traced']} in the trace)"
+    lines = [f"{result['steps']} steps{traced} on {result['devices']} devices in {result['wall_seconds']:.2f} s; "
              f"per step (device time averaged over devices):"]
     for name, ms in sorted(per_step.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {name:12s} {ms:9.2f} ms  {100 * ms / total:5.1f}%")
@@ -136,6 +142,7 @@ def profile_run(engine, trace_dir: Path, run) -> tuple[object, dict]:
     finally:
         wall = time.perf_counter() - t0
         jax.profiler.stop_trace()
-    summary = breakdown(read_trace(trace_dir), modules, wall)
+    stats = result[1] if isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], dict) else {}
+    summary = breakdown(read_trace(trace_dir), modules, wall, stats.get("steps"))
     (trace_dir / "breakdown.json").write_text(json.dumps(summary, indent=1) + "\n")
     return result, summary

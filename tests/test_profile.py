@@ -34,10 +34,14 @@ def test_breakdown_sums_ops_per_step_and_device():
     events = [ev("dot.1", 1000, "0", "r1"), ev("dot.1", 3000, "1", "r1"), ev("while.2", 9000, "0", "r1"),
               ev("all-reduce.3", 2000, "0", "r2"), ev("all-reduce.3", 2000, "1", "r2")]
     r = profile.breakdown(events, modules, wall_seconds=0.010)
-    assert r["steps"] == 2 and r["devices"] == 2
+    assert r["steps"] == 2 == r["steps_traced"] and r["devices"] == 2
     assert r["ms_per_step"]["projections"] == 1.0  # (1 + 3) ms over 2 devices and 2 steps
     assert r["ms_per_step"]["collectives"] == 1.0
     assert np.isclose(r["ms_per_step"]["host"], 5.0 - 2.0)
+    # A trace that kept only these 2 of a run's 4 steps: device times are theirs, host the rest.
+    r = profile.breakdown(events, modules, wall_seconds=0.010, steps=4)
+    assert r["steps"] == 4 and r["steps_traced"] == 2 and r["ms_per_step"]["projections"] == 1.0
+    assert np.isclose(r["ms_per_step"]["host"], 2.5 - 2.0)
 
 
 def test_a_profiled_generation_accounts_for_every_part(tiny_engine, tmp_path):

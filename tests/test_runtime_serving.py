@@ -133,7 +133,7 @@ def test_pipelined_steps_equal_synchronous_ones(tiny_engine):
     for name, pipeline in (("sync", False), ("pipelined", True)):
         tiny_engine.reset_cache()
         before, repeats_before = tiny_engine.transfers.get("ints", 0), tiny_engine.repeats
-        outs, stats = Scheduler(tiny_engine, sampling=sampling, top_logprobs=2, pipeline=pipeline).generate(prompts, 12)
+        outs, stats = Scheduler(tiny_engine, sampling=sampling, top_logprobs=2, pipeline=pipeline).generate(prompts, 20)
         runs[name] = (outs, stats["logprobs"])
         sent[name] = (tiny_engine.transfers["ints"] - before) / stats["steps"]
         repeats[name] = tiny_engine.repeats - repeats_before
