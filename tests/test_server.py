@@ -169,7 +169,8 @@ def test_logprobs(server):
 
 
 def test_disconnect_mid_stream_frees_pages(server):
-    body = {"model": MODEL, "prompt": [3, 4, 5], "max_tokens": 200, "temperature": 0, "stream": True}
+    body = {"model": MODEL, "prompt": [3, 4, 5], "max_tokens": 200, "temperature": 0, "stream": True,
+            "ignore_eos": True}
     with httpx.Client(timeout=60) as http:
         with http.stream("POST", server.url + "/v1/completions", json=body) as r:
             lines = r.iter_lines()
@@ -269,7 +270,8 @@ def test_a_non_streamed_client_that_leaves_is_cancelled_at_once(server):
     tells that it left: its request stops within a step or so, not at max_tokens."""
     server.wait_idle()
     before, cancelled = server.metrics()["qwen3_moe_generation_tokens_total"], finished(server, "cancelled")
-    body = json.dumps({"model": MODEL, "prompt": [3, 4, 5], "max_tokens": 240, "temperature": 0}).encode()
+    body = json.dumps({"model": MODEL, "prompt": [3, 4, 5], "max_tokens": 240, "temperature": 0,
+                       "ignore_eos": True}).encode()
     with socket.create_connection(("127.0.0.1", server.port)) as raw:
         raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
@@ -306,12 +308,12 @@ def test_an_engine_that_fails_ends_every_request_and_the_server(tiny_artifact, t
     ended, seen = {}, {}
 
     def plain(i):
-        r = httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": [1 + i] * 100, "max_tokens": 150},
-                       timeout=60)
+        r = httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": [1 + i] * 100, "max_tokens": 150,
+                                                              "ignore_eos": True}, timeout=60)
         ended[i] = (time.perf_counter(), r.status_code, r.json()["error"]["type"] if r.status_code >= 400 else None)
 
     def streamed(i):
-        body = {"model": MODEL, "prompt": [1 + i] * 100, "max_tokens": 150, "stream": True}
+        body = {"model": MODEL, "prompt": [1 + i] * 100, "max_tokens": 150, "stream": True, "ignore_eos": True}
         last = None
         with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:
             for line in r.iter_lines():
