@@ -261,41 +261,46 @@ def sort_pairs(cfg: ModelConfig, router_w, x, valid) -> RoutedPairs:
     return RoutedPairs(pair_token[order], weight, counts)
 
 
-def tile_rows(pairs: int, experts: int) -> int:
-    """Rows per tile of the CPU loop: the largest power of two whose padding (at most tile-1 rows for
-    each expert that has pairs) stays within a quarter of the pairs."""
-    busy = max(1, min(experts, pairs))
+def rows_per_tile(pairs: int, experts: int) -> int:
+    """Rows per tile of the CPU loop: a power of two near half an expert's average share of the
+    pairs. Each iteration costs far more in loop overhead than its FLOPs on a CPU, so a tile may
+    run half empty; an expert wastes less than one tile, at most a quarter of the pairs on average."""
+    share = pairs / max(1, min(experts, pairs))
     m = 1
-    while m < 64 and busy * (2 * m - 1) <= pairs / 4:
+    while m < 64 and 2 * m <= share / 2:
         m *= 2
     return m
 
 
-def experts_by_tile(w: MoeWeights, x, pairs: RoutedPairs):
-    """CPU: a loop over tiles of sorted pairs, each tile of one expert, that reads that expert's
-    weights in place; the loop's bound covers the worst case, tiles past the real count are skipped."""
+def experts_by_expert(stack: MoeWeights, index, x, pairs: RoutedPairs):
+    """CPU: a loop over the experts that have pairs, and inside it over their rows, a tile at a time.
+
+    Each expert's weights are read from the layer stack once per expert: slicing the whole layer
+    first, or once per tile, copies megabytes a step (XLA:CPU materialises a dynamic slice that feeds
+    a loop or a dot). The loops' trip counts are the real ones, so any routing fits the shapes."""
     N, H = x.shape
     M, E = pairs.token.shape[0], pairs.counts.shape[0]
-    m = tile_rows(M, E)
-    tiles = (pairs.counts + m - 1) // m
-    tile_end = jnp.cumsum(tiles)
+    m = rows_per_tile(M, E)
     starts = pairs.starts
-    max_tiles = (M + min(E, M) * (m - 1)) // m
 
-    def tile(t, y):
-        e = jnp.minimum(jnp.searchsorted(tile_end, t, side="right"), E - 1)
-        row = starts[e] + (t - (tile_end[e] - tiles[e])) * m + jnp.arange(m)
-        ok = row < starts[e] + pairs.counts[e]
-        row = jnp.minimum(row, M - 1)
-        token = pairs.token[row]
-        xt = x[token]  # [m, H]
-        h = jax.nn.silu(xt @ w.gate[e]) * (xt @ w.up[e])  # [m, I/devices]
-        out = (h @ w.down[e]) * jnp.where(ok, pairs.weight[row], 0)[:, None]
-        return y.at[token].add(out)
+    def expert(e, y):
+        gate, up, down = stack.gate[index, e], stack.up[index, e], stack.down[index, e]
+        first, count = starts[e], pairs.counts[e]
 
-    used = tile_end[-1]
-    return lax.fori_loop(0, max_tiles, lambda t, y: lax.cond(t < used, tile, lambda t, y: y, t, y),
-                         jnp.zeros((N, H), x.dtype))
+        def tile(carry):
+            t, y = carry
+            row = first + t * m + jnp.arange(m)
+            ok = row < first + count
+            row = jnp.minimum(row, M - 1)
+            token = pairs.token[row]
+            xt = x[token]  # [m, H]
+            h = jax.nn.silu(xt @ gate) * (xt @ up)  # [m, I/devices]
+            out = (h @ down) * jnp.where(ok, pairs.weight[row], 0)[:, None]
+            return t + 1, y.at[token].add(out)
+
+        return lax.while_loop(lambda carry: carry[0] * m < count, tile, (jnp.int32(0), y))[1]
+
+    return lax.fori_loop(0, E, expert, jnp.zeros((N, H), x.dtype))
 
 
 def experts_ragged(w: MoeWeights, x, pairs: RoutedPairs):
@@ -310,15 +315,20 @@ def experts_ragged(w: MoeWeights, x, pairs: RoutedPairs):
     return jnp.zeros((N, H), x.dtype).at[pairs.token].add(out)
 
 
-def routed_experts(cfg: ModelConfig, w: MoeWeights, x, valid):
-    """This device's column share of every routed pair over the global tokens x [N, H] -> [N, H]."""
+def routed_experts(cfg: ModelConfig, stack: MoeWeights, index, x, valid):
+    """This device's column share of every routed pair over the global tokens x [N, H] -> [N, H],
+    for MoE layer `index` of the stacked weights."""
     with jax.named_scope("experts"):
-        pairs = sort_pairs(cfg, w.router, x, valid)
-        return lax.platform_dependent(w, x, pairs, tpu=experts_ragged, default=experts_by_tile)
+        pairs = sort_pairs(cfg, stack.router[index], x, valid)
+        return lax.platform_dependent(
+            stack, index, x, pairs,
+            tpu=lambda stack, index, x, pairs: experts_ragged(layer(stack, index), x, pairs),
+            default=experts_by_expert)
 
 
-def dense_experts(cfg: ModelConfig, w: MoeWeights, x, valid):
+def dense_experts(cfg: ModelConfig, stack: MoeWeights, index, x, valid):
     """Reference only: every expert on every token (FLOPs grow with N * experts)."""
+    w = layer(stack, index)
     weights, experts = route(cfg, w.router, x)
     E = w.gate.shape[0]
     onehot = (experts[..., None] == jnp.arange(E)).astype(x.dtype)  # [N, k, E]
@@ -378,7 +388,7 @@ def run_layers(cfg: ModelConfig, w: Weights, x, kv, paged: PagedBatch, backend, 
                 moe_i = moe_before[seg.start] + j * n_moe + sum(seg.unit[:o])
                 if is_moe:
                     g = backend.gather(h)
-                    h = backend.scatter(experts_fn(cfg, layer(w.moe, moe_i), g, valid))
+                    h = backend.scatter(experts_fn(cfg, w.moe, moe_i, g, valid))
                 else:
                     dense_i = (seg.start - moe_before[seg.start]) + j * (u - n_moe) + (o - sum(seg.unit[:o]))
                     h = dense_mlp(layer(w.dense, dense_i), h)
