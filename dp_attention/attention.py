@@ -154,7 +154,7 @@ class NativeAttentionBackend:
     `TILE_ROWS_PER_CHUNK // q_tile` at a time, as many chunks as the batch has real tiles, so a
     bucket's worst-case tile count costs nothing when a step holds fewer."""
 
-    TILE_ROWS_PER_CHUNK = 64
+    TILE_ROWS_PER_CHUNK = 32
 
     def __init__(self, block_tokens: int = BLOCK_TOKENS, q_tile: int | None = None):
         self.block_tokens = block_tokens
@@ -177,10 +177,15 @@ class NativeAttentionBackend:
         real = jnp.pad(tiles.real, ((0, pad), (0, 0)))
         block = max(1, min(pages_per_seq, self.block_tokens // page_size))  # pages per block
         blocks = -(-pages_per_seq // block)
-        pages = jnp.pad(batch.page_table, ((0, 0), (0, blocks * block - pages_per_seq)))
-        pages = pages[jnp.pad(tiles.seq, (0, pad))]  # [chunks * per_chunk, blocks * block]
-        qs = q.reshape(T, nkv, g, hd).astype(jnp.float32) * (hd ** -0.5)
+        seq = jnp.pad(tiles.seq, (0, pad))
         pos = jnp.where(real, batch.positions[rows], -1)
+        # Longest context first: a chunk walks as far as its furthest query, so tiles of similar
+        # reach share chunks and a short sequence does not pay for a long one's blocks.
+        order = jnp.argsort(-jnp.max(pos, axis=1), stable=True)
+        rows, real, seq, pos = rows[order], real[order], seq[order], pos[order]
+        pages = jnp.pad(batch.page_table, ((0, 0), (0, blocks * block - pages_per_seq)))
+        pages = pages[seq]  # [chunks * per_chunk, blocks * block]
+        qs = q.reshape(T, nkv, g, hd).astype(jnp.float32) * (hd ** -0.5)
 
         def chunk(c, out):
             take = lambda a: lax.dynamic_slice_in_dim(a, c * per_chunk, per_chunk, axis=0)  # noqa: E731
@@ -191,6 +196,6 @@ class NativeAttentionBackend:
             dest = jnp.where(take(real), r, T).reshape(-1)  # empty slots go nowhere
             return out.at[dest].set(o.astype(out.dtype), mode="drop")
 
-        real_tiles = jnp.sum(jnp.any(tiles.real, axis=1))  # real tiles come first
+        real_tiles = jnp.sum(jnp.any(tiles.real, axis=1))  # real tiles sort first
         out = lax.fori_loop(0, (real_tiles + per_chunk - 1) // per_chunk, chunk, jnp.zeros((T, nq, hd), q.dtype))
         return out, kv
