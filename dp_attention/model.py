@@ -83,10 +83,11 @@ class LayerWeights:
 @partial(jax.tree_util.register_dataclass, data_fields=["router", "gate", "up", "down"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class MoeWeights:
-    """The MoE layers' router and experts; expert columns split over every device."""
+    """The MoE layers' router and experts; experts and their columns split over the devices as the
+    expert layout says (weights.ExpertLayout): a device holds its local experts' columns."""
 
     router: jax.Array  # [Lm, H, E]
-    gate: jax.Array  # [Lm, E, H, I]    I over ("data", "tensor")
+    gate: jax.Array  # [Lm, E, H, I]    E over the layout's expert axes, I over its width axes
     up: jax.Array  # [Lm, E, H, I]
     down: jax.Array  # [Lm, E, I, H]
 
@@ -231,9 +232,11 @@ def route(cfg: ModelConfig, router_w, x):
 
 
 # ------------------------------------------------------------------------------- experts (per device)
-# Every device holds every expert on 1/devices of its intermediate columns and computes every routed
-# (token, expert) pair of the global batch on those columns: work per device = pairs * 6HI / devices.
-# Pairs are sorted by expert; the partial sums over columns are completed by the DP scatter.
+# A device holds some experts (its local ones: the layout's expert shards) on some of their
+# intermediate columns (its width shard), and computes every routed (token, expert) pair of the
+# global batch whose expert is local, on those columns: with routing spread evenly, work per device =
+# pairs * 6HI / devices whatever the layout. Pairs are sorted by expert; the partial sums over
+# experts and columns are completed, in float32, by the DP scatter.
 
 @partial(jax.tree_util.register_dataclass, data_fields=["token", "weight", "counts"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +262,47 @@ def sort_pairs(cfg: ModelConfig, router_w, x, valid) -> RoutedPairs:
     counts = jnp.zeros(E + 1, jnp.int32).at[key].add(1)[:E]
     weight = jnp.where(key < E, weights.reshape(-1), 0)[order]
     return RoutedPairs(pair_token[order], weight, counts)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertShard:
+    """Where this device's experts sit among all of them: the mesh axes that split the experts
+    (none: every device holds every expert) and how many shards they make."""
+
+    axes: tuple[str, ...] = ()
+    shards: int = 1
+
+    @staticmethod
+    def from_spec(gate_spec, mesh) -> "ExpertShard":
+        """From the stacked gate weight's PartitionSpec [layers, E, H, I]."""
+        axes = gate_spec[1] if len(gate_spec) > 1 else None
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        shards = 1
+        for a in axes:
+            shards *= mesh.shape[a]
+        return ExpertShard(axes, shards)
+
+    def first_expert(self, local_experts: int) -> jax.Array:
+        """The global index of this device's first expert (inside the step's shard_map)."""
+        if not self.axes:
+            return jnp.int32(0)
+        return (lax.axis_index(self.axes) * local_experts).astype(jnp.int32)
+
+
+def padded_counts(pairs: RoutedPairs, total: int) -> jax.Array:
+    """Pairs per expert over the padded expert count (padded experts get none)."""
+    return jnp.pad(pairs.counts, (0, total - pairs.counts.shape[0])).astype(jnp.int32)
+
+
+def local_pairs(pairs: RoutedPairs, first, local: int, total: int) -> RoutedPairs:
+    """The pairs of experts [first, first + local) of `total`, moved to the front and renumbered from
+    0; the rest keep their rows but weigh 0, so a worst routing (every pair local) still fits."""
+    counts = padded_counts(pairs, total)
+    mine = lax.dynamic_slice(counts, (first,), (local,))
+    start = (jnp.cumsum(counts) - counts)[first]
+    token, weight = jnp.roll(pairs.token, -start), jnp.roll(pairs.weight, -start)
+    weight = jnp.where(jnp.arange(token.shape[0]) < jnp.sum(mine), weight, 0)
+    return RoutedPairs(token, weight, mine)
 
 
 def tile_rows(pairs: int, experts: int) -> int:
@@ -299,32 +343,102 @@ def experts_by_tile(w: MoeWeights, x, pairs: RoutedPairs):
 
 
 def experts_ragged(w: MoeWeights, x, pairs: RoutedPairs):
-    """TPU: grouped matmuls over the sorted pairs (`lax.ragged_dot`, native there)."""
+    """TPU inside a multi-platform export, where the Pallas kernel cannot sit beside a CPU branch:
+    grouped matmuls over the sorted local pairs (`lax.ragged_dot`, native there)."""
     N, H = x.shape
     xs = x[pairs.token]
     sizes = pairs.counts.astype(jnp.int32)
-    h = jax.nn.silu(lax.ragged_dot(xs, w.gate, sizes)) * lax.ragged_dot(xs, w.up, sizes)
-    out = lax.ragged_dot(h, w.down, sizes)
+    f32 = dict(preferred_element_type=jnp.float32)
+    h = jax.nn.silu(lax.ragged_dot(xs, w.gate, sizes, **f32)) * lax.ragged_dot(xs, w.up, sizes, **f32)
+    out = lax.ragged_dot(h.astype(x.dtype), w.down, sizes, **f32)
     real = jnp.arange(xs.shape[0]) < jnp.sum(sizes)
     out = jnp.where(real[:, None], out * pairs.weight[:, None], 0)
-    return jnp.zeros((N, H), x.dtype).at[pairs.token].add(out)
+    return jnp.zeros((N, H), jnp.float32).at[pairs.token].add(out)
 
 
-def routed_experts(cfg: ModelConfig, w: MoeWeights, x, valid):
-    """This device's column share of every routed pair over the global tokens x [N, H] -> [N, H]."""
+# Rows per grouped-matmul tile: a group that starts inside a tile costs that tile again, so small
+# tiles waste less on many small groups; the matrix unit is 128 rows tall (256 on v6e).
+GMM_ROWS = {"v5e": 128, "v5p": 128, "v6e": 256}
+
+
+def gmm_tiling(m: int, k: int, n: int, generation: str | None) -> tuple[int, int, int]:
+    """(rows, contraction, columns) tile of megablox gmm for an [m, k] x [k, n] problem: the whole
+    dimension when it is small or not a multiple of 128 lanes (a block must be one or the other),
+    else the largest of 512 / 256 / 128 that divides it."""
+    def lanes(d):
+        if d % LANES:
+            return d
+        return next(t for t in (512, 256, 128) if d % t == 0)
+
+    tm = min(GMM_ROWS.get(generation or "v5e", 128), -(-m // 8) * 8)
+    return tm, lanes(k), lanes(n)
+
+
+def experts_gmm(w: MoeWeights, x, pairs: RoutedPairs, first, total: int, generation: str | None = None,
+                interpret: bool = False):
+    """TPU: the megablox grouped matmul over the globally sorted pairs; `group_offset` makes it
+    compute only this device's experts' rows (the rest are zero). Float32 accumulation and output.
+
+    pairs: every expert's pairs, sorted by expert (sort_pairs); first: this device's first expert;
+    total: the padded expert count, of which w holds w.gate.shape[0] from `first`."""
+    from jax.experimental.pallas.ops.tpu.megablox import gmm  # TPU exports only: keeps CPU imports light
+
+    N, H = x.shape
+    local, _, width = w.gate.shape
+    counts = padded_counts(pairs, total)
+    tm, _, _ = gmm_tiling(pairs.token.shape[0], H, width, generation)
+    rows = -(-pairs.token.shape[0] // tm) * tm  # gmm wants whole row tiles
+    token = jnp.pad(pairs.token, (0, rows - pairs.token.shape[0]))
+    weight = jnp.pad(pairs.weight, (0, rows - pairs.token.shape[0]))
+    offset = None if local == total else jnp.asarray(first, jnp.int32)
+
+    def grouped(lhs, rhs):
+        return gmm(lhs, rhs, counts, preferred_element_type=jnp.float32, tiling=gmm_tiling(rows, *rhs.shape[1:],
+                   generation), group_offset=offset, interpret=interpret)
+
+    xs = x[token]
+    h = (jax.nn.silu(grouped(xs, w.gate)) * grouped(xs, w.up)).astype(x.dtype)
+    out = grouped(h, w.down)  # [rows, H]
+    start = (jnp.cumsum(counts) - counts)[first]
+    row = jnp.arange(rows)
+    mine = (row >= start) & (row < start + lax.dynamic_slice(counts, (first,), (local,)).sum())
+    out = jnp.where(mine[:, None], out * weight[:, None].astype(jnp.float32), 0)  # unwritten rows may be anything
+    return jnp.zeros((N, H), jnp.float32).at[token].add(out)
+
+
+EXPERT_KERNELS = ("tiles", "gmm", "gmm-interpret", "by-platform")
+
+
+def routed_experts(shard: ExpertShard, kernel: str, generation: str | None, cfg: ModelConfig, w: MoeWeights, x,
+                   valid):
+    """This device's share (its experts, its columns) of every routed pair over the global tokens
+    x [N, H] -> float32 [N, H] partial sums.
+
+    kernel: "tiles" (the CPU loop), "gmm" (the Pallas TPU kernel), "gmm-interpret" (the same kernel
+    interpreted, tests on CPU) or "by-platform" (ragged_dot on TPU, tiles elsewhere: multi-platform
+    exports)."""
     with jax.named_scope("experts"):
         pairs = sort_pairs(cfg, w.router, x, valid)
-        return lax.platform_dependent(w, x, pairs, tpu=experts_ragged, default=experts_by_tile)
+        local = w.gate.shape[0]
+        total = local * shard.shards
+        first = shard.first_expert(local)
+        if kernel in ("gmm", "gmm-interpret"):
+            return experts_gmm(w, x, pairs, first, total, generation, interpret=kernel == "gmm-interpret")
+        mine = local_pairs(pairs, first, local, total)
+        if kernel == "tiles":
+            return experts_by_tile(w, x, mine).astype(jnp.float32)
+        return lax.platform_dependent(w, x, mine, tpu=experts_ragged,
+                                      default=lambda w, x, p: experts_by_tile(w, x, p).astype(jnp.float32))
 
 
-def dense_experts(cfg: ModelConfig, w: MoeWeights, x, valid):
-    """Reference only: every expert on every token (FLOPs grow with N * experts)."""
+def dense_experts(shard: ExpertShard, cfg: ModelConfig, w: MoeWeights, x, valid):
+    """Reference only: every local expert on every token (FLOPs grow with N * experts)."""
     weights, experts = route(cfg, w.router, x)
     E = w.gate.shape[0]
-    onehot = (experts[..., None] == jnp.arange(E)).astype(x.dtype)  # [N, k, E]
+    onehot = (experts[..., None] == shard.first_expert(E) + jnp.arange(E)).astype(x.dtype)  # [N, k, E]
     coef = jnp.einsum("nk,nke->ne", weights, onehot) * valid[:, None].astype(x.dtype)
     h = jax.nn.silu(jnp.einsum("nh,ehi->nei", x, w.gate)) * jnp.einsum("nh,ehi->nei", x, w.up)
-    return jnp.einsum("nei,eih,ne->nh", h, w.down, coef)
+    return jnp.einsum("nei,eih,ne->nh", h, w.down, coef, preferred_element_type=jnp.float32)
 
 
 # ------------------------------------------------------------------------------- the layer scan
@@ -378,7 +492,7 @@ def run_layers(cfg: ModelConfig, w: Weights, x, kv, paged: PagedBatch, backend, 
                 moe_i = moe_before[seg.start] + j * n_moe + sum(seg.unit[:o])
                 if is_moe:
                     g = backend.gather(h)
-                    h = backend.scatter(experts_fn(cfg, layer(w.moe, moe_i), g, valid))
+                    h = backend.scatter(experts_fn(cfg, layer(w.moe, moe_i), g, valid)).astype(h.dtype)  # f32 sum
                 else:
                     dense_i = (seg.start - moe_before[seg.start]) + j * (u - n_moe) + (o - sum(seg.unit[:o]))
                     h = dense_mlp(layer(w.dense, dense_i), h)
@@ -409,10 +523,13 @@ class StepOptions:
     attention: str = "native"
     tpu_generation: str | None = None
     fa_kernel: object = None
+    experts: str = "by-platform"  # the expert kernel, one of EXPERT_KERNELS (see routed_experts)
 
     def __post_init__(self):
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention {self.attention!r} is not one of {ATTENTION_BACKENDS}")
+        if self.experts not in EXPERT_KERNELS:
+            raise ValueError(f"experts {self.experts!r} is not one of {EXPERT_KERNELS}")
 
     def base_backend(self, q_heads: int, dtype, kv, batch: PagedBatch, last_index):
         """The attention the DP wrapper wraps, for this device's shapes."""
@@ -425,7 +542,7 @@ class StepOptions:
         return FlashAttentionBackend(self.fa_kernel or tpu_kernel(), last_index, blocks)
 
 
-def device_step(cfg: ModelConfig, bucket: Bucket, opts: StepOptions, flat_weights, kv, batch):
+def device_step(cfg: ModelConfig, bucket: Bucket, opts: StepOptions, shard: ExpertShard, flat_weights, kv, batch):
     """Runs on one device: weights are its shards, kv and batch its group's (data axis of size 1)."""
     w = Weights.from_flat(flat_weights)
     b = {k: (v if k == "num_tokens" else v[0]) for k, v in batch.items()}
@@ -439,7 +556,8 @@ def device_step(cfg: ModelConfig, bucket: Bucket, opts: StepOptions, flat_weight
     kv = kv[0]
     base = opts.base_backend(w.layers.q_proj.shape[2], x.dtype, kv, paged, b["last_index"])
     backend = DpAttentionBackend(base, meta)
-    experts_fn = dense_experts if opts.dense_reference else routed_experts
+    experts_fn = (partial(dense_experts, shard) if opts.dense_reference
+                  else partial(routed_experts, shard, opts.experts, opts.tpu_generation))
     x, kv = run_layers(cfg, w, x, kv, paged, backend, experts_fn)
 
     last = rms_norm(x[b["last_index"]], w.final_norm, cfg.rms_norm_eps)  # [S, H]
@@ -466,8 +584,9 @@ def make_step(cfg: ModelConfig, bucket: Bucket, mesh, weight_specs: dict, **opti
     opts = StepOptions(**options)
     w_specs = {k: s.spec for k, s in weight_specs.items()}
     out_specs = dict(OUTPUT_SPECS) | ({"logits": P("data", None, None)} if opts.with_logits else {})
+    shard = ExpertShard.from_spec(w_specs["moe.gate"], mesh) if "moe.gate" in w_specs else ExpertShard()
     return jax.shard_map(
-        partial(device_step, cfg, bucket, opts),
+        partial(device_step, cfg, bucket, opts, shard),
         mesh=mesh,
         in_specs=(w_specs, CACHE_SPEC, BATCH_SPECS),
         out_specs=(out_specs, CACHE_SPEC),
