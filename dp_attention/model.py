@@ -356,21 +356,24 @@ def experts_ragged(w: MoeWeights, x, pairs: RoutedPairs):
     return jnp.zeros((N, H), jnp.float32).at[pairs.token].add(out)
 
 
-# Rows per grouped-matmul tile: a group that starts inside a tile costs that tile again, so small
-# tiles waste less on many small groups; the matrix unit is 128 rows tall (256 on v6e).
+# Rows per grouped-matmul tile, at most: the matrix unit is 128 rows tall (256 on v6e).
 GMM_ROWS = {"v5e": 128, "v5p": 128, "v6e": 256}
 
 
-def gmm_tiling(m: int, k: int, n: int, generation: str | None) -> tuple[int, int, int]:
-    """(rows, contraction, columns) tile of megablox gmm for an [m, k] x [k, n] problem: the whole
-    dimension when it is small or not a multiple of 128 lanes (a block must be one or the other),
+def gmm_tiling(m: int, k: int, n: int, generation: str | None, groups: int = 1) -> tuple[int, int, int]:
+    """(rows, contraction, columns) tile of megablox gmm for an [m, k] x [k, n] problem over `groups`
+    experts. Rows: a group that starts inside a tile costs that whole tile again, and under random
+    routing an expert's rows scatter around its even share, so a tile a quarter of that share (a
+    power of two, from 16 to the unit's height) keeps the waste near a quarter of the rows.
+    Lanes: the whole dimension when it is not a multiple of 128 (a block must be one or the other),
     else the largest of 512 / 256 / 128 that divides it."""
     def lanes(d):
         if d % LANES:
             return d
         return next(t for t in (512, 256, 128) if d % t == 0)
 
-    tm = min(GMM_ROWS.get(generation or "v5e", 128), -(-m // 8) * 8)
+    share = max(1, m // max(1, groups) // 4)
+    tm = min(GMM_ROWS.get(generation or "v5e", 128), max(16, 1 << (share.bit_length() - 1)))
     return tm, lanes(k), lanes(n)
 
 
@@ -386,15 +389,15 @@ def experts_gmm(w: MoeWeights, x, pairs: RoutedPairs, first, total: int, generat
     N, H = x.shape
     local, _, width = w.gate.shape
     counts = padded_counts(pairs, total)
-    tm, _, _ = gmm_tiling(pairs.token.shape[0], H, width, generation)
+    tm, _, _ = gmm_tiling(pairs.token.shape[0], H, width, generation, total)
     rows = -(-pairs.token.shape[0] // tm) * tm  # gmm wants whole row tiles
     token = jnp.pad(pairs.token, (0, rows - pairs.token.shape[0]))
     weight = jnp.pad(pairs.weight, (0, rows - pairs.token.shape[0]))
     offset = None if local == total else jnp.asarray(first, jnp.int32)
 
     def grouped(lhs, rhs):
-        return gmm(lhs, rhs, counts, preferred_element_type=jnp.float32, tiling=gmm_tiling(rows, *rhs.shape[1:],
-                   generation), group_offset=offset, interpret=interpret)
+        return gmm(lhs, rhs, counts, preferred_element_type=jnp.float32, group_offset=offset, interpret=interpret,
+                   tiling=(tm,) + gmm_tiling(rows, *rhs.shape[1:], generation, total)[1:])
 
     xs = x[token]
     h = (jax.nn.silu(grouped(xs, w.gate)) * grouped(xs, w.up)).astype(x.dtype)
