@@ -34,7 +34,8 @@ Expert layouts (`--layouts`, no compiling: shapes, FLOPs and bytes follow from t
   analytic minimum (attention, projections and lm_head taken at their minimum);
 - bytes each device moves per step: the collectives (the DP gather in and the float32 reduce out
   around each MoE layer, the tensor-parallel sums, the logits), and from HBM its expert weights and
-  the expert activations (gathered rows, float32 gate/up/down outputs);
+  the expert activations (gathered rows, gate/up outputs and h, float32 down outputs: every row of
+  the worst-case buffer);
 - HBM per device on each TPU generation: weights, KV cache (4,096 context, 16-token pages, 8,192 pages
   per group), the largest bucket's estimated temp (export.hbm), and the most pages per group that fit.
 
@@ -192,7 +193,7 @@ def layout_row(config: str, mesh: str, layout: str | None, tokens: int = 512, dt
     collectives = moe_layers * ((dp - 1) * tokens * H * b + (dp - 1) / dp * G * H * 4 + tensor_sum(tokens * H * 4)) \
         + cfg.num_layers * tensor_sum(tokens * H * b) + (tp - 1) * 64 * cfg.vocab_size / tp * 4
     expert_weights = moe_layers * 3 * lay.local_experts * H * lay.local_width * b
-    activations = moe_layers * (rows * H * b + rows * lay.local_width * (2 * 4 + b) + rows * H * 4)
+    activations = moe_layers * (rows * H * b + rows * lay.local_width * 3 * b + rows * H * 4)
     row = {"config": config, "mesh": mesh, "layout": lay.name, "tokens_per_group": tokens, "dtype": dtype,
            "local_experts": lay.local_experts, "local_width": lay.local_width,
            "matmuls": [f"[{rows}, {H}] x [{lay.local_experts}, {H}, {lay.local_width}]",

@@ -380,7 +380,8 @@ def gmm_tiling(m: int, k: int, n: int, generation: str | None, groups: int = 1) 
 def experts_gmm(w: MoeWeights, x, pairs: RoutedPairs, first, total: int, generation: str | None = None,
                 interpret: bool = False):
     """TPU: the megablox grouped matmul over the globally sorted pairs; `group_offset` makes it
-    compute only this device's experts' rows (the rest are zero). Float32 accumulation and output.
+    compute only this device's experts' rows (the rest are zero). Float32 accumulation, float32
+    partial sums.
 
     pairs: every expert's pairs, sorted by expert (sort_pairs); first: this device's first expert;
     total: the padded expert count, of which w holds w.gate.shape[0] from `first`."""
@@ -395,13 +396,15 @@ def experts_gmm(w: MoeWeights, x, pairs: RoutedPairs, first, total: int, generat
     weight = jnp.pad(pairs.weight, (0, rows - pairs.token.shape[0]))
     offset = None if local == total else jnp.asarray(first, jnp.int32)
 
-    def grouped(lhs, rhs):
-        return gmm(lhs, rhs, counts, preferred_element_type=jnp.float32, group_offset=offset, interpret=interpret,
+    def grouped(lhs, rhs, dtype):  # accumulates in float32 inside the kernel, stores `dtype`
+        return gmm(lhs, rhs, counts, preferred_element_type=dtype, group_offset=offset, interpret=interpret,
                    tiling=(tm,) + gmm_tiling(rows, *rhs.shape[1:], generation, total)[1:])
 
     xs = x[token]
-    h = (jax.nn.silu(grouped(xs, w.gate)) * grouped(xs, w.up)).astype(x.dtype)
-    out = grouped(h, w.down)  # [rows, H]
+    # gate and up stored in the activations' dtype, as HF's Linear layers return them (half the bytes
+    # of float32 over every row of the worst-case buffer); the expert outputs in float32, summed so.
+    h = jax.nn.silu(grouped(xs, w.gate, x.dtype)) * grouped(xs, w.up, x.dtype)
+    out = grouped(h, w.down, jnp.float32)  # [rows, H]
     start = (jnp.cumsum(counts) - counts)[first]
     row = jnp.arange(rows)
     mine = (row >= start) & (row < start + lax.dynamic_slice(counts, (first,), (local,)).sum())

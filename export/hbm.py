@@ -45,14 +45,14 @@ def kv_bytes(mesh: fmt.MeshEntry, dtype: str) -> int:
 def estimate_temp_bytes(cfg, mesh: fmt.MeshEntry, bucket, dtype: str) -> int:
     """The largest bucket's MoE layer, the step's biggest live set: the gathered tokens and the
     float32 partial sums [G, H], the expert inputs [M, H] and float32 outputs [M, H] (M = G * top-k,
-    every pair, the worst routing), the float32 gate and up outputs [M, I_local], and the logits of
+    every pair, the worst routing), the gate and up outputs and their product [M, I_local], and the logits of
     every sequence [S, V] in float32 (sampling keeps a few copies). A lower bound for XLA's temp,
     which also holds the layer loop's carries and fusion buffers."""
     lay = mesh.experts
     G, H, k, b = bucket.global_len, cfg.hidden_size, cfg.experts_per_token, itemsize(dtype)
     M = G * k
     width = lay.local_width if lay else 0
-    moe = G * H * (b + 4) + M * H * (b + 4) + M * width * (2 * 4 + b)
+    moe = G * H * (b + 4) + M * H * (b + 4) + M * width * 3 * b
     logits = 3 * bucket.seqs * cfg.vocab_size * 4
     return moe + logits
 

@@ -111,7 +111,11 @@ def test_tpu_4x8_exports_from_abstract_shapes(tmp_path):
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["platforms"] == ["tpu"] and d["format_version"] == fmt.FORMAT_VERSION
-    assert d["meshes"] == [{"name": "4x8", "shape": [4, 8], "devices": 32, "compiled_here": False}]
+    (mesh,) = d["meshes"]
+    assert {k: mesh[k] for k in ("name", "shape", "devices", "compiled_here")} == \
+        {"name": "4x8", "shape": [4, 8], "devices": 32, "compiled_here": False}
+    assert mesh["expert_layout"]["local_experts"] * 32 == 32  # one expert a device: 32 x 32 fills most lanes
+    assert mesh["hbm"]["generation"] == "v5e" and mesh["hbm"]["headroom_bytes"] > 0
     assert len(d["executables"]) == 2 + 2  # max_len t8, t32; sum_len t8/g8, t32/g32 (g in [T, 4T))
     for e in d["executables"]:
         assert set(e) >= {"mesh", "mode", "bucket", "file", "sha256", "compiled_here"} and not e["compiled_here"]
