@@ -431,10 +431,12 @@ def routed_experts(shard: ExpertShard, kernel: str, generation: str | None, cfg:
         if kernel in ("gmm", "gmm-interpret"):
             return experts_gmm(w, x, pairs, first, total, generation, interpret=kernel == "gmm-interpret")
         mine = local_pairs(pairs, first, local, total)
+        # The CPU loop sees float32 tokens, so it computes and accumulates in float32 (XLA:CPU
+        # computes a bfloat16 dot on float32 copies anyway).
         if kernel == "tiles":
-            return experts_by_tile(w, x, mine).astype(jnp.float32)
+            return experts_by_tile(w, x.astype(jnp.float32), mine)
         return lax.platform_dependent(w, x, mine, tpu=experts_ragged,
-                                      default=lambda w, x, p: experts_by_tile(w, x, p).astype(jnp.float32))
+                                      default=lambda w, x, p: experts_by_tile(w, x.astype(jnp.float32), p))
 
 
 def dense_experts(shard: ExpertShard, cfg: ModelConfig, w: MoeWeights, x, valid):
