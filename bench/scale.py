@@ -20,7 +20,26 @@ weight stacks in float32) rather than the model. Both dtypes are reported; the f
 runs natively here, is the bound for a backend with native bfloat16 (every buffer the same shape at
 half the bytes).
 
-    python -m bench.scale [--quick]
+Expert layouts (`--layouts`, no compiling: shapes, FLOPs and bytes follow from the layout): per
+(config, mesh, layout), at 512 tokens per group in bfloat16 as a TPU runs it (megablox gmm):
+
+- each device's expert matmuls, [rows, H] x [local experts, H, local width] and back, and the share
+  of their 128-lane tiles that hold real columns;
+- expert FLOPs per device for the worst routing the static shapes allow (every pair on this device's
+  experts) and for uniform routing (every expert the same number of pairs), counted as the kernel
+  runs them: whole row tiles, a group that starts inside a tile costs that tile again; against the
+  minimum, pairs * 6HI / devices; the same for a random routing (each token's experts drawn at
+  random) on its busiest device; the matrix unit's time against the minimum (uniform FLOPs over the
+  lane fill: a 96-column matmul occupies 128 lanes); and the whole step's uniform FLOPs against its
+  analytic minimum (attention, projections and lm_head taken at their minimum);
+- bytes each device moves per step: the collectives (the DP gather in and the float32 reduce out
+  around each MoE layer, the tensor-parallel sums, the logits), and from HBM its expert weights and
+  the expert activations (gathered rows, gate/up outputs and h, float32 down outputs: every row of
+  the worst-case buffer);
+- HBM per device on each TPU generation: weights, KV cache (4,096 context, 16-token pages, 8,192 pages
+  per group), the largest bucket's estimated temp (export.hbm), and the most pages per group that fit.
+
+    python -m bench.scale [--quick | --layouts]
 """
 
 from __future__ import annotations
@@ -123,10 +142,144 @@ def measure(case: Case, work: Path) -> list[dict]:
     return rows
 
 
+LAYOUT_CASES = [("qwen3-30b-a3b", "2x4"), ("qwen3-30b-a3b", "4x8"), ("qwen3-235b-a22b", "4x8"),
+                ("qwen3-235b-a22b", "8x8")]
+LAYOUT_GOALS = {"uniform_flops_ratio": 1.2}
+
+
+def gmm_row_tiles(counts, first: int, local: int, tm: int) -> int:
+    """Row tiles megablox gmm runs for experts [first, first + local) of a sorted routing with
+    `counts` pairs per expert: each non-empty group from its start rounded down to its end rounded up."""
+    import numpy as np
+
+    ends = np.cumsum(counts)
+    starts = ends - counts
+    tiles = (-(-ends // tm) * tm - starts // tm * tm) // tm
+    return int(np.where(np.asarray(counts) > 0, tiles, 0)[first:first + local].sum())
+
+
+def layout_row(config: str, mesh: str, layout: str | None, tokens: int = 512, dtype: str = "bfloat16",
+               generation: str = "v5e") -> dict:
+    import numpy as np
+
+    from dp_attention import load_hf_config, parse_mesh
+    from dp_attention.model import gmm_tiling
+    from dp_attention.weights import ExpertLayout
+
+    cfg = load_hf_config(CONFIGS / config)
+    shape = parse_mesh(mesh)
+    lay = ExpertLayout.choose(cfg, shape, layout)
+    dp, tp, devices = shape.dp, shape.tp, shape.num_devices
+    H, I, E, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.experts_per_token
+    b = 2 if dtype == "bfloat16" else 4
+    G = dp * tokens
+    M = G * k
+    tm, _, _ = gmm_tiling(M, H, lay.local_width, generation, lay.experts)
+    rows = -(-M // tm) * tm
+    per_row = 2 * 3 * H * lay.local_width  # gate, up, down
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+    worst_tiles = rows // tm + lay.local_experts - 1  # every pair local, each group starting mid-tile
+    uniform = np.full(lay.experts, 0)
+    uniform[:E] = M // E + (np.arange(E) < M % E)
+    uniform_tiles = max(gmm_row_tiles(uniform, s * lay.local_experts, lay.local_experts, tm) for s in range(lay.shards))
+    rng = np.random.default_rng(0)  # each token's k experts drawn at random, distinct: a routing without skew
+    drawn = np.argsort(rng.random((G, E)), axis=1)[:, :k].reshape(-1)
+    sampled = np.bincount(drawn, minlength=lay.experts)
+    random_tiles = max(gmm_row_tiles(sampled, s * lay.local_experts, lay.local_experts, tm) for s in range(lay.shards))
+    expert_min = M * 6 * H * I / devices * moe_layers
+    step_min = minimum_flops(cfg, tokens, 64, dp, devices, 4096)
+    uniform_flops = uniform_tiles * tm * per_row * moe_layers
+    tensor_sum = lambda n: 2 * (tp - 1) / tp * n  # noqa: E731  ring all-reduce, bytes sent per device
+    collectives = moe_layers * ((dp - 1) * tokens * H * b + (dp - 1) / dp * G * H * 4 + tensor_sum(tokens * H * 4)) \
+        + cfg.num_layers * tensor_sum(tokens * H * b) + (tp - 1) * 64 * cfg.vocab_size / tp * 4
+    expert_weights = moe_layers * 3 * lay.local_experts * H * lay.local_width * b
+    activations = moe_layers * (rows * H * b + rows * lay.local_width * 3 * b + rows * H * 4)
+    row = {"config": config, "mesh": mesh, "layout": lay.name, "tokens_per_group": tokens, "dtype": dtype,
+           "local_experts": lay.local_experts, "local_width": lay.local_width,
+           "matmuls": [f"[{rows}, {H}] x [{lay.local_experts}, {H}, {lay.local_width}]",
+                       f"[{rows}, {lay.local_width}] x [{lay.local_experts}, {lay.local_width}, {H}]"],
+           "gmm_tiling": [[tm, *gmm_tiling(rows, H, lay.local_width, generation)[1:]],
+                          [tm, *gmm_tiling(rows, lay.local_width, H, generation)[1:]]],
+           "lane_fill": lay.lane_fill() * lay.lane_fill(H),
+           "expert_flops_worst": worst_tiles * tm * per_row * moe_layers, "expert_flops_uniform": uniform_flops,
+           "expert_flops_min": expert_min, "uniform_expert_ratio": uniform_flops / expert_min,
+           "uniform_mxu_ratio": uniform_flops / expert_min / (lay.lane_fill() * lay.lane_fill(H)),
+           "expert_flops_random": random_tiles * tm * per_row * moe_layers,
+           "random_expert_ratio": random_tiles * tm * per_row * moe_layers / expert_min,
+           "uniform_step_ratio": (step_min - expert_min + uniform_flops) / step_min,
+           "collective_bytes": collectives, "expert_weight_bytes": expert_weights,
+           "expert_activation_bytes": activations, "hbm": hbm_rows(config, shape, lay.name, dtype)}
+    return row
+
+
+def hbm_rows(config: str, shape, layout: str, dtype: str) -> dict:
+    """Per TPU generation: weights, KV cache and estimated temp per device, and the pages that fit."""
+    from export import hbm
+    from export.build import BuildConfig, _mesh_entry
+    from export.errors import BuildError
+    from export.source import open_model
+    from runtime.buckets import Bucket
+
+    source = open_model(str(CONFIGS / config), dtype, weights=False)
+    cfg = BuildConfig(model=str(CONFIGS / config), meshes=(shape,), platforms=("tpu",), dtype=dtype,
+                      max_context=4096, page_size=16, pages_per_group=8192, expert_layout=layout)
+    entry = _mesh_entry(None, cfg, source, shape, False, cfg.cache(), set(), None)
+    temp = hbm.estimate_temp_bytes(source.config, entry, Bucket("max_len", 512, 64, shape.dp * 512), dtype)
+    out = {}
+    for generation in hbm.HBM_BYTES:
+        try:
+            e = hbm.fit(generation, entry, dtype, temp, False, cfg.pages_per_group)
+        except BuildError:
+            e = None
+        weights, kv = hbm.weight_bytes(entry), hbm.kv_bytes(entry, dtype)
+        page = -(-kv // cfg.pages_per_group)
+        out[generation] = {"weights": weights, "kv": kv, "temp_estimate": temp, "fits": e is not None,
+                           "max_pages_per_group": max(0, (hbm.HBM_BYTES[generation] - weights - temp) // page)}
+    return out
+
+
+def layouts_main() -> dict:
+    rows = []
+    for config, mesh in LAYOUT_CASES:
+        for layout in dict.fromkeys([None, "width"]):  # the chosen one, then the old one for comparison
+            r = layout_row(config, mesh, layout)
+            if rows and (r["config"], r["mesh"], r["layout"]) == (rows[-1]["config"], rows[-1]["mesh"], rows[-1]["layout"]):
+                continue
+            rows.append(r)
+            fits = ", ".join(f"{g} {'fits' if h['fits'] else 'NO'} ({h['max_pages_per_group']} pages)"
+                             for g, h in r["hbm"].items())
+            print(f"{config:16s} {mesh} {r['layout']:9s} {r['local_experts']:3d} x {r['local_width']:4d}  "
+                  f"fill {r['lane_fill']:.2f}  expert GFLOP worst {r['expert_flops_worst'] / 1e9:8.1f} uniform "
+                  f"{r['expert_flops_uniform'] / 1e9:7.1f} ({r['uniform_expert_ratio']:.2f}x min, random "
+                  f"{r['random_expert_ratio']:.2f}x on the busiest device; MXU time {r['uniform_mxu_ratio']:.2f}x; step "
+                  f"{r['uniform_step_ratio']:.2f}x)  collectives {r['collective_bytes'] / 2**20:6.0f} MiB  "
+                  f"expert weights {r['expert_weight_bytes'] / 2**30:.2f} GiB  activations "
+                  f"{r['expert_activation_bytes'] / 2**30:.2f} GiB  | weights "
+                  f"{r['hbm']['v5e']['weights'] / 2**30:.1f} GiB, KV {r['hbm']['v5e']['kv'] / 2**30:.1f} GiB: {fits}",
+                  flush=True)
+    chosen = [r for r in rows if r["layout"] == layout_row(r["config"], r["mesh"], None)["layout"]]
+    checks = {
+        "128-lane aligned (chosen layouts)": {"figure": ", ".join(f"{r['config'].split('-')[1]} {r['mesh']}: "
+                                                                  f"{r['local_width']}" for r in chosen),
+                                             "goal": "local width % 128 == 0",
+                                             "met": all(r["local_width"] % 128 == 0 for r in chosen)},
+        "uniform step FLOPs / minimum at 512 tokens/group": {
+            "figure": " / ".join(f"{r['uniform_step_ratio']:.3f}" for r in chosen), "goal": "<= 1.2",
+            "met": all(r["uniform_step_ratio"] <= LAYOUT_GOALS["uniform_flops_ratio"] for r in chosen)},
+    }
+    for name, c in checks.items():
+        print(f"{name}: {c['figure']}  goal {c['goal']}  {'met' if c['met'] else 'NOT met'}")
+    return {"rows": rows, "checks": checks}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="30B only, float32 only")
+    p.add_argument("--layouts", action="store_true", help="only the expert-layout table (no compiling)")
     args = p.parse_args(argv)
+    if args.layouts:
+        write_result("scale_layouts", layouts_main())
+        return 0
     cases = [Case("qwen3-30b-a3b", "2x4", "float32"), Case("qwen3-30b-a3b", "2x4", "float32", layers=8)]
     if not args.quick:
         cases += [Case("qwen3-30b-a3b", "2x4", "bfloat16"), Case("qwen3-30b-a3b", "2x4", "bfloat16", layers=8),

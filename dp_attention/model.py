@@ -83,10 +83,11 @@ class LayerWeights:
 @partial(jax.tree_util.register_dataclass, data_fields=["router", "gate", "up", "down"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class MoeWeights:
-    """The MoE layers' router and experts; expert columns split over every device."""
+    """The MoE layers' router and experts; experts and their columns split over the devices as the
+    expert layout says (weights.ExpertLayout): a device holds its local experts' columns."""
 
     router: jax.Array  # [Lm, H, E]
-    gate: jax.Array  # [Lm, E, H, I]    I over ("data", "tensor")
+    gate: jax.Array  # [Lm, E, H, I]    E over the layout's expert axes, I over its width axes
     up: jax.Array  # [Lm, E, H, I]
     down: jax.Array  # [Lm, E, I, H]
 
@@ -231,9 +232,11 @@ def route(cfg: ModelConfig, router_w, x):
 
 
 # ------------------------------------------------------------------------------- experts (per device)
-# Every device holds every expert on 1/devices of its intermediate columns and computes every routed
-# (token, expert) pair of the global batch on those columns: work per device = pairs * 6HI / devices.
-# Pairs are sorted by expert; the partial sums over columns are completed by the DP scatter.
+# A device holds some experts (its local ones: the layout's expert shards) on some of their
+# intermediate columns (its width shard), and computes every routed (token, expert) pair of the
+# global batch whose expert is local, on those columns: with routing spread evenly, work per device =
+# pairs * 6HI / devices whatever the layout. Pairs are sorted by expert; the partial sums over
+# experts and columns are completed, in float32, by the DP scatter.
 
 @partial(jax.tree_util.register_dataclass, data_fields=["token", "weight", "counts"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +262,47 @@ def sort_pairs(cfg: ModelConfig, router_w, x, valid) -> RoutedPairs:
     counts = jnp.zeros(E + 1, jnp.int32).at[key].add(1)[:E]
     weight = jnp.where(key < E, weights.reshape(-1), 0)[order]
     return RoutedPairs(pair_token[order], weight, counts)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertShard:
+    """Where this device's experts sit among all of them: the mesh axes that split the experts
+    (none: every device holds every expert) and how many shards they make."""
+
+    axes: tuple[str, ...] = ()
+    shards: int = 1
+
+    @staticmethod
+    def from_spec(gate_spec, mesh) -> "ExpertShard":
+        """From the stacked gate weight's PartitionSpec [layers, E, H, I]."""
+        axes = gate_spec[1] if len(gate_spec) > 1 else None
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        shards = 1
+        for a in axes:
+            shards *= mesh.shape[a]
+        return ExpertShard(axes, shards)
+
+    def first_expert(self, local_experts: int) -> jax.Array:
+        """The global index of this device's first expert (inside the step's shard_map)."""
+        if not self.axes:
+            return jnp.int32(0)
+        return (lax.axis_index(self.axes) * local_experts).astype(jnp.int32)
+
+
+def padded_counts(pairs: RoutedPairs, total: int) -> jax.Array:
+    """Pairs per expert over the padded expert count (padded experts get none)."""
+    return jnp.pad(pairs.counts, (0, total - pairs.counts.shape[0])).astype(jnp.int32)
+
+
+def local_pairs(pairs: RoutedPairs, first, local: int, total: int) -> RoutedPairs:
+    """The pairs of experts [first, first + local) of `total`, moved to the front and renumbered from
+    0; the rest keep their rows but weigh 0, so a worst routing (every pair local) still fits."""
+    counts = padded_counts(pairs, total)
+    mine = lax.dynamic_slice(counts, (first,), (local,))
+    start = (jnp.cumsum(counts) - counts)[first]
+    token, weight = jnp.roll(pairs.token, -start), jnp.roll(pairs.weight, -start)
+    weight = jnp.where(jnp.arange(token.shape[0]) < jnp.sum(mine), weight, 0)
+    return RoutedPairs(token, weight, mine)
 
 
 def rows_per_tile(pairs: int, experts: int) -> int:
@@ -304,37 +348,114 @@ def experts_by_expert(stack: MoeWeights, index, x, pairs: RoutedPairs):
 
 
 def experts_ragged(w: MoeWeights, x, pairs: RoutedPairs):
-    """TPU: grouped matmuls over the sorted pairs (`lax.ragged_dot`, native there)."""
+    """TPU inside a multi-platform export, where the Pallas kernel cannot sit beside a CPU branch:
+    grouped matmuls over the sorted local pairs (`lax.ragged_dot`, native there)."""
     N, H = x.shape
     xs = x[pairs.token]
     sizes = pairs.counts.astype(jnp.int32)
-    h = jax.nn.silu(lax.ragged_dot(xs, w.gate, sizes)) * lax.ragged_dot(xs, w.up, sizes)
-    out = lax.ragged_dot(h, w.down, sizes)
+    f32 = dict(preferred_element_type=jnp.float32)
+    h = jax.nn.silu(lax.ragged_dot(xs, w.gate, sizes, **f32)) * lax.ragged_dot(xs, w.up, sizes, **f32)
+    out = lax.ragged_dot(h.astype(x.dtype), w.down, sizes, **f32)
     real = jnp.arange(xs.shape[0]) < jnp.sum(sizes)
     out = jnp.where(real[:, None], out * pairs.weight[:, None], 0)
-    return jnp.zeros((N, H), x.dtype).at[pairs.token].add(out)
+    return jnp.zeros((N, H), jnp.float32).at[pairs.token].add(out)
 
 
-def routed_experts(cfg: ModelConfig, stack: MoeWeights, index, x, valid):
-    """This device's column share of every routed pair over the global tokens x [N, H] -> [N, H],
-    for MoE layer `index` of the stacked weights."""
+# Rows per grouped-matmul tile, at most: the matrix unit is 128 rows tall (256 on v6e).
+GMM_ROWS = {"v5e": 128, "v5p": 128, "v6e": 256}
+
+
+def gmm_tiling(m: int, k: int, n: int, generation: str | None, groups: int = 1) -> tuple[int, int, int]:
+    """(rows, contraction, columns) tile of megablox gmm for an [m, k] x [k, n] problem over `groups`
+    experts. Rows: a group that starts inside a tile costs that whole tile again, and under random
+    routing an expert's rows scatter around its even share, so a tile a quarter of that share (a
+    power of two, from 16 to the unit's height) keeps the waste near a quarter of the rows.
+    Lanes: the whole dimension when it is not a multiple of 128 (a block must be one or the other),
+    else the largest of 512 / 256 / 128 that divides it."""
+    def lanes(d):
+        if d % LANES:
+            return d
+        return next(t for t in (512, 256, 128) if d % t == 0)
+
+    share = max(1, m // max(1, groups) // 4)
+    tm = min(GMM_ROWS.get(generation or "v5e", 128), max(16, 1 << (share.bit_length() - 1)))
+    return tm, lanes(k), lanes(n)
+
+
+def experts_gmm(w: MoeWeights, x, pairs: RoutedPairs, first, total: int, generation: str | None = None,
+                interpret: bool = False):
+    """TPU: the megablox grouped matmul over the globally sorted pairs; `group_offset` makes it
+    compute only this device's experts' rows (the rest are zero). Float32 accumulation, float32
+    partial sums.
+
+    pairs: every expert's pairs, sorted by expert (sort_pairs); first: this device's first expert;
+    total: the padded expert count, of which w holds w.gate.shape[0] from `first`."""
+    from jax.experimental.pallas.ops.tpu.megablox import gmm  # TPU exports only: keeps CPU imports light
+
+    N, H = x.shape
+    local, _, width = w.gate.shape
+    counts = padded_counts(pairs, total)
+    tm, _, _ = gmm_tiling(pairs.token.shape[0], H, width, generation, total)
+    rows = -(-pairs.token.shape[0] // tm) * tm  # gmm wants whole row tiles
+    token = jnp.pad(pairs.token, (0, rows - pairs.token.shape[0]))
+    weight = jnp.pad(pairs.weight, (0, rows - pairs.token.shape[0]))
+    offset = None if local == total else jnp.asarray(first, jnp.int32)
+
+    def grouped(lhs, rhs, dtype):  # accumulates in float32 inside the kernel, stores `dtype`
+        return gmm(lhs, rhs, counts, preferred_element_type=dtype, group_offset=offset, interpret=interpret,
+                   tiling=(tm,) + gmm_tiling(rows, *rhs.shape[1:], generation, total)[1:])
+
+    xs = x[token]
+    # gate and up stored in the activations' dtype, as HF's Linear layers return them (half the bytes
+    # of float32 over every row of the worst-case buffer); the expert outputs in float32, summed so.
+    h = jax.nn.silu(grouped(xs, w.gate, x.dtype)) * grouped(xs, w.up, x.dtype)
+    out = grouped(h, w.down, jnp.float32)  # [rows, H]
+    start = (jnp.cumsum(counts) - counts)[first]
+    row = jnp.arange(rows)
+    mine = (row >= start) & (row < start + lax.dynamic_slice(counts, (first,), (local,)).sum())
+    out = jnp.where(mine[:, None], out * weight[:, None].astype(jnp.float32), 0)  # unwritten rows may be anything
+    return jnp.zeros((N, H), jnp.float32).at[token].add(out)
+
+
+EXPERT_KERNELS = ("tiles", "gmm", "gmm-interpret", "by-platform")
+
+
+def routed_experts(shard: ExpertShard, kernel: str, generation: str | None, cfg: ModelConfig, stack: MoeWeights,
+                   index, x, valid):
+    """This device's share (its experts, its columns) of every routed pair over the global tokens
+    x [N, H] -> float32 [N, H] partial sums.
+
+    kernel: "tiles" (the CPU loop), "gmm" (the Pallas TPU kernel), "gmm-interpret" (the same kernel
+    interpreted, tests on CPU) or "by-platform" (ragged_dot on TPU, tiles elsewhere: multi-platform
+    exports). `stack` holds every MoE layer; `index` picks this one (the CPU loop slices each
+    expert from the stack, never the whole layer)."""
     with jax.named_scope("experts"):
         pairs = sort_pairs(cfg, stack.router[index], x, valid)
+        local = stack.gate.shape[1]
+        total = local * shard.shards
+        first = shard.first_expert(local)
+        if kernel in ("gmm", "gmm-interpret"):
+            return experts_gmm(layer(stack, index), x, pairs, first, total, generation, interpret=kernel == "gmm-interpret")
+        mine = local_pairs(pairs, first, local, total)
+        # The CPU loop sees float32 tokens, so it computes and accumulates in float32 (XLA:CPU
+        # computes a bfloat16 dot on float32 copies anyway).
+        if kernel == "tiles":
+            return experts_by_expert(stack, index, x.astype(jnp.float32), mine)
         return lax.platform_dependent(
-            stack, index, x, pairs,
-            tpu=lambda stack, index, x, pairs: experts_ragged(layer(stack, index), x, pairs),
-            default=experts_by_expert)
+            stack, index, x, mine,
+            tpu=lambda stack, index, x, p: experts_ragged(layer(stack, index), x, p),
+            default=lambda stack, index, x, p: experts_by_expert(stack, index, x.astype(jnp.float32), p))
 
 
-def dense_experts(cfg: ModelConfig, stack: MoeWeights, index, x, valid):
-    """Reference only: every expert on every token (FLOPs grow with N * experts)."""
+def dense_experts(shard: ExpertShard, cfg: ModelConfig, stack: MoeWeights, index, x, valid):
+    """Reference only: every local expert on every token (FLOPs grow with N * experts)."""
     w = layer(stack, index)
     weights, experts = route(cfg, w.router, x)
     E = w.gate.shape[0]
-    onehot = (experts[..., None] == jnp.arange(E)).astype(x.dtype)  # [N, k, E]
+    onehot = (experts[..., None] == shard.first_expert(E) + jnp.arange(E)).astype(x.dtype)  # [N, k, E]
     coef = jnp.einsum("nk,nke->ne", weights, onehot) * valid[:, None].astype(x.dtype)
     h = jax.nn.silu(jnp.einsum("nh,ehi->nei", x, w.gate)) * jnp.einsum("nh,ehi->nei", x, w.up)
-    return jnp.einsum("nei,eih,ne->nh", h, w.down, coef)
+    return jnp.einsum("nei,eih,ne->nh", h, w.down, coef, preferred_element_type=jnp.float32)
 
 
 # ------------------------------------------------------------------------------- the layer scan
@@ -388,7 +509,7 @@ def run_layers(cfg: ModelConfig, w: Weights, x, kv, paged: PagedBatch, backend, 
                 moe_i = moe_before[seg.start] + j * n_moe + sum(seg.unit[:o])
                 if is_moe:
                     g = backend.gather(h)
-                    h = backend.scatter(experts_fn(cfg, w.moe, moe_i, g, valid))
+                    h = backend.scatter(experts_fn(cfg, w.moe, moe_i, g, valid)).astype(h.dtype)  # f32 sum
                 else:
                     dense_i = (seg.start - moe_before[seg.start]) + j * (u - n_moe) + (o - sum(seg.unit[:o]))
                     h = dense_mlp(layer(w.dense, dense_i), h)
@@ -419,10 +540,13 @@ class StepOptions:
     attention: str = "native"
     tpu_generation: str | None = None
     fa_kernel: object = None
+    experts: str = "by-platform"  # the expert kernel, one of EXPERT_KERNELS (see routed_experts)
 
     def __post_init__(self):
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention {self.attention!r} is not one of {ATTENTION_BACKENDS}")
+        if self.experts not in EXPERT_KERNELS:
+            raise ValueError(f"experts {self.experts!r} is not one of {EXPERT_KERNELS}")
 
     def base_backend(self, q_heads: int, dtype, kv, batch: PagedBatch, last_index):
         """The attention the DP wrapper wraps, for this device's shapes."""
@@ -435,7 +559,7 @@ class StepOptions:
         return FlashAttentionBackend(self.fa_kernel or tpu_kernel(), last_index, blocks)
 
 
-def device_step(cfg: ModelConfig, bucket: Bucket, opts: StepOptions, flat_weights, kv, batch):
+def device_step(cfg: ModelConfig, bucket: Bucket, opts: StepOptions, shard: ExpertShard, flat_weights, kv, batch):
     """Runs on one device: weights are its shards, kv and batch its group's (data axis of size 1)."""
     w = Weights.from_flat(flat_weights)
     b = {k: (v if k == "num_tokens" else v[0]) for k, v in batch.items()}
@@ -449,7 +573,8 @@ def device_step(cfg: ModelConfig, bucket: Bucket, opts: StepOptions, flat_weight
     kv = kv[0]
     base = opts.base_backend(w.layers.q_proj.shape[2], x.dtype, kv, paged, b["last_index"])
     backend = DpAttentionBackend(base, meta)
-    experts_fn = dense_experts if opts.dense_reference else routed_experts
+    experts_fn = (partial(dense_experts, shard) if opts.dense_reference
+                  else partial(routed_experts, shard, opts.experts, opts.tpu_generation))
     x, kv = run_layers(cfg, w, x, kv, paged, backend, experts_fn)
 
     last = rms_norm(x[b["last_index"]], w.final_norm, cfg.rms_norm_eps)  # [S, H]
@@ -476,8 +601,9 @@ def make_step(cfg: ModelConfig, bucket: Bucket, mesh, weight_specs: dict, **opti
     opts = StepOptions(**options)
     w_specs = {k: s.spec for k, s in weight_specs.items()}
     out_specs = dict(OUTPUT_SPECS) | ({"logits": P("data", None, None)} if opts.with_logits else {})
+    shard = ExpertShard.from_spec(w_specs["moe.gate"], mesh) if "moe.gate" in w_specs else ExpertShard()
     return jax.shard_map(
-        partial(device_step, cfg, bucket, opts),
+        partial(device_step, cfg, bucket, opts, shard),
         mesh=mesh,
         in_specs=(w_specs, CACHE_SPEC, BATCH_SPECS),
         out_specs=(out_specs, CACHE_SPEC),

@@ -10,8 +10,12 @@ metadata follows from positions, seq_index and last_index without the host sendi
 The stacked cache [layers, pages, ...] is handed to the kernel whole, viewed as [layers * pages,
 ...], with this layer's page indices offset by layer * pages: no copy of a layer's cache per step.
 
-The kernel runs only on TPU (no interpret mode for it on CPU). `ragged_paged_attention_reference`
-is a jittable pure-JAX function with its exact signature and semantics; the CPU tests run the fa
+The kernel runs only on TPU. jax 0.10.2's TPU interpreter (`pltpu.force_tpu_interpret_mode()`)
+cannot run it on CPU: the kernel views its VMEM KV buffer through a reshaped ref
+(`async_copy.wait().reshape(pages * page_size * heads, head_dim)`) before its strided loads, and the
+interpreter's ref reads only understand index transforms (`interpret/utils.py` `to_range` fails with
+"'ReshapeTransform' object has no attribute 'indices'"). `ragged_paged_attention_reference` is a
+jittable pure-JAX function with the kernel's exact signature and semantics; the CPU tests run the fa
 backend on it, fed by the same metadata builder.
 """
 

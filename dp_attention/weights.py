@@ -2,7 +2,9 @@
 
 Weights are kept in a "placed" layout that fits the mesh evenly:
   * the vocab of lm_head and the dense-MLP width are zero-padded to a multiple of tp,
-  * experts are zero-padded to a multiple of dp*tp (padded experts are never routed to),
+  * experts are split over some mesh axes and their intermediate width over the rest (the expert
+    layout, see ExpertLayout); experts are zero-padded to a multiple of their shards and the width
+    to a multiple of its shards (padded experts are never routed to),
   * kv heads fewer than tp are repeated so each tensor shard holds the kv head its q heads use.
 Zero padding is exact: padded logits are sliced off, silu(0) * 0 contributes nothing.
 
@@ -39,6 +41,81 @@ def np_dtype(name: str):
     return {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[name]
 
 
+LANES = 128  # a TPU matrix unit's tile edge (v6e's is 256, which 128-aligned shapes half fill at worst)
+
+# --expert-layout name -> (mesh axes the experts are split over, axes their intermediate width is split over)
+EXPERT_LAYOUTS = {
+    "width": ((), ("data", "tensor")),
+    "ep-data": (("data",), ("tensor",)),
+    "ep-tensor": (("tensor",), ("data",)),
+    "ep": (("data", "tensor"), ()),
+}
+
+
+def _axes_spec(axes: tuple[str, ...]):
+    """A PartitionSpec entry for a tuple of mesh axes."""
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertLayout:
+    """Which mesh axes split the experts (expert parallelism) and which split their intermediate width.
+
+    Every layout computes the same thing with the same collectives (tokens gathered in, partial sums
+    reduced out): a device computes the pairs routed to its experts on its columns. They differ in
+    the shape of each device's matmuls, and a TPU's matrix unit wastes the lanes of a width that is
+    not a multiple of 128; the layout is chosen per (config, mesh) to fill them.
+    """
+
+    name: str
+    expert_axes: tuple[str, ...]
+    width_axes: tuple[str, ...]
+    experts: int  # padded to a multiple of the expert shards
+    width: int  # padded to a multiple of the width shards
+    local_experts: int
+    local_width: int
+
+    @staticmethod
+    def make(cfg: ModelConfig, mesh: MeshShape, name: str) -> "ExpertLayout":
+        if name not in EXPERT_LAYOUTS:
+            raise WeightError(f"expert layout {name!r} is not one of {', '.join(EXPERT_LAYOUTS)} (or auto)")
+        expert_axes, width_axes = EXPERT_LAYOUTS[name]
+        size = {"data": mesh.dp, "tensor": mesh.tp}
+        ep = int(np.prod([size[a] for a in expert_axes]))
+        wp = int(np.prod([size[a] for a in width_axes]))
+        experts, width = round_up(cfg.num_experts, ep), round_up(cfg.moe_intermediate_size, wp)
+        return ExpertLayout(name, expert_axes, width_axes, experts, width, experts // ep, width // wp)
+
+    @property
+    def shards(self) -> int:
+        """How many devices split the experts (the rest split the width)."""
+        return self.experts // self.local_experts
+
+    def lane_fill(self, n: int | None = None) -> float:
+        """The share of 128-lane tiles that hold real columns, for a dimension of n (default the local width)."""
+        n = self.local_width if n is None else n
+        return n / round_up(n, LANES)
+
+    def efficiency(self, cfg: ModelConfig) -> float:
+        """Lane fill of the local width times the share of the stored expert weights that is real."""
+        real = cfg.num_experts * cfg.moe_intermediate_size / (self.experts * self.width)
+        return real * self.lane_fill()
+
+    def specs(self):
+        """PartitionSpecs of one layer's gate/up [E, H, I] and down [E, I, H]."""
+        e, w = _axes_spec(self.expert_axes), _axes_spec(self.width_axes)
+        return P(e, None, w), P(e, w, None)
+
+    @staticmethod
+    def choose(cfg: ModelConfig, mesh: MeshShape, name: str | None = None) -> "ExpertLayout":
+        """`name`, or the layout whose matmuls fill the most lanes; among equals the one with the fewest
+        expert shards, whose worst routing (every pair on one device) costs least."""
+        if name not in (None, "auto"):
+            return ExpertLayout.make(cfg, mesh, name)
+        layouts = [ExpertLayout.make(cfg, mesh, n) for n in EXPERT_LAYOUTS]
+        return max(layouts, key=lambda lay: (round(lay.efficiency(cfg), 6), -lay.shards))
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Padded sizes for one mesh shape; the model and the loaders agree through this."""
@@ -46,11 +123,15 @@ class Layout:
     vocab: int  # lm_head columns, multiple of tp
     kv_heads: int  # kv heads after repetition, multiple of tp
     kv_repeat: int
-    expert_width: int  # experts' intermediate width, multiple of every device (dp*tp)
+    experts: ExpertLayout
     dense_width: int  # dense MLP intermediate, multiple of tp
 
+    @property
+    def expert_width(self) -> int:
+        return self.experts.width
+
     @staticmethod
-    def for_mesh(cfg: ModelConfig, mesh: MeshShape) -> "Layout":
+    def for_mesh(cfg: ModelConfig, mesh: MeshShape, expert_layout: str | None = None) -> "Layout":
         tp = mesh.tp
         if cfg.num_heads % tp:
             raise WeightError(
@@ -67,7 +148,7 @@ class Layout:
             vocab=round_up(cfg.vocab_size, tp),
             kv_heads=cfg.num_kv_heads * kv_repeat,
             kv_repeat=kv_repeat,
-            expert_width=round_up(cfg.moe_intermediate_size, mesh.num_devices),
+            experts=ExpertLayout.choose(cfg, mesh, expert_layout),
             dense_width=round_up(cfg.intermediate_size, tp),
         )
 
@@ -89,11 +170,15 @@ class WeightSpec:
     hf_shape: tuple[int, ...]
     transpose: bool = False
     reshape: tuple[int, ...] | None = None  # canonical shape after transpose
-    pad_axis: int | None = None
+    pad_axis: int | tuple[int, ...] | None = None  # one axis or several
     repeat_axis: int | None = None
     repeat: int = 1
     per_expert: int = 0  # >0: stack this many per-expert tensors on axis 0
     layers: tuple[int, ...] = ()  # HF layer index of each entry of the leading axis
+
+    @property
+    def pad_axes(self) -> tuple[int, ...]:
+        return () if self.pad_axis is None else (self.pad_axis,) if isinstance(self.pad_axis, int) else self.pad_axis
 
     @property
     def layer_shape(self) -> tuple[int, ...]:
@@ -113,9 +198,10 @@ class WeightSpec:
         return [base.format(e=e) for e in range(self.per_expert)] if self.per_expert else [base]
 
 
-def weight_specs(cfg: ModelConfig, mesh: MeshShape) -> dict[str, WeightSpec]:
-    """The whole model's weights, stacked per layer kind (the layer scan's layout)."""
-    lay = Layout.for_mesh(cfg, mesh)
+def weight_specs(cfg: ModelConfig, mesh: MeshShape, expert_layout: str | None = None) -> dict[str, WeightSpec]:
+    """The whole model's weights, stacked per layer kind (the layer scan's layout). `expert_layout`:
+    a name of EXPERT_LAYOUTS, or None / "auto" for ExpertLayout.choose's."""
+    lay = Layout.for_mesh(cfg, mesh, expert_layout)
     H, V, hd = cfg.hidden_size, cfg.vocab_size, cfg.head_dim
     nq, nkv, E, Im, Id = cfg.num_heads, cfg.num_kv_heads, cfg.num_experts, cfg.moe_intermediate_size, cfg.intermediate_size
     rep = lay.kv_repeat
@@ -150,16 +236,19 @@ def weight_specs(cfg: ModelConfig, mesh: MeshShape) -> dict[str, WeightSpec]:
                            (H, nq * hd), every, transpose=True, reshape=(nq, hd, H)),
     }
     if moe:
-        # Every expert on every device, its intermediate width split over all of them: each device
-        # computes every routed (token, expert) pair on 1/devices of the columns.
+        # Experts over some mesh axes, their intermediate width over the rest (ExpertLayout); both
+        # zero-padded to fit their shards.
+        ex_lay = lay.experts
+        gate_spec, down_spec = ex_lay.specs()
+        Ep, Ip = ex_lay.experts, ex_lay.width
         specs |= {
             "moe.router": W((H, E), P(), pre + "mlp.gate.weight", (E, H), moe, transpose=True),
-            "moe.gate": W((E, H, lay.expert_width), P(None, None, all_devices), ex + "gate_proj.weight",
-                          (Im, H), moe, transpose=True, pad_axis=2, per_expert=E),
-            "moe.up": W((E, H, lay.expert_width), P(None, None, all_devices), ex + "up_proj.weight",
-                        (Im, H), moe, transpose=True, pad_axis=2, per_expert=E),
-            "moe.down": W((E, lay.expert_width, H), P(None, all_devices, None), ex + "down_proj.weight",
-                          (H, Im), moe, transpose=True, pad_axis=1, per_expert=E),
+            "moe.gate": W((Ep, H, Ip), gate_spec, ex + "gate_proj.weight",
+                          (Im, H), moe, transpose=True, pad_axis=(0, 2), per_expert=E),
+            "moe.up": W((Ep, H, Ip), gate_spec, ex + "up_proj.weight",
+                        (Im, H), moe, transpose=True, pad_axis=(0, 2), per_expert=E),
+            "moe.down": W((Ep, Ip, H), down_spec, ex + "down_proj.weight",
+                          (H, Im), moe, transpose=True, pad_axis=(0, 1), per_expert=E),
         }
     if dense:
         specs |= {
@@ -186,7 +275,7 @@ def _source_slice(spec: WeightSpec, index: tuple[slice, ...]):
             lo, hi = a // spec.repeat, (b - 1) // spec.repeat + 1
             src.append(slice(lo, hi))
             post.append(("repeat", spec.repeat, a - lo * spec.repeat, b - a))
-        elif ax == spec.pad_axis:
+        elif ax in spec.pad_axes:
             src.append(slice(min(a, canon[ax]), min(b, canon[ax])))
             post.append(("pad", b - a))
         else:

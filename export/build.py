@@ -36,6 +36,7 @@ from runtime.batching import pack, wire_shapes
 from runtime.buckets import MAX_LEN, Bucket, plan
 from runtime.verify import OUTPUT_NAMES, compare_outputs, tolerance
 
+from . import hbm
 from .errors import BuildError
 from .hlo_cost import collective_bytes, matmul_flops_report
 from .probes import make_probe, step_seconds
@@ -69,11 +70,29 @@ class BuildConfig:
     logprobs: int = DEFAULT_LOGPROBS  # top-N logprobs every executable returns per sequence
     executables_only: bool = False  # no weights, no probes: exports (and their costs) from config.json alone
     attention: str | None = None  # "fa" (the Pallas kernel, TPU only) or "native"; default: fa for tpu builds
-    tpu_generation: str | None = None  # v5e, v5p, v6e: the chip the fa kernel is lowered and tuned for
+    tpu_generation: str | None = None  # v5e, v5p, v6e: the chip the kernels are lowered and tuned for, and whose
+    # HBM the build checks the artifact fits (default v5e for tpu builds)
+    expert_layout: str | None = None  # a name of dp_attention.weights.EXPERT_LAYOUTS; None/"auto": chosen per mesh
 
     @property
     def attention_backend(self) -> str:
         return self.attention or ("fa" if self.platforms == ("tpu",) else "native")
+
+    @property
+    def hbm_generation(self) -> str | None:
+        """The TPU whose HBM the artifact must fit (None: not a TPU build)."""
+        return self.tpu_generation or ("v5e" if "tpu" in self.platforms else None)
+
+    @property
+    def expert_kernel(self) -> str:
+        """The experts' kernel, by the exports' platforms: the Pallas grouped matmul cannot sit beside
+        a CPU branch of lax.platform_dependent, so only a TPU-only export gets it."""
+        if self.platforms == ("tpu",):
+            return "gmm"
+        return "by-platform" if "tpu" in self.platforms else "tiles"
+
+    def specs(self, model, shape: MeshShape) -> dict:
+        return weight_specs(model, shape, self.expert_layout)
 
     @property
     def device_kind(self) -> str | None:
@@ -125,12 +144,12 @@ def up_to_date(out: Path, digest: str) -> bool:
 
 # ------------------------------------------------------------------------------------ pieces
 
-def _weight_entries(tmp: Path, source: ModelSource, shape: MeshShape, written: set, report,
-                    executables_only: bool) -> dict[str, fmt.WeightEntry]:
+def _weight_entries(tmp: Path | None, source: ModelSource, shape: MeshShape, written: set, report,
+                    executables_only: bool, expert_layout: str | None) -> dict[str, fmt.WeightEntry]:
     """Placed weights for one mesh, one file per layer of a stacked weight (a real expert stack is
     never held whole); identical tensors across meshes are stored once. Executables-only builds
     record every weight's shape and sharding, with no files."""
-    specs = weight_specs(source.config, shape)
+    specs = weight_specs(source.config, shape, expert_layout)
     files = {name: [] for name in specs}
     if not executables_only:
         for name, _, array in placed_numpy(specs, source.read, source.config.dtype):
@@ -146,20 +165,28 @@ def _weight_entries(tmp: Path, source: ModelSource, shape: MeshShape, written: s
             for name, spec in specs.items()}
 
 
-def _mesh_entry(tmp: Path, cfg: BuildConfig, source: ModelSource, shape: MeshShape, here: bool, cache: CacheShape,
-                written: set, report) -> fmt.MeshEntry:
+def _mesh_entry(tmp: Path | None, cfg: BuildConfig, source: ModelSource, shape: MeshShape, here: bool,
+                cache: CacheShape, written: set, report) -> fmt.MeshEntry:
+    """tmp None: shapes and specs only, no weight files (the memory check before the build)."""
     model = source.config
-    kv = cache_shape(model, Layout.for_mesh(model, shape), shape.dp, cache, jnp.float32, cfg.attention_backend)
+    layout = Layout.for_mesh(model, shape, cfg.expert_layout)
+    kv = cache_shape(model, layout, shape.dp, cache, jnp.float32, cfg.attention_backend)
+    ex = layout.experts
     return fmt.MeshEntry(
         name=str(shape), shape=(shape.dp, shape.tp), devices=shape.num_devices, compiled_here=here,
-        axes=("data", "tensor"), weights=_weight_entries(tmp, source, shape, written, report, cfg.executables_only),
+        axes=("data", "tensor"), weights=_weight_entries(tmp, source, shape, written, report,
+                                                         cfg.executables_only or tmp is None, cfg.expert_layout),
         cache_spec=fmt.spec_of(CACHE_SPEC), cache_shape=tuple(kv.shape),
         batch_specs={k: fmt.spec_of(v) for k, v in BATCH_SPECS.items()},
-        output_specs={k: fmt.spec_of(v) for k, v in OUTPUT_SPECS.items()})
+        output_specs={k: fmt.spec_of(v) for k, v in OUTPUT_SPECS.items()},
+        expert_layout=fmt.ExpertLayoutEntry(name=ex.name, expert_axes=ex.expert_axes, width_axes=ex.width_axes,
+                                            local_experts=ex.local_experts, local_width=ex.local_width)
+        if any(model.is_moe_layer(i) for i in range(model.num_layers)) else None)
 
 
-def _abstract_args(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShape, attention: str, carry_seqs: int):
-    specs = weight_specs(cfg, shape)
+def _abstract_args(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShape, attention: str, carry_seqs: int,
+                   expert_layout: str | None):
+    specs = weight_specs(cfg, shape, expert_layout)
     dtype = jnp.dtype(cfg.dtype)
     ns = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
     weights = {k: jax.ShapeDtypeStruct(s.shape, dtype, sharding=ns(s.spec)) for k, s in specs.items()}
@@ -174,9 +201,10 @@ def export_one(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShape, b
     """One serialized export. The fa kernel's lowering asks which TPU it is for: exports for tpu
     run under an abstract mesh that names the chip, so they need no TPU here."""
     attention = build.attention_backend
-    specs, weights, kv, wire = _abstract_args(cfg, shape, mesh, bucket, cache, attention, build.carry_seqs)
+    specs, weights, kv, wire = _abstract_args(cfg, shape, mesh, bucket, cache, attention, build.carry_seqs,
+                                              build.expert_layout)
     step = jit_wire_step(cfg, bucket, mesh, specs, cache, build.carry_seqs, num_logprobs=build.logprobs,
-                         attention=attention, tpu_generation=build.tpu_generation)
+                         attention=attention, tpu_generation=build.tpu_generation, experts=build.expert_kernel)
     context = jax.sharding.use_abstract_mesh(mesh) if isinstance(mesh, AbstractMesh) else contextlib.nullcontext()
     with context:
         return bytes(jax.export.export(step, platforms=build.platforms)(weights, kv, wire).serialize())
@@ -202,7 +230,7 @@ def _analysis(compiled) -> fmt.Cost:
 
 
 def _reference_step(source: ModelSource, shape: MeshShape, mesh, probes: list, cache: CacheShape, logprobs: int,
-                    weights):
+                    weights, expert_layout: str | None):
     """The oracle each executable's probe is checked against: the step jitted here rather than
     exported, MAX_LEN, with the all-experts MoE path, in one shape that holds every probe of the
     mesh. Its padding rows are discarded, so one shape is as good an oracle as an exact fit per
@@ -213,7 +241,7 @@ def _reference_step(source: ModelSource, shape: MeshShape, mesh, probes: list, c
     T = max(1, max(sum(len(c.tokens) for c in g) for groups in probes for g in groups))
     S = max(1, max(len(g) for groups in probes for g in groups))
     step = jit_step(source.config, Bucket(MAX_LEN, T, S, shape.dp * T), mesh,
-                    weight_specs(source.config, shape), dense_reference=True, num_logprobs=logprobs)
+                    weight_specs(source.config, shape, expert_layout), dense_reference=True, num_logprobs=logprobs)
     model = source.config
     kv = cache_shape(model, Layout.for_mesh(model, shape), shape.dp, cache, jnp.dtype(model.dtype))  # native layout
     kv = jax.ShapeDtypeStruct(kv.shape, kv.dtype, sharding=NamedSharding(mesh, CACHE_SPEC))
@@ -265,7 +293,7 @@ def build(cfg: BuildConfig, report: Reporter | None = None) -> Path:
     cache = cfg.cache()
     plans = {str(s): plan(s.dp, cfg.token_ladder, cfg.max_seqs, cfg.modes, cfg.sum_ladder) for s in cfg.meshes}
     for s in cfg.meshes:
-        Layout.for_mesh(model, s)  # fail early on heads that don't fit the mesh
+        Layout.for_mesh(model, s, cfg.expert_layout)  # fail early on heads that don't fit the mesh, a bad layout
     if cfg.tf_savedmodel and (reason := savedmodel_mesh_error(cfg.meshes)):
         raise BuildError(reason)
     if cfg.tf_savedmodel and cfg.executables_only:
@@ -276,6 +304,7 @@ def build(cfg: BuildConfig, report: Reporter | None = None) -> Path:
     vocab = model.vocab_size
     if cfg.logprobs > vocab:
         raise BuildError(f"--logprobs {cfg.logprobs} is more than the vocabulary ({vocab} tokens)")
+    hbm = _memory_check(cfg, source, cache, plans)
     report.plan(model.name, out, plans, cfg.platforms)
 
     digest = inputs_hash(cfg, source)
@@ -283,7 +312,7 @@ def build(cfg: BuildConfig, report: Reporter | None = None) -> Path:
         report.up_to_date(out)
         return out
     if source.checkpoint is not None and not cfg.executables_only:
-        source.checkpoint.check(weight_specs(model, cfg.meshes[0]))
+        source.checkpoint.check(cfg.specs(model, cfg.meshes[0]))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.tmp-*"):
@@ -291,7 +320,7 @@ def build(cfg: BuildConfig, report: Reporter | None = None) -> Path:
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     tmp.mkdir()
     try:
-        manifest = _build_into(tmp, cfg, source, cache, plans, digest, report)
+        manifest = _build_into(tmp, cfg, source, cache, plans, digest, report, hbm)
         _finish(tmp, out, manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -300,8 +329,34 @@ def build(cfg: BuildConfig, report: Reporter | None = None) -> Path:
     return out
 
 
+def _memory_check(cfg: BuildConfig, source: ModelSource, cache: CacheShape, plans) -> dict[str, fmt.HbmEntry]:
+    """Per mesh, weights + KV cache + the largest bucket's estimated temp on the TPU it is built for;
+    refuses (BuildError, one line) before anything is exported when they do not fit. Empty for
+    builds that are not for a TPU."""
+    if cfg.hbm_generation is None:
+        return {}
+    out = {}
+    for shape in cfg.meshes:
+        entry = _mesh_entry(None, cfg, source, shape, False, cache, set(), None)
+        temp = max(hbm.estimate_temp_bytes(source.config, entry, b, source.config.dtype) for b in plans[str(shape)])
+        out[str(shape)] = hbm.fit(cfg.hbm_generation, entry, source.config.dtype, temp, False, cache.num_pages)
+    return out
+
+
+def _measured_memory(cfg: BuildConfig, meshes, executables, estimated: dict, dtype: str, pages: int) -> tuple:
+    """The mesh entries with their memory figures, temp measured where the executables compiled here."""
+    out = []
+    for mesh in meshes:
+        entry = estimated.get(mesh.name)
+        temps = [e.cost.temp_bytes for e in executables if e.mesh == mesh.name and e.cost and e.cost.temp_bytes]
+        if entry is not None and mesh.compiled_here and temps:
+            entry = hbm.fit(entry.generation, mesh, dtype, max(temps), True, pages)
+        out.append(dataclasses.replace(mesh, hbm=entry))
+    return tuple(out)
+
+
 def _build_into(tmp: Path, cfg: BuildConfig, source: ModelSource, cache: CacheShape, plans, digest,
-                report) -> fmt.Manifest:
+                report, memory: dict) -> fmt.Manifest:
     model = source.config
     for sub in ("weights", "exec", "probes"):
         (tmp / sub).mkdir()
@@ -309,7 +364,7 @@ def _build_into(tmp: Path, cfg: BuildConfig, source: ModelSource, cache: CacheSh
     here = {str(s): local[0].platform in cfg.platforms and s.num_devices <= len(local) for s in cfg.meshes}
     written: set = set()
     weight_files = 0 if cfg.executables_only else sum(
-        len(w.layers) or 1 for s in cfg.meshes for w in weight_specs(model, s).values())
+        len(w.layers) or 1 for s in cfg.meshes for w in cfg.specs(model, s).values())
     compiled = sum(len(plans[m]) for m in plans if here[m])
     report.start(sum(len(b) for b in plans.values()), compiled, 0 if cfg.executables_only else compiled,
                  weight_files, cfg.jobs)
@@ -334,6 +389,8 @@ def _build_into(tmp: Path, cfg: BuildConfig, source: ModelSource, cache: CacheSh
             tmp, manifest, mesh_entry, shape, plans[mesh_entry.name], source, cache, cfg, fast_dir, report).items()}
     manifest = dataclasses.replace(manifest, executables=tuple(
         dataclasses.replace(e, **found[(e.mesh, e.bucket)]) for e in manifest.executables))
+    manifest = dataclasses.replace(manifest, meshes=_measured_memory(cfg, manifest.meshes, manifest.executables, memory,
+                                                                    model.dtype, cache.num_pages))
     if cfg.fast_load and any(here.values()):
         files = tuple(sorted(f.relative_to(tmp).as_posix() for f in fast_dir.rglob("*") if f.is_file()))
         manifest = dataclasses.replace(manifest, fastload={platform: fmt.FastLoadEntry(
@@ -442,7 +499,7 @@ def _build_mesh(tmp: Path, manifest: fmt.Manifest, mesh_entry: fmt.MeshEntry, sh
         # it must be done before the fast-load cache opens, which only the exports may fill.
         reference = None if cfg.executables_only else pool.submit(
             _reference_step, source, shape, mesh, [groups for groups, _ in probes.values()], cache, cfg.logprobs,
-            engine.abstract_args(buckets[0])[0])
+            engine.abstract_args(buckets[0])[0], cfg.expert_layout)
         pending, ready = list(buckets), []
         while pending and reference is not None and not reference.done():
             found[pending[0]] = _export(tmp, cfg, model, shape, mesh, pending[0], cache)

@@ -65,7 +65,8 @@ def _config(args, meshes) -> BuildConfig:
                        max_context=args.max_context, pages_per_group=args.pages_per_group, jobs=args.jobs,
                        fast_load=not args.no_fast_load, tf_savedmodel=args.tf_savedmodel, logprobs=args.logprobs,
                        executables_only=args.executables_only, attention=args.attention,
-                       tpu_generation=args.tpu_generation, **_ladders(args))
+                       tpu_generation=args.tpu_generation,
+                       expert_layout=None if args.expert_layout == "auto" else args.expert_layout, **_ladders(args))
 
 
 def run_build(args, meshes) -> int:

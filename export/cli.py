@@ -55,7 +55,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="fa: the Pallas ragged paged attention kernel (TPU); native: pure JAX (default: fa for "
                         "--platform tpu, native otherwise)")
     b.add_argument("--tpu-generation", choices=["v5e", "v5p", "v6e"], default=None,
-                   help="the TPU the exports are lowered and tuned for (default v5e); the runtime checks it")
+                   help="the TPU the exports are lowered and tuned for, and whose HBM (v5e 16 GiB, v5p 95 GiB, "
+                        "v6e 32 GiB) the build checks they fit (default v5e); the runtime checks it")
+    b.add_argument("--expert-layout", choices=["auto", "width", "ep-data", "ep-tensor", "ep"], default="auto",
+                   help="how each mesh holds the MoE experts: split over the data and/or tensor axis (ep-*, ep: "
+                        "both) with their width over the rest, or every expert on every device with its width "
+                        "over all (width); auto: the layout whose per-device matmuls fill 128-lane tiles, with "
+                        "the fewest expert shards (default)")
     b.add_argument("--executables-only", action="store_true",
                    help="exports from config.json alone (no weights, no probes): to check memory and cost")
     b.add_argument("--tf-savedmodel", action="store_true",

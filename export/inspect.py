@@ -8,6 +8,8 @@ from pathlib import Path
 
 from runtime import format as fmt
 
+from .hbm import describe as hbm_line
+
 EXECUTABLE_KEYS = ("mesh", "mode", "bucket", "file", "sha256", "compiled_here", "compile_seconds", "cost", "probe")
 
 
@@ -22,8 +24,7 @@ def describe(root: Path, m: fmt.Manifest | None = None) -> dict:
         "jax_version": m.jax_version,
         "jaxlib_version": m.jaxlib_version,
         "cache": m.cache.to_json(),
-        "meshes": [{"name": x.name, "shape": list(x.shape), "devices": x.devices, "compiled_here": x.compiled_here}
-                   for x in m.meshes],
+        "meshes": [_mesh_json(x) for x in m.meshes],
         "executables": [{k: e.to_json().get(k) for k in EXECUTABLE_KEYS} for e in m.executables],
         "weights_included": m.weights_included,
         "logprobs": m.logprobs,
@@ -32,6 +33,16 @@ def describe(root: Path, m: fmt.Manifest | None = None) -> dict:
         "files": len(m.files),
         "bytes": _artifact_bytes(root, m),
     }
+
+
+def _mesh_json(x: fmt.MeshEntry) -> dict:
+    """A mesh's shape; its expert layout and its fit in HBM where it has them."""
+    d = {"name": x.name, "shape": list(x.shape), "devices": x.devices, "compiled_here": x.compiled_here}
+    if x.experts is not None:
+        d["expert_layout"] = x.experts.to_json()
+    if x.hbm is not None:
+        d["hbm"] = x.hbm.to_json() | {"headroom_bytes": x.hbm.headroom_bytes}
+    return d
 
 
 def _artifact_bytes(root: Path, m: fmt.Manifest) -> int:
@@ -65,6 +76,12 @@ def _print(directory: str, m: fmt.Manifest) -> None:
         ex = m.executables_of(mesh.name)
         print(f"mesh {mesh.name} ({mesh.devices} devices, "
               f"{'compiled here' if mesh.compiled_here else 'exported only'}): {len(ex)} executables")
+        if (lay := mesh.experts) is not None:
+            over = lambda axes: "+".join(axes) or "none"  # noqa: E731
+            print(f"  experts: layout {lay.name}, {lay.local_experts} experts x {lay.local_width} columns per device "
+                  f"(experts over {over(lay.expert_axes)}, width over {over(lay.width_axes)})")
+        if mesh.hbm is not None:
+            print(f"  {hbm_line(mesh.hbm)}")
         if any(e.cost for e in ex):
             print(f"  {'per device:':>56s} {'arguments':>10s} {'temp':>10s} {'outputs':>10s} {'GFLOP':>9s}")
         for e in ex:

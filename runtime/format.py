@@ -337,6 +337,47 @@ class WeightEntry(Record):
 
 
 @dataclasses.dataclass(**RECORD)
+class ExpertLayoutEntry(Record):
+    """How a mesh holds the MoE experts: split over `expert_axes` (expert parallelism), their
+    intermediate width over `width_axes`; what one device holds. The executables and the weight
+    entries' specs already agree on it: this is for people and tools."""
+
+    name: str = field(STR)
+    expert_axes: tuple[str, ...] = field(list_of(STR))
+    width_axes: tuple[str, ...] = field(list_of(STR))
+    local_experts: int = field(INT)
+    local_width: int = field(INT)
+
+
+# Artifacts from before expert layouts were recorded held every expert on every device, its width
+# split over all of them.
+WIDTH_LAYOUT = "width"
+
+
+@dataclasses.dataclass(**RECORD)
+class HbmEntry(Record):
+    """Per-device memory of one mesh on the TPU generation it was built for, against that chip's HBM.
+    `temp_measured`: the executables' temp comes from compiling them here; else it is an estimate."""
+
+    generation: str = field(STR)
+    capacity_bytes: int = field(INT)
+    weight_bytes: int = field(INT)
+    kv_bytes: int = field(INT)
+    temp_bytes: int = field(INT)
+    temp_measured: bool = field(BOOL)
+    page_bytes: int = field(INT)  # KV bytes per page of one group, per device
+    max_pages_per_group: int = field(INT)  # the most pages per group (page 0 included) that fit
+
+    @property
+    def used_bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes + self.temp_bytes
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.capacity_bytes - self.used_bytes
+
+
+@dataclasses.dataclass(**RECORD)
 class MeshEntry(Record):
     """A device mesh the artifact was built for: its weights and every array's sharding."""
 
@@ -350,10 +391,24 @@ class MeshEntry(Record):
     cache_shape: tuple[int, ...] = field(list_of(INT))
     batch_specs: dict[str, tuple] = field(map_of(SPEC))
     output_specs: dict[str, tuple] = field(map_of(SPEC))
+    expert_layout: ExpertLayoutEntry | None = field(record(ExpertLayoutEntry), omit_none=True, default=None)
+    hbm: HbmEntry | None = field(record(HbmEntry), omit_none=True, default=None)
 
     @property
     def dp(self) -> int:
         return self.shape[0]
+
+    @property
+    def experts(self) -> ExpertLayoutEntry | None:
+        """The expert layout; for an artifact that predates the field, the one it was built with
+        (every expert on every device, width split over all), read off its weights. None without MoE."""
+        if self.expert_layout is not None:
+            return self.expert_layout
+        gate = self.weights.get("moe.gate")
+        if gate is None:
+            return None
+        return ExpertLayoutEntry(name=WIDTH_LAYOUT, expert_axes=(), width_axes=tuple(self.axes),
+                                 local_experts=gate.shape[1], local_width=gate.shape[-1] // self.devices)
 
     @classmethod
     def from_json(cls, d, where: Where = Where()) -> MeshEntry:

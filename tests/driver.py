@@ -22,8 +22,10 @@ def round_up(n, m):
 
 
 class StepDriver:
-    def __init__(self, model, mesh_shape, dtype="float32", cache=CACHE, dense_reference=False, **step_options):
-        """step_options: the step's other StepOptions (e.g. attention="fa" with a reference fa_kernel)."""
+    def __init__(self, model, mesh_shape, dtype="float32", cache=CACHE, dense_reference=False, expert_layout=None,
+                 **step_options):
+        """step_options: the step's other StepOptions (e.g. attention="fa" with a reference fa_kernel);
+        expert_layout: a name of dp_attention.weights.EXPERT_LAYOUTS (default: the chosen one)."""
         if model in PRESETS:
             self.cfg = PRESETS[model]
             read = random_reader(self.cfg, seed=0)
@@ -33,7 +35,7 @@ class StepDriver:
             read = ckpt.read
         self.shape, self.cache_shape, self.dtype = mesh_shape, cache, dtype
         self.mesh = make_mesh(mesh_shape)
-        self.specs = weight_specs(self.cfg, mesh_shape)
+        self.specs = weight_specs(self.cfg, mesh_shape, expert_layout)
         if model not in PRESETS:
             ckpt.check(self.specs)
         self.weights = place(self.specs, read, self.mesh, dtype)

@@ -16,9 +16,9 @@ CFG = PRESETS["qwen3-moe-tiny"]
 CACHE = CacheShape(num_pages=8, page_size=8, pages_per_seq=4)
 
 
-def compiled(mode, global_len, dense_reference=False, tokens=8):
+def compiled(mode, global_len, dense_reference=False, tokens=8, expert_layout=None):
     shape = MeshShape(2, 4)
-    specs = weight_specs(CFG, shape)
+    specs = weight_specs(CFG, shape, expert_layout)
     bucket = Bucket(mode, tokens, 2, global_len)
     weights = {k: jax.ShapeDtypeStruct(s.shape, jnp.float32) for k, s in specs.items()}
     cache = cache_shape(CFG, Layout.for_mesh(CFG, shape), 2, CACHE, jnp.float32)
@@ -30,13 +30,16 @@ def count(text):
     return collections.Counter(COLLECTIVE.findall(text))
 
 
-@pytest.mark.parametrize("mode,global_len,per_moe_layer", [
+@pytest.mark.parametrize("mode,global_len,per_moe_layer,layout", [
     # MAX_LEN: all-gather across "data" in, reduce-scatter across "data" + all-reduce over "tensor" out.
-    (DpPaddingMode.MAX_LEN, 16, {"all-gather": 1, "reduce-scatter": 1, "all-reduce": 1}),
+    (DpPaddingMode.MAX_LEN, 16, {"all-gather": 1, "reduce-scatter": 1, "all-reduce": 1}, None),
     # SUM_LEN: all-reduce across "data" in, all-reduce over the whole mesh out.
-    (DpPaddingMode.SUM_LEN, 8, {"all-reduce": 2}),
+    (DpPaddingMode.SUM_LEN, 8, {"all-reduce": 2}, None),
+    # Every expert layout exchanges the same: tokens gathered in, partial sums reduced out.
+    (DpPaddingMode.MAX_LEN, 16, {"all-gather": 1, "reduce-scatter": 1, "all-reduce": 1}, "width"),
+    (DpPaddingMode.SUM_LEN, 8, {"all-reduce": 2}, "ep-tensor"),
 ])
-def test_collectives_per_layer(mode, global_len, per_moe_layer):
+def test_collectives_per_layer(mode, global_len, per_moe_layer, layout):
     moe = sum(CFG.is_moe_layer(i) for i in range(CFG.num_layers))
     dense = CFG.num_layers - moe
     assert moe >= 1 and dense >= 1  # the preset exercises both kinds of layer
@@ -47,15 +50,18 @@ def test_collectives_per_layer(mode, global_len, per_moe_layer):
         expected[op] += n * moe
     # Once per step: the vocab-sharded logits over "tensor", then each sampled output to every group.
     expected["all-gather"] += 1 + len(REPLICATED_OUTPUTS)  # the carry stays with its group
-    assert count(compiled(mode, global_len).as_text()) == expected
+    assert count(compiled(mode, global_len, expert_layout=layout).as_text()) == expected
 
 
 def test_sparse_experts_do_less_work_than_dense():
     """The grouped path's FLOPs (loops counted by trip count) track tokens x top-k, not x experts."""
-    # 128 global tokens, top-2 of 32 experts: the dense path runs every token through all 32 experts
-    # (4096 rows), the grouped one at most 2*128 pairs plus one padding row per expert (288 rows).
-    sparse = matmul_flops(compiled(DpPaddingMode.MAX_LEN, 128, tokens=64).as_text())
-    dense = matmul_flops(compiled(DpPaddingMode.MAX_LEN, 128, dense_reference=True, tokens=64).as_text())
+    # 128 global tokens, top-2 of 32 experts, every expert on every device: the dense path runs every
+    # token through all 32 experts (4096 rows), the grouped one at most 2*128 pairs plus one padding
+    # row per expert (288 rows). (With experts split over devices, the dense path runs only a
+    # device's experts, and the loop's bound covers every pair landing there.)
+    sparse = matmul_flops(compiled(DpPaddingMode.MAX_LEN, 128, tokens=64, expert_layout="width").as_text())
+    dense = matmul_flops(compiled(DpPaddingMode.MAX_LEN, 128, dense_reference=True, tokens=64,
+                                  expert_layout="width").as_text())
     assert sparse < 0.5 * dense
 
 

@@ -111,7 +111,11 @@ def test_tpu_4x8_exports_from_abstract_shapes(tmp_path):
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["platforms"] == ["tpu"] and d["format_version"] == fmt.FORMAT_VERSION
-    assert d["meshes"] == [{"name": "4x8", "shape": [4, 8], "devices": 32, "compiled_here": False}]
+    (mesh,) = d["meshes"]
+    assert {k: mesh[k] for k in ("name", "shape", "devices", "compiled_here")} == \
+        {"name": "4x8", "shape": [4, 8], "devices": 32, "compiled_here": False}
+    assert mesh["expert_layout"]["local_experts"] * 32 == 32  # one expert a device: 32 x 32 fills most lanes
+    assert mesh["hbm"]["generation"] == "v5e" and mesh["hbm"]["headroom_bytes"] > 0
     assert len(d["executables"]) == 2 + 2  # max_len t8, t32; sum_len t8/g8, t32/g32 (g in [T, 4T))
     for e in d["executables"]:
         assert set(e) >= {"mesh", "mode", "bucket", "file", "sha256", "compiled_here"} and not e["compiled_here"]
@@ -216,3 +220,84 @@ def test_warm_adds_a_fast_load_section_and_nothing_else(tmp_path):
     assert warm.load_info.fast_load and warm.load_info.fast_load_hits == len(warm.buckets)
     r = run_cli("export", "warm", str(tmp_path / "nothing-here"))
     assert r.returncode == 2 and "no such artifact directory" in r.stderr
+
+
+def _mlir(path: Path) -> str:
+    return jax.export.deserialize(bytearray(path.read_bytes())).mlir_module()
+
+
+def test_tpu_exports_run_experts_on_the_gmm_kernel(tmp_path):
+    """A TPU-only export computes the experts with the Pallas grouped matmul (native attention, so
+    the only Pallas kernel is the experts'), in the layout asked for; a cpu,tpu export cannot hold a
+    Pallas kernel beside its CPU branch and keeps ragged_dot for its TPU side."""
+    buckets = tmp_path / "b.json"
+    buckets.write_text(json.dumps({"tokens": [8], "max_seqs": 4}))
+    common = ("--attention", "native", "--mesh", "2x4", "--buckets", str(buckets), "--padding-modes", "max_len",
+              "--quiet")
+    out = tmp_path / "tpu"
+    r = run_cli("export", "build", "--platform", "tpu", "--expert-layout", "ep-tensor", "--out", str(out), *common)
+    assert r.returncode == 0, r.stderr
+    m = fmt.read_manifest(out)
+    lay = m.meshes[0].experts
+    assert (lay.name, lay.expert_axes, lay.width_axes, lay.local_experts, lay.local_width) == \
+        ("ep-tensor", ("tensor",), ("data",), 8, 16)
+    assert m.meshes[0].weights["moe.down"].spec == (None, "tensor", "data", None)
+    (e,) = m.executables
+    text = _mlir(out / e.file)
+    assert "tpu_custom_call" in text and "ragged_dot" not in text
+    r = run_cli("export", "inspect", str(out))
+    assert "layout ep-tensor, 8 experts x 16 columns per device" in r.stdout, r.stdout
+    out = tmp_path / "both"
+    r = run_cli("export", "build", "--platform", "cpu,tpu", "--no-fast-load", "--out", str(out), *common)
+    assert r.returncode == 0, r.stderr
+    text = _mlir(out / fmt.read_manifest(out).executables[0].file)
+    assert "ragged_dot" in text and "tpu_custom_call" not in text
+
+
+def test_build_refuses_what_does_not_fit_the_chip(tmp_path):
+    """From config.json alone: 235B on 2x4 cannot fit a v5e at all; 30B on 2x4 fits a v5e only with a
+    smaller cache, whose size the refusal names, and a build with that size states its headroom."""
+    def build(model, mesh, pages, out):
+        return run_cli("export", "build", "--model", str(ROOT / "bench" / "configs" / model), "--executables-only",
+                       "--dtype", "bfloat16", "--platform", "tpu", "--tpu-generation", "v5e", "--mesh", mesh,
+                       "--padding-modes", "max_len", "--max-context", "4096", "--page-size", "16",
+                       "--pages-per-group", str(pages), "--out", str(out), "--quiet")
+
+    r = build("qwen3-235b-a22b", "2x4", 64, tmp_path / "no")
+    assert r.returncode == 2 and not (tmp_path / "no").exists()
+    (line,) = r.stderr.strip().splitlines()
+    assert "a v5e chip has 16 GiB" in line and "try a larger mesh" in line
+    needs = float(line.split("needs ")[1].split(" GiB")[0])
+    assert needs > 16  # 235B in bf16 over 8 devices: ~55 GiB of weights each
+
+    r = build("qwen3-30b-a3b", "2x4", 100_000, tmp_path / "big")
+    (line,) = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "a v5e chip has 16 GiB; try --pages-per-group" in line, r.stderr
+    pages = int(line.split("--pages-per-group ")[1].split()[0])
+    assert 2 <= pages < 100_000
+    r = build("qwen3-30b-a3b", "2x4", pages, tmp_path / "fits")
+    assert r.returncode == 0, r.stderr
+    hbm = fmt.read_manifest(tmp_path / "fits").meshes[0].hbm
+    assert hbm.generation == "v5e" and hbm.capacity_bytes == 16 * 2**30 and not hbm.temp_measured
+    assert 0 <= hbm.headroom_bytes < hbm.page_bytes and hbm.max_pages_per_group == pages
+    r = build("qwen3-30b-a3b", "2x4", pages + 1, tmp_path / "over")
+    assert r.returncode == 2 and f"--pages-per-group {pages}" in r.stderr
+    r = run_cli("export", "inspect", str(tmp_path / "fits"))
+    assert f"up to {pages} pages per group fit" in r.stdout and "headroom" in r.stdout, r.stdout
+
+
+def test_artifact_without_a_recorded_layout_loads_as_width_split(tmp_path):
+    """Artifacts from before layouts were recorded held every expert on every device, width split:
+    such a manifest reads back as that layout and still serves."""
+    out = build_artifact(tmp_path / "old", ladder=(8,), modes=("max_len",), fast_load=False,
+                         expert_layout="width")
+    path = out / fmt.MANIFEST
+    data = json.loads(path.read_text())
+    for mesh in data["meshes"]:
+        del mesh["expert_layout"]
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    m = fmt.read_manifest(out)
+    lay = m.meshes[0].experts
+    assert (lay.name, lay.local_experts, lay.local_width, lay.expert_axes) == ("width", 32, 4, ())
+    r = run_cli("runtime", "verify", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr

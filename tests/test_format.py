@@ -23,7 +23,8 @@ def test_typed_fields_of_a_built_manifest(tiny_artifact):
     m = fmt.read_manifest(tiny_artifact)
     e = m.executables[3]
     assert e.bucket == Bucket(SUM_LEN, 4, 4, 4) and e.mode == "sum_len" and e.mesh == m.meshes[0].name
-    assert m.meshes[0].dp == 2 and m.meshes[0].weights["moe.gate"].spec == (None, None, None, ("data", "tensor"))
+    assert m.meshes[0].dp == 2 and m.meshes[0].experts.name == "ep"  # 32 experts, 4 a device, width 32 whole
+    assert m.meshes[0].weights["moe.gate"].spec == (None, ("data", "tensor"), None, None)
     assert m.model.vocab_size == 500 and m.cache.page_size == 8 and m.tf_savedmodel is None
     assert e.cost.collective_bytes > 0 and e.probe.startswith("probes/") and e.sha256 == m.files[e.file]
 

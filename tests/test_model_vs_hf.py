@@ -31,6 +31,23 @@ def test_logits_and_greedy_tokens_match_hf_on_2x4(checkpoint, mode):
         assert tokens[i] == golden["greedy"][i], f"greedy tokens differ for prompt of length {len(prompt)}"
 
 
+@pytest.mark.parametrize("layout,mode", [("width", DpPaddingMode.MAX_LEN), ("ep-data", DpPaddingMode.SUM_LEN),
+                                         ("ep-tensor", DpPaddingMode.MAX_LEN)])
+def test_other_expert_layouts_match_hf(checkpoint, layout, mode):
+    """The default layout on 2x4 is full expert parallelism (`ep`) for both checkpoints; the others
+    too give HF's logits and greedy tokens (16 experts on hf-tiny-b split 4 / 2 ways, 12 on hf-tiny-a
+    padded to 16 over 8 devices)."""
+    path, golden = checkpoint
+    prompts = golden["prompts"]
+    driver = StepDriver(str(path), MeshShape(2, 4), expert_layout=layout)
+    first, out = driver.generate([prompts[:2], prompts[2:]], new_tokens=8, mode=mode)
+    logits = [l for group in first for l in group]
+    tokens = [t for group in out for t in group]
+    for i in range(len(prompts)):
+        np.testing.assert_allclose(logits[i], golden["last_logits"][i], atol=1e-4, rtol=0)
+        assert tokens[i] == golden["greedy"][i][:8]
+
+
 def test_bfloat16_follows_float32(golden_dir):
     """bfloat16 weights and cache: logits near the float32 ones (loose: 8-bit mantissa)."""
     path = golden_dir / "hf-tiny-a"
