@@ -102,7 +102,7 @@ class EngineLoop:
         with self._lock:  # the loop fails under this lock too: a handle is either failed there or refused here
             if self.error is not None:
                 raise EngineFailed(describe(self.error))
-            if self._waiting + len(self.scheduler.queue) >= self.max_queue:
+            if self.waiting >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting; retry later")
             self._waiting += 1
             self._inbox.put(handle)
@@ -122,6 +122,11 @@ class EngineLoop:
         self._thread.join(timeout)
         if self.channel is not None and self.error is None:
             self.channel.publish(self.stats.steps, {"stop": True})
+
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not yet running: in the inbox or the scheduler's queue."""
+        return self._waiting + len(self.scheduler.queue)
 
     @property
     def failed(self) -> bool:

@@ -29,7 +29,8 @@ from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from .engine_loop import EngineFailed, EngineLoop, QueueFull, TokenEvent
+from .engine_loop import EngineFailed, QueueFull, TokenEvent
+from .engine_proc import EngineClient, EngineSpec
 from .openai_api import ApiError, Request, chunk, completion_choice, logprobs_block, parse_chat, parse_completion
 from .openai_api import response, usage
 from .scheduler import RequestError
@@ -44,89 +45,53 @@ def log(message: str) -> None:
     print(f"{PROG}: {message}", flush=True)
 
 
-class Mailbox:
-    """Token events from the engine thread to the asyncio loop, handed over once per step.
-
-    One `call_soon_threadsafe` per event would wake the event loop (a pipe write and a loop
-    iteration) for every token of every stream; batching them costs one wake-up per step.
-    """
-
-    def __init__(self, aio: asyncio.AbstractEventLoop):
-        self._aio = aio
-        self._lock = threading.Lock()
-        self._pending: list = []
-
-    def post(self, events: asyncio.Queue, event) -> None:
-        with self._lock:
-            self._pending.append((events, event))
-
-    def flush(self) -> None:
-        with self._lock:
-            batch, self._pending = self._pending, []
-        if batch:
-            self._aio.call_soon_threadsafe(_hand_over, batch)
-
-
-def _hand_over(batch) -> None:
-    for events, event in batch:
-        events.put_nowait(event)
-
-
 class ServerState:
-    """What the handlers share: status, the engine loop once loaded, the tokenizer, and how the
-    process ends (`exit_code`, and `stop_serving` set by the HTTP server)."""
+    """What the handlers share: status, the engine process, the tokenizer, and how the process
+    ends (`exit_code`, and `stop_serving` set by the HTTP server)."""
 
-    def __init__(self, artifact: str, model_name: str | None, load_kwargs: dict, loop_kwargs: dict,
-                 multi_process: bool = False):
-        self.artifact, self.load_kwargs, self.loop_kwargs = artifact, load_kwargs, loop_kwargs
-        self.multi_process = multi_process
+    def __init__(self, engine: EngineClient, artifact: str, model_name: str | None):
+        self.engine, self.artifact = engine, artifact
         self.status = "loading"  # -> ready -> draining, or -> failed
         self.model_name = model_name
-        self.loop: EngineLoop | None = None
         self.tokenizer = None
         self.error: str | None = None
         self.exit_code = 0
         self.created = int(time.time())
         self.in_flight = 0  # API requests being answered (a drain waits for 0)
         self.aio: asyncio.AbstractEventLoop | None = None
-        self.mailbox: Mailbox | None = None
         self.stop_serving = lambda: None  # the HTTP server sets it
 
     def load(self) -> None:
-        """Runs in a thread at startup: the HTTP side answers 503 until this is done."""
-        from .engine import load
+        """Runs in a thread at startup: the HTTP side answers 503 until the engine process has
+        loaded the artifact and this one its tokenizer."""
+        from .engine_proc import LoadFailed
         from .tokenizer import TextTokenizer
 
         try:
-            engine = load(self.artifact, **self.load_kwargs)
             self.tokenizer = TextTokenizer.from_dir(Path(self.artifact) / "tokenizer")
-            self.model_name = self.model_name or engine.manifest.model.name
-            eos = self.tokenizer.eos_ids if self.tokenizer else ()
-            channel = None
-            if self.multi_process:
-                from .distributed import StepChannel
-
-                channel = StepChannel()
-            self.loop = EngineLoop(engine, eos_ids=eos, channel=channel, **self.loop_kwargs)
-            self.loop.after_callbacks = self.mailbox.flush
-            self.loop.on_failure = self.engine_failed
-            self.loop.start()
-        except Exception as e:  # noqa: BLE001 - one line, then the server exits with status 2
-            from .format import ArtifactError
-
-            self.fail(str(e) if isinstance(e, ArtifactError) else f"{type(e).__name__}: {e}", 2, linger=0)
+            info = self.engine.wait_ready()
+        except LoadFailed as e:  # one line, then the server exits with its status
+            self.fail(str(e), e.code, linger=0)
             return
+        except Exception as e:  # noqa: BLE001 - the tokenizer: one line, exit 2
+            self.fail(f"{type(e).__name__}: {e}", 2, linger=0)
+            return
+        self.model_name = self.model_name or info.model_name
+        self.engine.on_failure = self.engine_failed
+        self.aio.call_soon_threadsafe(self._serving, info)
+
+    def _serving(self, info) -> None:
+        """On the event loop: messages from the engine are read here from now on."""
+        self.engine.attach(self.aio)
         if self.status == "loading":  # a SIGTERM during the load leaves it draining
             self.status = "ready"
-        info = engine.load_info
-        log(f"ready: model {self.model_name}, mesh {info.mesh}, {info.executables} executables, "
-            f"loaded in {info.seconds:.1f} s")
+        load = info.load_info
+        log(f"ready: model {self.model_name}, mesh {load.mesh}, {load.executables} executables, "
+            f"loaded in {load.seconds:.1f} s")
 
-    def engine_failed(self, e: BaseException) -> None:
-        """On the engine thread, after every open request was told: stop serving, exit 1."""
-        from .engine_loop import describe
-
-        self.fail(describe(e), 1, linger=LINGER_S)
+    def engine_failed(self, message: str) -> None:
+        """On the event loop, after every open request was told: stop serving, exit 1."""
+        self.fail(message, 1, linger=LINGER_S)
 
     def fail(self, message: str, code: int, linger: float) -> None:
         self.status, self.error, self.exit_code = "failed", message, code
@@ -233,13 +198,13 @@ async def model(http: HttpRequest, model_id: str):
 async def completions(http: HttpRequest):
     state = _state(http)
     state.check_ready()
-    return await serve(http, state, parse_completion(await body_of(http), state.loop.engine.num_logprobs))
+    return await serve(http, state, parse_completion(await body_of(http), state.engine.info.num_logprobs))
 
 
 async def chat(http: HttpRequest):
     state = _state(http)
     state.check_ready()
-    return await serve(http, state, parse_chat(await body_of(http), state.loop.engine.num_logprobs))
+    return await serve(http, state, parse_chat(await body_of(http), state.engine.info.num_logprobs))
 
 
 async def body_of(http: HttpRequest) -> dict:
@@ -273,20 +238,20 @@ async def serve(http: HttpRequest, state: ServerState, req: Request):
                 entries.append((ev.token, ev.logprob, ev.top))
             finish = ev.finish_reason
             if text.stopped:
-                state.loop.cancel(handle, "stop")
+                state.engine.cancel(handle, "stop")
                 finish = "stop"
                 break
     finally:
         watcher.cancel()
         if not handle.done:
-            state.loop.cancel(handle)
+            state.engine.cancel(handle)
     lp = logprobs_block(req, entries, offsets, text.token_text, text.token_bytes)
     return response(req, completion_choice(req, text.text, ids, finish, lp), len(prompt), len(ids))
 
 
 def submit(state: ServerState, req: Request, prompt: list[int]):
     """Check the request against the engine's limits and queue it: its handle and its event queue."""
-    sched = state.loop.scheduler
+    sched = state.engine.limits
     max_tokens = req.max_tokens or sched.max_context - len(prompt)
     where = "prompt" if req.kind == "completion" else "messages"
     if max_tokens < 1:
@@ -301,8 +266,8 @@ def submit(state: ServerState, req: Request, prompt: list[int]):
         raise ApiError(400, msg, param=param) from None
     events: asyncio.Queue = asyncio.Queue()
     try:
-        handle = state.loop.submit(prompt, max_tokens, req.sampling, lambda ev: state.mailbox.post(events, ev),
-                                   top_logprobs=req.logprobs or 0)
+        handle = state.engine.submit(prompt, max_tokens, req.sampling, events.put_nowait,
+                                     top_logprobs=req.logprobs or 0)
     except QueueFull as e:
         raise ApiError(429, str(e), type_="rate_limit_error") from None
     except EngineFailed as e:
@@ -319,7 +284,7 @@ async def _watch_disconnect(http: HttpRequest, state: ServerState, handle, event
     next step). A streamed response has Starlette's own watcher, which closes the stream."""
     while (await http.receive())["type"] != "http.disconnect":
         pass
-    state.loop.cancel(handle)
+    state.engine.cancel(handle)
     events.put_nowait(_GONE)
 
 
@@ -353,7 +318,7 @@ async def stream(state: ServerState, req: Request, handle, events, text: TextStr
                 if req.logprobs is not None else None
             yield sse(chunk(req, piece, [ev.token], finish, lp))
             if text.stopped:
-                state.loop.cancel(handle, "stop")
+                state.engine.cancel(handle, "stop")
                 break
         if req.include_usage:
             final = chunk(req, None, [])
@@ -364,7 +329,7 @@ async def stream(state: ServerState, req: Request, handle, events, text: TextStr
         yield sse(e.body())
     finally:
         if not handle.done:
-            state.loop.cancel(handle)  # the client went away mid-stream: free its pages now
+            state.engine.cancel(handle)  # the client went away mid-stream: free its pages now
 
 
 def sse(obj: dict) -> bytes:
@@ -414,13 +379,7 @@ async def server_error(_, e: Exception):
 def make_app(state: ServerState) -> FastAPI:
     from .metrics import Metrics
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        yield
-        if state.loop is not None:
-            state.loop.stop(timeout=30)
-
-    app = FastAPI(title="qwen3-moe-aot", lifespan=lifespan)
+    app = FastAPI(title="qwen3-moe-aot")
     app.state.server, app.state.metrics = state, Metrics(state)
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(HTTPException, http_error)
@@ -454,11 +413,16 @@ class Counted:
 # ------------------------------------------------------------------------------------ running it
 
 def run(artifact: str, *, host: str, port: int, max_queue: int, padding_mode: str, mesh: str | None,
-        fast_load: bool, model_name: str | None, multi_process: bool = False) -> int:
+        fast_load: bool, model_name: str | None, multi_process: bool = False, setup=None) -> int:
+    """Serve until drained or failed; the exit status. `setup` runs first in the engine process
+    (a multi-process leader joins the JAX cluster there)."""
     import uvicorn
 
-    state = ServerState(artifact, model_name, {"mesh": mesh, "fast_load": fast_load},
-                        {"padding_mode": padding_mode, "max_queue": max_queue}, multi_process)
+    # Forked first, before this process has a thread or a listening socket to hand down.
+    engine = EngineClient(EngineSpec(artifact, {"mesh": mesh, "fast_load": fast_load}, padding_mode,
+                                     multi_process, setup), max_queue)
+    engine.start()
+    state = ServerState(engine, artifact, model_name)
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None):
@@ -468,7 +432,6 @@ def run(artifact: str, *, host: str, port: int, max_queue: int, padding_mode: st
                 state.exit_code = 1
                 return
             state.aio = asyncio.get_running_loop()
-            state.mailbox = Mailbox(state.aio)
             log(f"listening on http://{host}:{port}, loading {artifact}")
             threading.Thread(target=state.load, name="artifact-load", daemon=True).start()
 
@@ -507,6 +470,9 @@ def run(artifact: str, *, host: str, port: int, max_queue: int, padding_mode: st
             state.aio.call_later(5.0, lambda: setattr(server, "force_exit", True))
 
     state.stop_serving = stop_serving
-    server.run()
+    try:
+        server.run()
+    finally:
+        engine.stop(timeout=30)
     log(f"shut down ({state.status}{': ' + state.error if state.error else ''}), exit {state.exit_code}")
     return state.exit_code
