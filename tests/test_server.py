@@ -364,6 +364,64 @@ def test_an_engine_that_fails_ends_every_request_and_the_server(tiny_artifact, t
     assert "exit 1" in out.splitlines()[-1]
 
 
+def engine_pid(server) -> int:
+    """The engine process: the server's one child."""
+    kids = open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read().split()
+    assert len(kids) == 1, f"the server has {len(kids)} child processes, expected its engine alone: {kids}"
+    return int(kids[0])
+
+
+async def _until_it_ends(port: int, body: bytes) -> tuple[float, bytes]:
+    """One request over a bare socket: when its response ended, and its last bytes."""
+    import asyncio
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                 b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    tail = b""
+    while chunk := await reader.read(65536):
+        tail = (tail + chunk)[-600:]
+    writer.close()
+    return time.perf_counter(), tail
+
+
+def test_an_engine_killed_under_64_streams_ends_every_request_within_2_s(tiny_artifact):
+    """SIGKILL leaves the engine no time to say anything: its pipe's end of file is what the HTTP
+    side sees. Every client, streamed or not, running or queued, gets an error at once."""
+    import asyncio
+
+    s = Server(tiny_artifact)
+    try:
+        victim = engine_pid(s)
+        bodies = [json.dumps({"model": MODEL, "prompt": [1 + i] * 20, "max_tokens": 230, "ignore_eos": True,
+                              "stream": i % 4 != 0}).encode() for i in range(64)]
+
+        async def scenario():
+            clients = [asyncio.create_task(_until_it_ends(s.port, b)) for b in bodies]
+            deadline = time.time() + 60
+            while s.metrics()["qwen3_moe_generation_tokens_total"] < 64:
+                assert time.time() < deadline, "the requests never started"
+                await asyncio.sleep(0.05)
+            os.kill(victim, signal.SIGKILL)
+            killed = time.perf_counter()
+            ends = await asyncio.gather(*clients)
+            health = httpx.get(s.url + "/health")
+            return killed, ends, health
+
+        killed, ends, health = asyncio.run(scenario())
+        code = s.proc.wait(30)
+    finally:
+        s.stop()
+    took = max(t for t, _ in ends) - killed
+    print(f"every request ended {took:.2f} s after the kill")
+    assert took < 2.0
+    for i, (_, tail) in enumerate(ends):
+        assert b'"type":"server_error"' in tail and b"SIGKILL" in tail, (i, tail)
+        assert (b"HTTP/1.1 500" in tail) if i % 4 == 0 else (b'data: {"error"' in tail), (i, tail)
+    assert health.status_code == 503 and "SIGKILL" in health.json()["error"]
+    assert code == 1
+
+
 # ------------------------------------------------------------------------------------ the API
 
 def post(server, body, path="/v1/completions", **kw):
