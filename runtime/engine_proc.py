@@ -108,7 +108,8 @@ class EngineClient:
     def start(self) -> None:
         ctx = multiprocessing.get_context("fork")
         self._conn, child = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=_engine_main, args=(child, self.spec), name="engine", daemon=True)
+        self.process = ctx.Process(target=_engine_main, args=(child, self._conn, self.spec), name="engine",
+                                   daemon=True)
         self.process.start()
         child.close()
 
@@ -265,9 +266,11 @@ def _limits(info: EngineInfo, padding_mode: str):
 
 # ------------------------------------------------------------------------------------ the engine side
 
-def _engine_main(conn, spec: EngineSpec) -> None:
+def _engine_main(conn, http_end, spec: EngineSpec) -> None:
     """The engine process: load, say so, then apply the HTTP side's messages until told to stop or
-    the HTTP process is gone."""
+    the HTTP process is gone (its end of the pipe, inherited by the fork, is closed here first, or
+    the pipe would never reach its end of file)."""
+    http_end.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the HTTP process's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:

@@ -422,6 +422,21 @@ def test_an_engine_killed_under_64_streams_ends_every_request_within_2_s(tiny_ar
     assert code == 1
 
 
+def test_the_engine_process_ends_with_the_http_process(tiny_artifact):
+    """An HTTP process killed outright leaves no engine behind holding the devices."""
+    s = Server(tiny_artifact)
+    try:
+        engine = engine_pid(s)
+        s.proc.kill()
+        s.proc.wait(10)
+        deadline = time.time() + 30
+        while os.path.exists(f"/proc/{engine}") and "zombie" not in open(f"/proc/{engine}/status").read():
+            assert time.time() < deadline, "the engine process outlived its HTTP process by 30 s"
+            time.sleep(0.1)
+    finally:
+        s.stop()
+
+
 # ------------------------------------------------------------------------------------ the API
 
 def post(server, body, path="/v1/completions", **kw):
@@ -528,3 +543,18 @@ def test_logprobs_keep_every_alternative_and_their_bytes(server):
     eos = set(json.loads((server_artifact_tokenizer(server) / "generation_config.json").read_text())["eos_token_id"])
     content = [e for e, t in zip(r["logprobs"]["content"], r["token_ids"]) if t not in eos]
     assert bytes(b for e in content for b in e["bytes"]).decode("utf-8", "replace") == r["message"]["content"]
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_a_streams_events_encode_as_whole_chunks_do(kind):
+    """The per-stream encoder writes the same bytes as encoding each chunk whole."""
+    from runtime.openai_api import Request, chunk, chunk_choice
+    from runtime.sampling import SamplingParams
+    from runtime.server import ChunkEncoder, sse
+
+    req = Request(kind, "m\u00e9\"odel", None, [1], 4, SamplingParams(), [], True, 2)
+    encode = ChunkEncoder(req)
+    for text, ids, finish, lp in [("h\u00e9llo \"x\"\n", (5,), None, None), (None, (), None, None),
+                                  ("", (7,), "length", {"tokens": ["\ufffd"], "token_logprobs": [-0.5]})]:
+        assert encode(chunk_choice(req, text, ids, finish, lp)) == sse(chunk(req, text, ids, finish, lp))
+    assert encode(chunk_choice(req, None, [], first=True)) == sse(chunk(req, None, [], first=True))
