@@ -38,6 +38,12 @@ class SleepingDevice:
         self.idle: list[tuple[float, float]] = []  # per launch: (when, how long the device had waited for the host)
         self.steps = 0
 
+    @property
+    def capabilities(self):
+        from runtime.capabilities import Capabilities
+
+        return Capabilities(pipelined=True, repeats=True, num_logprobs=self.num_logprobs)
+
     def dispatch(self, bucket, batch):
         now = time.perf_counter()
         if self.steps:

@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
+from .capabilities import capabilities_of
 from .sampling import SamplingParams
 from .scheduler import RequestError, Scheduler
 
@@ -257,7 +258,7 @@ def _drain(q: queue.Queue):
 def make_scheduler(engine, padding_mode: str, eos_ids: Sequence[int]) -> Scheduler:
     """The serving scheduler; every process of a multi-process server builds the same one."""
     return Scheduler(engine, padding_mode=padding_mode, eos_token_id=list(eos_ids) or None,
-                     top_logprobs=getattr(engine, "num_logprobs", 0))
+                     top_logprobs=capabilities_of(engine).num_logprobs)
 
 
 def follow(engine, channel, *, padding_mode: str = "auto", eos_ids: Sequence[int] = ()) -> int:
