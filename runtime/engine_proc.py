@@ -3,9 +3,10 @@
 The HTTP process (event loop, tokenizer, templates, detokenization, stop strings, SSE) and the
 engine (scheduler and device loop) used to share one interpreter and so one GIL: every streamed
 token's JSON and socket write competed with planning, packing and collecting, and the device
-waited for the host. Here the engine runs in a child process and the two exchange one message per
-step each way: new and cancelled requests in; per request its new token events (with only the
-logprobs it asked for), finish reasons and errors out, plus the engine's counters for /metrics.
+waited for the host. Here the engine runs in a child process. Out of it comes one message per
+step: per request its new token events (with only the top logprobs it asked for), finish reasons
+and errors, plus the engine's counters for /metrics. Into it go the new and cancelled requests of
+one turn of the HTTP side's event loop, one message per turn, all applied before the next step.
 
 Why a pipe (`multiprocessing.connection` over a socketpair) and not shared memory or ZeroMQ: a
 message is a few hundred bytes to a few tens of KB, one per step, so copying it costs microseconds
