@@ -272,8 +272,10 @@ def _engine_main(conn, http_end, spec: EngineSpec) -> None:
     the HTTP process is gone (its end of the pipe, inherited by the fork, is closed here first, or
     the pipe would never reach its end of file)."""
     http_end.close()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the HTTP process's to handle
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # A terminal's Ctrl-C, or a supervisor's SIGTERM to the whole process group (systemd does so), is
+    # the HTTP process's to handle: it drains, then tells the engine to stop.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     try:
         loop, info = _load(spec)
     except Exception as e:  # noqa: BLE001 - said in one line by the HTTP process

@@ -30,7 +30,7 @@ from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from .engine_loop import EngineFailed, QueueFull, TokenEvent
+from .engine_loop import EngineFailed, QueueFull
 from .engine_proc import EngineClient, EngineSpec
 from .openai_api import ApiError, Request, chunk_choice, chunk_head, completion_choice, logprobs_block
 from .openai_api import parse_chat, parse_completion
