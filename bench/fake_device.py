@@ -3,13 +3,14 @@
 `python -m bench.fake_device STEP_MS STATS_JSON serve ARTIFACT [serve options]` is `python -m
 runtime serve` with the artifact's executables replaced by `SleepingDevice`: the scheduler, the
 engine loop and the whole HTTP side are the real ones, the artifact's buckets, cache geometry and
-tokenizer too; only the step is a sleep. At exit it writes the device's timings to STATS_JSON.
+tokenizer too; only the step is a sleep. When the engine process ends it writes the device's
+timings to STATS_JSON.
 """
 
 from __future__ import annotations
 
-import atexit
 import json
+import multiprocessing.util
 import sys
 import time
 
@@ -36,6 +37,12 @@ class SleepingDevice:
         self._free_at = 0.0  # when the device is done with everything launched so far
         self.idle: list[tuple[float, float]] = []  # per launch: (when, how long the device had waited for the host)
         self.steps = 0
+
+    @property
+    def capabilities(self):
+        from runtime.capabilities import Capabilities
+
+        return Capabilities(pipelined=True, repeats=True, num_logprobs=self.num_logprobs)
 
     def dispatch(self, bucket, batch):
         now = time.perf_counter()
@@ -89,18 +96,17 @@ def main(argv: list[str]) -> int:
     import runtime.engine
     from runtime.cli import main as runtime_main
 
-    devices = []
-
     def load(path, **_):
-        devices.append(sleeping_device(path, step_ms))
-        return devices[0]
+        """Runs in the engine process (forked by the server), which writes the timings when it ends."""
+        device = sleeping_device(path, step_ms)
+        multiprocessing.util.Finalize(device, write, args=(device,), exitpriority=1)
+        return device
 
-    def write():
+    def write(device):
         with open(stats_path, "w") as f:
-            json.dump(devices[0].timings() if devices else {}, f)
+            json.dump(device.timings(), f)
 
     runtime.engine.load = load
-    atexit.register(write)
     return runtime_main(rest)
 
 

@@ -40,6 +40,14 @@ class PaddingOnly:
 
         self.step_shapes = []  # (bucket tokens, real tokens per group, expert-layer rows) of every step
 
+    step_seconds = bucket_cost = None  # set by a run that sizes steps by time, or weighs collectives
+
+    @property
+    def capabilities(self):
+        from runtime.capabilities import Capabilities
+
+        return Capabilities(step_seconds=self.step_seconds, bucket_cost=self.bucket_cost)
+
     def run(self, bucket, batch):
         self.step_shapes.append((bucket.tokens, batch["num_tokens"].copy(), expert_rows(bucket)))
         return {"tokens": np.zeros((self.dp, bucket.seqs), np.int32),

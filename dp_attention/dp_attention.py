@@ -21,15 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from runtime.buckets import PaddingMode as DpPaddingMode
-
-
-def select_padding_mode(sum_len: int, max_len: int, dp: int) -> DpPaddingMode:
-    """The cheaper gather for a batch whose groups hold `sum_len` tokens, at most `max_len` each.
-
-    Pass padded sizes (the executables' buckets) to choose between executables that exist.
-    """
-    return DpPaddingMode.MAX_LEN if sum_len * 2 > max_len * dp else DpPaddingMode.SUM_LEN
+from runtime.contract import PaddingMode as DpPaddingMode
 
 
 @dataclasses.dataclass(frozen=True)

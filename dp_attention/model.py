@@ -35,8 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from runtime.batching import SAMPLED, WIRE_APART, advance_ints, wire_layout
-from runtime.buckets import Bucket
+from runtime.contract import SAMPLED, WIRE_APART, Bucket, advance_ints, wire_layout
 
 from .attention import NativeAttentionBackend, PagedBatch
 from .ragged import LANES, FlashAttentionBackend, block_sizes, tpu_kernel

@@ -8,53 +8,11 @@ picks among those that exist with `choose`. Both live here so they can't drift a
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 from typing import Iterable, Mapping, Sequence
 
-
-class PaddingMode(enum.StrEnum):
-    """How groups' tokens meet in the MoE exchange (see dp_attention/dp_attention.py).
-
-    A str enum so that the spelling in flags, JSON and stats ("max_len") is the member itself:
-    equal, hashing alike and formatting alike, with no conversion at any boundary. The model's
-    step imports it from here (as DpPaddingMode), so the runtime needs no model code.
-    """
-
-    MAX_LEN = "max_len"
-    SUM_LEN = "sum_len"
-
-
-MAX_LEN, SUM_LEN = PaddingMode.MAX_LEN, PaddingMode.SUM_LEN
-MODES = tuple(m.value for m in PaddingMode)  # plain strings: what flags and error messages spell
-
-
-@dataclasses.dataclass(frozen=True, order=True)
-class Bucket:
-    """Every static shape of one executable: the key the builder plans, the manifest stores, the
-    runtime chooses among, and the model's step is traced for."""
-
-    mode: PaddingMode
-    tokens: int  # per group (T)
-    seqs: int  # per group (S)
-    global_len: int  # rows of the MoE exchange buffer: D*T for MAX_LEN, the summed bucket for SUM_LEN
-
-    def __post_init__(self):
-        # "max_len" and MAX_LEN already compare equal; one canonical type keeps `is` and repr honest.
-        object.__setattr__(self, "mode", PaddingMode(self.mode))
-
-    @property
-    def name(self) -> str:
-        return f"{self.mode}-t{self.tokens}-s{self.seqs}-g{self.global_len}"
-
-    def fits(self, token_counts: Sequence[int], seq_counts: Sequence[int]) -> bool:
-        if max(token_counts) > self.tokens or max(seq_counts) > self.seqs:
-            return False
-        return self.mode == MAX_LEN or sum(token_counts) <= self.global_len
-
-    def exchange_rows(self, dp: int) -> int:
-        """Rows moved by the MoE exchange, all-reduce counted twice: the padding rule's cost."""
-        return self.tokens * dp if self.mode == MAX_LEN else 2 * self.global_len
+# Bucket and PaddingMode are defined in the contract module the model imports too; the old names
+# stay importable from here.
+from runtime.contract import MAX_LEN, MODES, SUM_LEN, Bucket, PaddingMode  # noqa: F401
 
 
 def seqs_for(tokens: int, max_seqs: int) -> int:

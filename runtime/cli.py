@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -207,21 +208,29 @@ def main(argv=None) -> int:
     _set_device_count(checked.manifest, cluster.num_processes if cluster else 1)
     if cluster is not None:
         distributed.redirect_results()
-        distributed.initialize(cluster)
+        if not _serves_http(args, cluster):  # the HTTP process joins through its engine process
+            distributed.initialize(cluster)
     if args.command == "serve":
         return _http(args, cluster)
     return _serve(args, checked, printing=cluster is None or cluster.process_id == 0)
 
 
+def _serves_http(args, cluster) -> bool:
+    return args.command == "serve" and (cluster is None or cluster.process_id == 0)
+
+
 def _http(args, cluster) -> int:
-    """Process 0 serves HTTP; the others follow its schedule step by step."""
-    if cluster is not None and cluster.process_id != 0:
+    """Process 0 serves HTTP, its engine in a process of its own; the others follow that engine's
+    schedule step by step."""
+    if not _serves_http(args, cluster):
         return _follow(args)
+    from . import distributed
     from .server import run
 
+    setup = None if cluster is None else functools.partial(distributed.initialize, cluster)
     return run(args.dir, host=args.host, port=args.port, max_queue=args.max_queue, padding_mode=args.padding_mode,
                mesh=args.mesh, fast_load=not args.no_fast_load, model_name=args.served_model_name,
-               multi_process=cluster is not None)
+               multi_process=cluster is not None, setup=setup)
 
 
 def _follow(args) -> int:

@@ -98,13 +98,20 @@ def supervise(argv: list[str], cluster: Cluster) -> int:
     ours = [line for line in err.splitlines() if line.startswith("python -m runtime: error:")]
     if ours:
         line = ours[-1]
+        if "was killed by signal" in line and not _explain(err, cluster).startswith("worker aborted"):
+            # the serving engine's process was aborted by JAX, which said why on stderr
+            return _aborted(_explain(err, cluster))
         if any(sign in line for sign in PEER_GONE):  # a step's collective lost its peer: say so first
             where = f"process {cluster.process_id} of {cluster.num_processes}, coordinator {cluster.coordinator}"
             line = (f"python -m runtime: error: lost contact with a peer process ({where}): it stopped or became "
                     f"unreachable; {line.split('error: ', 1)[1][:300]}")
         print(line, file=sys.stderr)
         return child.returncode if child.returncode > 0 else 1
-    print(f"python -m runtime: error: {_explain(err, cluster)}", file=sys.stderr)
+    return _aborted(_explain(err, cluster))
+
+
+def _aborted(why: str) -> int:
+    print(f"python -m runtime: error: {why}", file=sys.stderr)
     return 1
 
 

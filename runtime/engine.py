@@ -27,6 +27,7 @@ from safetensors import safe_open
 from . import format as fmt
 from .batching import WIRE_SHARDED_AS, advance_ints, from_sampled, to_wire, wire_layout, wire_shapes
 from .buckets import Bucket
+from .capabilities import Capabilities
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
@@ -86,6 +87,21 @@ class LoadInfo:
     fast_load_note: str = ""
 
 
+@dataclasses.dataclass
+class StreamState:
+    """What one stream of steps leaves on the device for the next, and nothing else: the steps of
+    a stream run in order, each donating the cache and carry it was given and returning new ones.
+    `reset_cache` starts a new stream; `dispatch`, `dispatch_again` and `_call` are its only users."""
+
+    cache: jax.Array | None = None  # the KV cache
+    carry: jax.Array | None = None  # the last step's sampled tokens [dp, C]: a batch's `feed` reads them
+    # {wire input: (host contents, device array)}: inputs already on the device, passed again when
+    # the next step's are the same
+    resident: dict = dataclasses.field(default_factory=dict)
+    last_bucket: Bucket | None = None  # of the last dispatch, and whether its
+    advanced: bool = False  # resident ints are advanced one position (dispatch_again repeats it)
+
+
 class Engine:
     """A loaded artifact on this machine's devices: weights, ready executables, the KV cache."""
 
@@ -112,16 +128,10 @@ class Engine:
         self.compiled: dict[Bucket, jax.stages.Compiled] = {}
         self._single_process = jax.process_count() == 1
         self.weights = None
-        self.cache = None
-        self.carry = None  # the last step's sampled tokens, on the device (see dispatch)
-        # {wire input: (host contents, device array)} of arrays already on the device, and how
-        # many times each input was sent: a steady decode step sends none.
-        self._resident: dict[str, tuple[np.ndarray, jax.Array]] = {}
-        self.transfers: dict[str, int] = {}
+        self.stream = StreamState()  # what the last step left on the device for the next
+        self.transfers: dict[str, int] = {}  # how many times each input was sent: a steady decode step sends none
         self.repeats = 0  # steps launched by dispatch_again
         self._layouts: dict[Bucket, dict] = {}
-        self._last_bucket: Bucket | None = None  # of the last dispatch, and whether its
-        self._advanced = False  # resident ints are advanced one position (see dispatch_again)
         self.load_info: LoadInfo | None = None
         self._compiles_after_load = 0
 
@@ -140,6 +150,19 @@ class Engine:
     # ---------------------------------------------------------------- serving
 
     @property
+    def cache(self) -> jax.Array | None:
+        return self.stream.cache
+
+    @property
+    def carry(self) -> jax.Array | None:
+        return self.stream.carry
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(pipelined=True, repeats=True, num_logprobs=self.num_logprobs,
+                            bucket_cost=self.bucket_cost, step_seconds=self.step_seconds)
+
+    @property
     def compiles_after_load(self) -> int:
         """Backend compilations that happened inside this engine's own calls since load."""
         return self._compiles_after_load
@@ -155,7 +178,7 @@ class Engine:
         device, whatever the host batch holds there; a batch without `feed` takes no token from it."""
         wire = to_wire(batch)
         placed = self._place(wire)
-        self._resident = {k: (wire[k], placed[k]) for k in wire}
+        self.stream.resident = {k: (wire[k], placed[k]) for k in wire}
         if bucket not in self._layouts:  # from the batch: an installed step may serve any shape
             self._layouts[bucket] = wire_layout({k: np.shape(v) for k, v in batch.items()}
                                                 | {"feed": np.shape(batch["tokens"])})
@@ -166,7 +189,7 @@ class Engine:
         already on the device: the scheduler's steady decode step, with nothing planned, packed or
         sent. None when the last step was another bucket's or its executable does not return
         next_ints (an artifact built before it)."""
-        if self._last_bucket != bucket or not self._advanced:
+        if self.stream.last_bucket != bucket or not self.stream.advanced:
             return None
         self.repeats += 1
         return self._call(bucket)
@@ -176,14 +199,15 @@ class Engine:
         artifact built before it existed) becomes the resident ints, with their host contents
         advanced alike, for the next step to take or compare against."""
         before = compile_count()
-        args = {k: device for k, (_, device) in self._resident.items()} | {"prev_tokens": self.carry}
-        out, self.cache = self.compiled[bucket](self.weights, self.cache, args)
-        self.carry = out.pop("carry")
+        st = self.stream
+        args = {k: device for k, (_, device) in st.resident.items()} | {"prev_tokens": st.carry}
+        out, st.cache = self.compiled[bucket](self.weights, st.cache, args)
+        st.carry = out.pop("carry")
         next_ints = out.pop("next_ints", None)
-        self._last_bucket, self._advanced = bucket, next_ints is not None
+        st.last_bucket, st.advanced = bucket, next_ints is not None
         if next_ints is not None:
-            ints, num_tokens = self._resident["ints"][0], self._resident["num_tokens"][0]
-            self._resident["ints"] = (advance_ints(ints, num_tokens, self._layouts[bucket]), next_ints)
+            ints, num_tokens = st.resident["ints"][0], st.resident["num_tokens"][0]
+            st.resident["ints"] = (advance_ints(ints, num_tokens, self._layouts[bucket]), next_ints)
         self._compiles_after_load += compile_count() - before
         return out
 
@@ -207,7 +231,7 @@ class Engine:
         step's, or what it computed for this one) is passed again, the rest are sent."""
         placed, send = {}, {}
         for k, host in wire.items():
-            kept = self._resident.get(k)
+            kept = self.stream.resident.get(k)
             if kept is not None and kept[0].shape == host.shape and np.array_equal(kept[0], host):
                 placed[k] = kept[1]
             else:
@@ -232,9 +256,7 @@ class Engine:
 
     def reset_cache(self) -> None:
         """Zero the KV cache and the token carry (between independent runs)."""
-        self.cache = self.zero_cache()
-        self.carry = self.zero_carry()
-        self._last_bucket = None
+        self.stream = StreamState(self.zero_cache(), self.zero_carry())
 
     # ---------------------------------------------------------------- loading
 

@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
+from .capabilities import capabilities_of
 from .sampling import SamplingParams
 from .scheduler import RequestError, Scheduler
 
@@ -102,7 +103,7 @@ class EngineLoop:
         with self._lock:  # the loop fails under this lock too: a handle is either failed there or refused here
             if self.error is not None:
                 raise EngineFailed(describe(self.error))
-            if self._waiting + len(self.scheduler.queue) >= self.max_queue:
+            if self.waiting >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting; retry later")
             self._waiting += 1
             self._inbox.put(handle)
@@ -122,6 +123,11 @@ class EngineLoop:
         self._thread.join(timeout)
         if self.channel is not None and self.error is None:
             self.channel.publish(self.stats.steps, {"stop": True})
+
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not yet running: in the inbox or the scheduler's queue."""
+        return self._waiting + len(self.scheduler.queue)
 
     @property
     def failed(self) -> bool:
@@ -252,7 +258,7 @@ def _drain(q: queue.Queue):
 def make_scheduler(engine, padding_mode: str, eos_ids: Sequence[int]) -> Scheduler:
     """The serving scheduler; every process of a multi-process server builds the same one."""
     return Scheduler(engine, padding_mode=padding_mode, eos_token_id=list(eos_ids) or None,
-                     top_logprobs=getattr(engine, "num_logprobs", 0))
+                     top_logprobs=capabilities_of(engine).num_logprobs)
 
 
 def follow(engine, channel, *, padding_mode: str = "auto", eos_ids: Sequence[int] = ()) -> int:

@@ -1,7 +1,8 @@
-"""Prometheus metrics of a serving process, read from the engine loop when /metrics is scraped.
+"""Prometheus metrics of a server, from the engine process's counters when /metrics is scraped.
 
-Counts and gauges are taken from the scheduler and the loop's own tallies at scrape time (one
-source of truth, nothing to keep in sync); step times are drained from the loop into a histogram.
+Counts and gauges are the scheduler's and the engine loop's own tallies, as the engine process
+last sent them with a step (one source of truth, nothing to keep in sync); step times come with
+them and are drained into a histogram.
 """
 
 from __future__ import annotations
@@ -22,11 +23,8 @@ class Metrics:
         self.registry.register(_Collector(state))
 
     def render(self) -> bytes:
-        loop = self.state.loop
-        if loop is not None:
-            times, loop.stats.step_seconds = loop.stats.step_seconds, []
-            for t in times:
-                self.step_seconds.observe(t)
+        for t in self.state.engine.take_step_seconds():
+            self.step_seconds.observe(t)
         return generate_latest(self.registry)
 
 
@@ -38,10 +36,9 @@ class _Collector:
         ready = GaugeMetricFamily(f"{PREFIX}_ready", "1 when the artifact is loaded and serving")
         ready.add_metric([], float(self.state.status == "ready"))
         yield ready
-        loop = self.state.loop
-        if loop is None:
+        st = self.state.engine.stats
+        if not st:
             return
-        sched, stats, engine = loop.scheduler, loop.stats, loop.engine
 
         def gauge(name, doc, value):
             g = GaugeMetricFamily(f"{PREFIX}_{name}", doc)
@@ -53,31 +50,28 @@ class _Collector:
             c.add_metric([], float(value))
             return c
 
-        yield gauge("requests_running", "Requests admitted to a DP group (prefilling or decoding)", sched.running)
-        yield gauge("requests_queued", "Requests waiting for KV pages or a sequence slot",
-                    len(sched.queue) + loop._inbox.qsize())
-        yield counter("prompt_tokens", "Prompt tokens of admitted requests", stats.prompt_tokens)
-        yield counter("generation_tokens", "Tokens generated", stats.generated_tokens)
-        yield counter("steps", "Engine steps run", stats.steps)
+        yield gauge("requests_running", "Requests admitted to a DP group (prefilling or decoding)", st["running"])
+        yield gauge("requests_queued", "Requests waiting for KV pages or a sequence slot", st["waiting"])
+        yield counter("prompt_tokens", "Prompt tokens of admitted requests", st["prompt_tokens"])
+        yield counter("generation_tokens", "Tokens generated", st["generated_tokens"])
+        yield counter("steps", "Engine steps run", st["steps"])
         finished = CounterMetricFamily(f"{PREFIX}_requests_finished", "Requests finished, by reason",
                                        labels=["reason"])
-        for reason, n in sorted(stats.finished.items()):
+        for reason, n in st["finished"]:
             finished.add_metric([reason], float(n))
         yield finished
-        s = sched.stats
         yield gauge("padding_efficiency", "Real tokens / padded tokens over every step so far",
-                    s.real_tokens / s.padded_tokens if s.padded_tokens else 0.0)
-        total = sched.dp * (engine.num_pages - 1)
-        yield gauge("kv_pages_used", "KV cache pages held by requests (all DP groups)", sched.pages_used)
-        yield gauge("kv_pages_free", "KV cache pages free (all DP groups)", total - sched.pages_used)
+                    st["real_tokens"] / st["padded_tokens"] if st["padded_tokens"] else 0.0)
+        yield gauge("kv_pages_used", "KV cache pages held by requests (all DP groups)", st["pages_used"])
+        yield gauge("kv_pages_free", "KV cache pages free (all DP groups)", st["pages_total"] - st["pages_used"])
         yield gauge("compiles_after_load", "Backend compilations since load (should stay 0)",
-                    engine.compiles_after_load)
-        yield counter("preemptions", "Requests preempted (pages freed, prefilled again later)", s.preemptions)
+                    st["compiles_after_load"])
+        yield counter("preemptions", "Requests preempted (pages freed, prefilled again later)", st["preemptions"])
         # Host work per step: a steady decode step is repeated on the device and sends nothing.
         yield counter("steps_repeated", "Steps run again on the device, one position on, with nothing "
-                                        "planned or sent from the host", getattr(engine, "repeats", 0))
+                                        "planned or sent from the host", st["repeats"])
         sent = CounterMetricFamily(f"{PREFIX}_inputs_sent", "Packed step inputs sent from the host, by input",
                                    labels=["input"])
-        for name, n in sorted(getattr(engine, "transfers", {}).items()):
+        for name, n in st["transfers"]:
             sent.add_metric([name], float(n))
         yield sent

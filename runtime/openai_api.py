@@ -245,17 +245,23 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 def chunk(req: Request, text: str | None, token_ids, finish_reason=None, logprobs=None, first=False) -> dict:
     """One server-sent event of a stream."""
+    return chunk_head(req) | {"choices": [chunk_choice(req, text, token_ids, finish_reason, logprobs, first)]}
+
+
+def chunk_head(req: Request) -> dict:
+    """What every event of a stream repeats (a streaming server encodes it once)."""
+    return {"id": ("chatcmpl-" if req.kind == "chat" else "cmpl-") + req.id,
+            "object": "chat.completion.chunk" if req.kind == "chat" else "text_completion",
+            "created": req.created, "model": req.model}
+
+
+def chunk_choice(req: Request, text: str | None, token_ids, finish_reason=None, logprobs=None, first=False) -> dict:
     if req.kind == "chat":
         delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text is not None else {})
-        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason,
-                  "token_ids": list(token_ids)}
-        obj = "chat.completion.chunk"
-    else:
-        choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason,
-                  "token_ids": list(token_ids)}
-        obj = "text_completion"
-    return {"id": ("chatcmpl-" if req.kind == "chat" else "cmpl-") + req.id, "object": obj,
-            "created": req.created, "model": req.model, "choices": [choice]}
+        return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason,
+                "token_ids": list(token_ids)}
+    return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason,
+            "token_ids": list(token_ids)}
 
 
 def logprobs_block(req: Request, entries, offsets, text_of, bytes_of):

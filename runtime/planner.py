@@ -23,6 +23,7 @@ import dataclasses
 import math
 
 from runtime.buckets import SUM_LEN, Bucket, choose
+from runtime.capabilities import capabilities_of
 from runtime.pages import PageAllocator
 
 
@@ -163,7 +164,8 @@ class Planner:
         per real token wins: bucket first, then filled, so a prefill tail of 40 tokens runs in a
         32-token bucket with 8 left for the next step rather than padded to 64.
         """
-        seconds = getattr(self.ex, "step_seconds", None)
+        caps = capabilities_of(self.ex)
+        seconds = caps.step_seconds
         best, best_score = None, math.inf
         for lim in self.limits:
             plan = self.plan(active, lim, step)
@@ -171,7 +173,7 @@ class Planner:
             if real == 0:
                 continue
             bucket = choose([sum(w.n for w in ws) for ws in plan], [len(ws) for ws in plan], self.ex.buckets,
-                            self.dp, self.mode, getattr(self.ex, "bucket_cost", None))
+                            self.dp, self.mode, caps.bucket_cost)
             if bucket is None:
                 continue
             score = seconds[bucket] / real if seconds and bucket in seconds else math.inf

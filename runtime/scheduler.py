@@ -32,6 +32,7 @@ import numpy as np
 
 from runtime.batching import Chunk, pack
 from runtime.buckets import MODES, Bucket, choose
+from runtime.capabilities import Capabilities, capabilities_of
 from runtime.pages import PageAllocator
 from runtime.planner import Planner, Work
 from runtime.sampling import SamplingParams
@@ -52,19 +53,10 @@ class Executor(Protocol):
     vocab_size: int
     buckets: list[Bucket]
 
-    # Optional: num_logprobs (top-N an executable returns), bucket_cost ({Bucket: bytes its
-    # collectives move per step}, what `choose` weighs when present), step_seconds ({Bucket:
-    # measured seconds of one step}: prefill steps are sized to the least time per real token).
+    capabilities: Capabilities  # optional: what it does beyond `run` (dispatch, fetch, ...; see there)
 
     def run(self, bucket: Bucket, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """{"tokens": [dp, seqs] sampled ids, "logprobs": [dp, seqs], ...} for one step."""
-
-    # Optional, together: dispatch(bucket, batch) launches a step and returns a handle at once;
-    # fetch(handle) waits for its outputs (as run returns them). Then steps are pipelined, and a
-    # batch's `feed` entries (>= 0) name rows of the previous dispatched step's sampled tokens.
-    # Optional beside them: dispatch_again(bucket) launches the last dispatched batch again with
-    # every real token one position on (None if it cannot), so a steady decode step is neither
-    # planned nor packed on the host.
 
 
 @dataclasses.dataclass(eq=False)  # identity: requests are removed from lists by object
@@ -145,8 +137,8 @@ class Scheduler:
         self.stats = _Stats()
         self._submitted = 0
         # pipeline=False reads every step before planning the next (a baseline, or for debugging).
-        self._pipelined = pipeline and callable(getattr(executor, "dispatch", None)) \
-            and callable(getattr(executor, "fetch", None))
+        self.caps = capabilities_of(executor)
+        self._pipelined = pipeline and self.caps.pipelined
         self._in_flight: _Launch | None = None  # launched, outputs not read yet
         # Steps launched, and how many of them had their outputs read: a multi-process leader
         # learns from the second which steps every process has launched.
@@ -170,7 +162,7 @@ class Scheduler:
         if choose(one, one, self.ex.buckets, self.dp, self.mode) is None:
             raise RequestError(f"no {self.mode} bucket can serve a single token; buckets: "
                                f"{sorted(b.name for b in self.ex.buckets)}")
-        available = int(getattr(self.ex, "num_logprobs", 0))
+        available = capabilities_of(self.ex).num_logprobs
         if self.top_logprobs and not 0 <= self.top_logprobs <= available:
             raise RequestError(f"{self.top_logprobs} top logprobs asked for; this artifact returns at most "
                                f"{available} per token (built with --logprobs {available})")
@@ -269,14 +261,13 @@ class Scheduler:
         step `_build` would plan when the last one fed every runnable request one token from its
         own row and nothing changed since: no request admitted, finished, preempted or given a
         page, each still decoding. The bookkeeping after launch is the same either way."""
-        again = getattr(self.ex, "dispatch_again", None)
-        if self._repeatable is None or again is None:
+        if self._repeatable is None or not self.caps.repeats:
             return None
         bucket, plan, changes = self._repeatable
         if changes != self._version() or any(len(ws) != len(rs) for ws, rs in zip(plan, runnable)) \
                 or not all(w.request.decoding and not w.request.complete for ws in plan for w in ws):
             return None
-        return again(bucket)
+        return self.ex.dispatch_again(bucket)
 
     def _collect(self, launch: "_Launch") -> list[_Request]:
         """Read a launched step's sampled tokens and hand each to its request. Returns the requests

@@ -17,6 +17,7 @@ requests finish, then the process exits 0; a second SIGTERM stops at once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import signal
@@ -29,8 +30,10 @@ from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from .engine_loop import EngineFailed, EngineLoop, QueueFull, TokenEvent
-from .openai_api import ApiError, Request, chunk, completion_choice, logprobs_block, parse_chat, parse_completion
+from .engine_loop import EngineFailed, QueueFull
+from .engine_proc import EngineClient, EngineSpec
+from .openai_api import ApiError, Request, chunk_choice, chunk_head, completion_choice, logprobs_block
+from .openai_api import parse_chat, parse_completion
 from .openai_api import response, usage
 from .scheduler import RequestError
 
@@ -44,89 +47,53 @@ def log(message: str) -> None:
     print(f"{PROG}: {message}", flush=True)
 
 
-class Mailbox:
-    """Token events from the engine thread to the asyncio loop, handed over once per step.
-
-    One `call_soon_threadsafe` per event would wake the event loop (a pipe write and a loop
-    iteration) for every token of every stream; batching them costs one wake-up per step.
-    """
-
-    def __init__(self, aio: asyncio.AbstractEventLoop):
-        self._aio = aio
-        self._lock = threading.Lock()
-        self._pending: list = []
-
-    def post(self, events: asyncio.Queue, event) -> None:
-        with self._lock:
-            self._pending.append((events, event))
-
-    def flush(self) -> None:
-        with self._lock:
-            batch, self._pending = self._pending, []
-        if batch:
-            self._aio.call_soon_threadsafe(_hand_over, batch)
-
-
-def _hand_over(batch) -> None:
-    for events, event in batch:
-        events.put_nowait(event)
-
-
 class ServerState:
-    """What the handlers share: status, the engine loop once loaded, the tokenizer, and how the
-    process ends (`exit_code`, and `stop_serving` set by the HTTP server)."""
+    """What the handlers share: status, the engine process, the tokenizer, and how the process
+    ends (`exit_code`, and `stop_serving` set by the HTTP server)."""
 
-    def __init__(self, artifact: str, model_name: str | None, load_kwargs: dict, loop_kwargs: dict,
-                 multi_process: bool = False):
-        self.artifact, self.load_kwargs, self.loop_kwargs = artifact, load_kwargs, loop_kwargs
-        self.multi_process = multi_process
+    def __init__(self, engine: EngineClient, artifact: str, model_name: str | None):
+        self.engine, self.artifact = engine, artifact
         self.status = "loading"  # -> ready -> draining, or -> failed
         self.model_name = model_name
-        self.loop: EngineLoop | None = None
         self.tokenizer = None
         self.error: str | None = None
         self.exit_code = 0
         self.created = int(time.time())
         self.in_flight = 0  # API requests being answered (a drain waits for 0)
         self.aio: asyncio.AbstractEventLoop | None = None
-        self.mailbox: Mailbox | None = None
         self.stop_serving = lambda: None  # the HTTP server sets it
 
     def load(self) -> None:
-        """Runs in a thread at startup: the HTTP side answers 503 until this is done."""
-        from .engine import load
+        """Runs in a thread at startup: the HTTP side answers 503 until the engine process has
+        loaded the artifact and this one its tokenizer."""
+        from .engine_proc import LoadFailed
         from .tokenizer import TextTokenizer
 
         try:
-            engine = load(self.artifact, **self.load_kwargs)
             self.tokenizer = TextTokenizer.from_dir(Path(self.artifact) / "tokenizer")
-            self.model_name = self.model_name or engine.manifest.model.name
-            eos = self.tokenizer.eos_ids if self.tokenizer else ()
-            channel = None
-            if self.multi_process:
-                from .distributed import StepChannel
-
-                channel = StepChannel()
-            self.loop = EngineLoop(engine, eos_ids=eos, channel=channel, **self.loop_kwargs)
-            self.loop.after_callbacks = self.mailbox.flush
-            self.loop.on_failure = self.engine_failed
-            self.loop.start()
-        except Exception as e:  # noqa: BLE001 - one line, then the server exits with status 2
-            from .format import ArtifactError
-
-            self.fail(str(e) if isinstance(e, ArtifactError) else f"{type(e).__name__}: {e}", 2, linger=0)
+            info = self.engine.wait_ready()
+        except LoadFailed as e:  # one line, then the server exits with its status
+            self.fail(str(e), e.code, linger=0)
             return
+        except Exception as e:  # noqa: BLE001 - the tokenizer: one line, exit 2
+            self.fail(f"{type(e).__name__}: {e}", 2, linger=0)
+            return
+        self.model_name = self.model_name or info.model_name
+        self.engine.on_failure = self.engine_failed
+        self.aio.call_soon_threadsafe(self._serving, info)
+
+    def _serving(self, info) -> None:
+        """On the event loop: messages from the engine are read here from now on."""
+        self.engine.attach(self.aio)
         if self.status == "loading":  # a SIGTERM during the load leaves it draining
             self.status = "ready"
-        info = engine.load_info
-        log(f"ready: model {self.model_name}, mesh {info.mesh}, {info.executables} executables, "
-            f"loaded in {info.seconds:.1f} s")
+        load = info.load_info
+        log(f"ready: model {self.model_name}, mesh {load.mesh}, {load.executables} executables, "
+            f"loaded in {load.seconds:.1f} s")
 
-    def engine_failed(self, e: BaseException) -> None:
-        """On the engine thread, after every open request was told: stop serving, exit 1."""
-        from .engine_loop import describe
-
-        self.fail(describe(e), 1, linger=LINGER_S)
+    def engine_failed(self, message: str) -> None:
+        """On the event loop, after every open request was told: stop serving, exit 1."""
+        self.fail(message, 1, linger=LINGER_S)
 
     def fail(self, message: str, code: int, linger: float) -> None:
         self.status, self.error, self.exit_code = "failed", message, code
@@ -169,6 +136,9 @@ class TextStream:
         last = finish_reason is not None
         if last:
             new += self.detok.flush()
+        if not self.stops:  # nothing to look for or hold back
+            self.text += new
+            return new
         return self._cut(self.held + new, last, self.stops if stops_apply else [])
 
     def _cut(self, pending: str, last: bool, stops: list[str]) -> str:
@@ -233,13 +203,13 @@ async def model(http: HttpRequest, model_id: str):
 async def completions(http: HttpRequest):
     state = _state(http)
     state.check_ready()
-    return await serve(http, state, parse_completion(await body_of(http), state.loop.engine.num_logprobs))
+    return await serve(http, state, parse_completion(await body_of(http), state.engine.info.num_logprobs))
 
 
 async def chat(http: HttpRequest):
     state = _state(http)
     state.check_ready()
-    return await serve(http, state, parse_chat(await body_of(http), state.loop.engine.num_logprobs))
+    return await serve(http, state, parse_chat(await body_of(http), state.engine.info.num_logprobs))
 
 
 async def body_of(http: HttpRequest) -> dict:
@@ -273,20 +243,20 @@ async def serve(http: HttpRequest, state: ServerState, req: Request):
                 entries.append((ev.token, ev.logprob, ev.top))
             finish = ev.finish_reason
             if text.stopped:
-                state.loop.cancel(handle, "stop")
+                state.engine.cancel(handle, "stop")
                 finish = "stop"
                 break
     finally:
         watcher.cancel()
         if not handle.done:
-            state.loop.cancel(handle)
+            state.engine.cancel(handle)
     lp = logprobs_block(req, entries, offsets, text.token_text, text.token_bytes)
-    return response(req, completion_choice(req, text.text, ids, finish, lp), len(prompt), len(ids))
+    return JSONResponse(response(req, completion_choice(req, text.text, ids, finish, lp), len(prompt), len(ids)))
 
 
 def submit(state: ServerState, req: Request, prompt: list[int]):
     """Check the request against the engine's limits and queue it: its handle and its event queue."""
-    sched = state.loop.scheduler
+    sched = state.engine.limits
     max_tokens = req.max_tokens or sched.max_context - len(prompt)
     where = "prompt" if req.kind == "completion" else "messages"
     if max_tokens < 1:
@@ -299,10 +269,10 @@ def submit(state: ServerState, req: Request, prompt: list[int]):
         param = "min_tokens" if "min_tokens" in msg else "stop_token_ids" if "stop token id" in msg \
             else where if "token id" in msg else "max_tokens"
         raise ApiError(400, msg, param=param) from None
-    events: asyncio.Queue = asyncio.Queue()
+    events = Events()
     try:
-        handle = state.loop.submit(prompt, max_tokens, req.sampling, lambda ev: state.mailbox.post(events, ev),
-                                   top_logprobs=req.logprobs or 0)
+        handle = state.engine.submit(prompt, max_tokens, req.sampling, events.put,
+                                     top_logprobs=req.logprobs or 0)
     except QueueFull as e:
         raise ApiError(429, str(e), type_="rate_limit_error") from None
     except EngineFailed as e:
@@ -313,17 +283,46 @@ def submit(state: ServerState, req: Request, prompt: list[int]):
 _GONE = object()  # put in a request's event queue when its client disconnected
 
 
-async def _watch_disconnect(http: HttpRequest, state: ServerState, handle, events: asyncio.Queue) -> None:
+class Events:
+    """A request's events, from the engine client to its handler, on the event loop's thread: a
+    deque and, while the handler waits, one future to wake it (asyncio.Queue does more per item)."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self):
+        self._items: collections.deque = collections.deque()
+        self._waiter: asyncio.Future | None = None
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._items)
+
+    def put(self, event) -> None:
+        self._items.append(event)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self):
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+
+async def _watch_disconnect(http: HttpRequest, state: ServerState, handle, events) -> None:
     """A non-streamed request sends nothing until it ends, so nothing else notices its client
     leaving: wait on the connection itself and cancel the request at once (pages freed at the
     next step). A streamed response has Starlette's own watcher, which closes the stream."""
     while (await http.receive())["type"] != "http.disconnect":
         pass
-    state.loop.cancel(handle)
-    events.put_nowait(_GONE)
+    state.engine.cancel(handle)
+    events.put(_GONE)
 
 
-async def tokens(handle, events: asyncio.Queue):
+async def tokens(handle, events):
     """The request's token events; raises ApiError on an engine error, stops if the client left."""
     while True:
         ev = await events.get()
@@ -341,9 +340,11 @@ async def tokens(handle, events: asyncio.Queue):
 
 async def stream(state: ServerState, req: Request, handle, events, text: TextStream, prompt_tokens: int):
     sent = 0
+    event = ChunkEncoder(req)
+    out = []  # events for the tokens at hand: one write for all of them when the client lags
     try:
         if req.kind == "chat":  # the role comes first, as OpenAI streams it
-            yield sse(chunk(req, None, [], first=True))
+            yield event(chunk_choice(req, None, [], first=True))
         async for ev in tokens(handle, events):
             offset = len(text.text)
             sent += 1
@@ -351,24 +352,40 @@ async def stream(state: ServerState, req: Request, handle, events, text: TextStr
             finish = "stop" if text.stopped else ev.finish_reason
             lp = logprobs_block(req, [(ev.token, ev.logprob, ev.top)], [offset], text.token_text, text.token_bytes) \
                 if req.logprobs is not None else None
-            yield sse(chunk(req, piece, [ev.token], finish, lp))
+            out.append(event(chunk_choice(req, piece, (ev.token,), finish, lp)))
             if text.stopped:
-                state.loop.cancel(handle, "stop")
+                state.engine.cancel(handle, "stop")
                 break
+            if not events.ready and ev.finish_reason is None:  # the last goes with [DONE]
+                yield b"".join(out) if len(out) > 1 else out[0]
+                out = []
         if req.include_usage:
-            final = chunk(req, None, [])
-            final["choices"], final["usage"] = [], usage(prompt_tokens, sent)
-            yield sse(final)
-        yield b"data: [DONE]\n\n"
+            out.append(sse(chunk_head(req) | {"choices": [], "usage": usage(prompt_tokens, sent)}))
+        out.append(b"data: [DONE]\n\n")
+        yield b"".join(out)
     except ApiError as e:  # the engine failed: an error event, then the stream closes
-        yield sse(e.body())
+        yield b"".join(out) + sse(e.body())
     finally:
         if not handle.done:
-            state.loop.cancel(handle)  # the client went away mid-stream: free its pages now
+            state.engine.cancel(handle)  # the client went away mid-stream: free its pages now
+
+
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def sse(obj: dict) -> bytes:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
+    return b"data: %s\n\n" % _encode(obj).encode()
+
+
+class ChunkEncoder:
+    """A stream's events as `sse(chunk(...))` writes them, with the part every event repeats (id,
+    object, created, model) encoded once: per token, only the choice is encoded."""
+
+    def __init__(self, req: Request):
+        self.head = b"data: %s,\"choices\":[" % _encode(chunk_head(req))[:-1].encode()
+
+    def __call__(self, choice: dict) -> bytes:
+        return b"%s%s]}\n\n" % (self.head, _encode(choice).encode())
 
 
 async def prompt_ids(state: ServerState, req: Request) -> list[int]:
@@ -414,23 +431,19 @@ async def server_error(_, e: Exception):
 def make_app(state: ServerState) -> FastAPI:
     from .metrics import Metrics
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        yield
-        if state.loop is not None:
-            state.loop.stop(timeout=30)
-
-    app = FastAPI(title="qwen3-moe-aot", lifespan=lifespan)
+    app = FastAPI(title="qwen3-moe-aot")
     app.state.server, app.state.metrics = state, Metrics(state)
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, server_error)
+    # Plain routes, matched first: FastAPI's parameter solving and response encoding, and each
+    # route tried before the one that matches, cost every request tens of microseconds
+    app.add_route("/v1/completions", completions, methods=["POST"])
+    app.add_route("/v1/chat/completions", chat, methods=["POST"])
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", prometheus, methods=["GET"])
     app.add_api_route("/v1/models", models, methods=["GET"])
     app.add_api_route("/v1/models/{model_id:path}", model, methods=["GET"])
-    app.add_api_route("/v1/completions", completions, methods=["POST"])
-    app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
     return app
 
 
@@ -454,11 +467,16 @@ class Counted:
 # ------------------------------------------------------------------------------------ running it
 
 def run(artifact: str, *, host: str, port: int, max_queue: int, padding_mode: str, mesh: str | None,
-        fast_load: bool, model_name: str | None, multi_process: bool = False) -> int:
+        fast_load: bool, model_name: str | None, multi_process: bool = False, setup=None) -> int:
+    """Serve until drained or failed; the exit status. `setup` runs first in the engine process
+    (a multi-process leader joins the JAX cluster there)."""
     import uvicorn
 
-    state = ServerState(artifact, model_name, {"mesh": mesh, "fast_load": fast_load},
-                        {"padding_mode": padding_mode, "max_queue": max_queue}, multi_process)
+    # Forked first, before this process has a thread or a listening socket to hand down.
+    engine = EngineClient(EngineSpec(artifact, {"mesh": mesh, "fast_load": fast_load}, padding_mode,
+                                     multi_process, setup), max_queue)
+    engine.start()
+    state = ServerState(engine, artifact, model_name)
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None):
@@ -468,7 +486,6 @@ def run(artifact: str, *, host: str, port: int, max_queue: int, padding_mode: st
                 state.exit_code = 1
                 return
             state.aio = asyncio.get_running_loop()
-            state.mailbox = Mailbox(state.aio)
             log(f"listening on http://{host}:{port}, loading {artifact}")
             threading.Thread(target=state.load, name="artifact-load", daemon=True).start()
 
@@ -507,6 +524,9 @@ def run(artifact: str, *, host: str, port: int, max_queue: int, padding_mode: st
             state.aio.call_later(5.0, lambda: setattr(server, "force_exit", True))
 
     state.stop_serving = stop_serving
-    server.run()
+    try:
+        server.run()
+    finally:
+        engine.stop(timeout=30)
     log(f"shut down ({state.status}{': ' + state.error if state.error else ''}), exit {state.exit_code}")
     return state.exit_code

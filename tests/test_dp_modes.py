@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from dp_attention import DpPaddingMode, MeshShape, select_padding_mode
+from dp_attention import DpPaddingMode, MeshShape
 from driver import StepDriver
 from runtime.batching import Chunk
 
@@ -57,17 +57,6 @@ def test_all_groups_idle_but_one_decode(golden_dir, prompts):
         _, out = d.generate([[], [prompts[2]]], new_tokens=4, mode=mode)
         results.append(out[1][0])
     assert results[0] == results[1]
-
-
-@pytest.mark.parametrize("sum_len,max_len,dp,expected", [
-    (64, 32, 2, DpPaddingMode.MAX_LEN),   # balanced: 128 > 64
-    (33, 32, 2, DpPaddingMode.MAX_LEN),   # 66 > 64
-    (32, 32, 2, DpPaddingMode.SUM_LEN),   # 64 == 64: all-reduce of sum is no worse
-    (40, 40, 4, DpPaddingMode.SUM_LEN),   # one busy group of four
-    (100, 30, 4, DpPaddingMode.MAX_LEN),
-])
-def test_selection_rule(sum_len, max_len, dp, expected):
-    assert select_padding_mode(sum_len, max_len, dp) is expected
 
 
 def sampled_tokens(driver, prompts, placement, steps=8):

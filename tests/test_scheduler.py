@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runtime.buckets import MAX_LEN, SUM_LEN, Bucket, plan
+from runtime.capabilities import Capabilities
 from runtime.sampling import SamplingParams
 from runtime.scheduler import RequestError, Scheduler, generate
 
@@ -63,6 +64,12 @@ def reference(prompts, max_new, sampling=None, eos=None):
 
 class FakeExecutor:
     """An executor whose logits come from what a paged KV cache would hold."""
+
+    step_seconds = bucket_cost = None  # a test may time the buckets or weigh their collectives
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(step_seconds=self.step_seconds, bucket_cost=self.bucket_cost)
 
     def __init__(self, dp=4, page_size=4, num_pages=64, pages_per_seq=16, ladder=(4, 8, 16),
                  max_seqs=4, sum_ladder=None, buckets=None, vocab_size=VOCAB):
@@ -119,6 +126,11 @@ class PipelinedFake(FakeExecutor):
         self.overlapped = 0  # steps launched while the previous one was unread
         self.repeated = 0  # steps launched with dispatch_again
         self._unread = 0
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(pipelined=True, repeats=True, step_seconds=self.step_seconds,
+                            bucket_cost=self.bucket_cost)
 
     def dispatch(self, bucket: Bucket, batch: dict):
         self.last = (bucket, batch)

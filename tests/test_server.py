@@ -364,6 +364,79 @@ def test_an_engine_that_fails_ends_every_request_and_the_server(tiny_artifact, t
     assert "exit 1" in out.splitlines()[-1]
 
 
+def engine_pid(server) -> int:
+    """The engine process: the server's one child."""
+    kids = open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read().split()
+    assert len(kids) == 1, f"the server has {len(kids)} child processes, expected its engine alone: {kids}"
+    return int(kids[0])
+
+
+async def _until_it_ends(port: int, body: bytes) -> tuple[float, bytes]:
+    """One request over a bare socket: when its response ended, and its last bytes."""
+    import asyncio
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                 b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    tail = b""
+    while chunk := await reader.read(65536):
+        tail = (tail + chunk)[-600:]
+    writer.close()
+    return time.perf_counter(), tail
+
+
+def test_an_engine_killed_under_64_streams_ends_every_request_within_2_s(tiny_artifact):
+    """SIGKILL leaves the engine no time to say anything: its pipe's end of file is what the HTTP
+    side sees. Every client, streamed or not, running or queued, gets an error at once."""
+    import asyncio
+
+    s = Server(tiny_artifact)
+    try:
+        victim = engine_pid(s)
+        bodies = [json.dumps({"model": MODEL, "prompt": [1 + i] * 20, "max_tokens": 230, "ignore_eos": True,
+                              "stream": i % 4 != 0}).encode() for i in range(64)]
+
+        async def scenario():
+            clients = [asyncio.create_task(_until_it_ends(s.port, b)) for b in bodies]
+            deadline = time.time() + 60
+            while s.metrics()["qwen3_moe_generation_tokens_total"] < 64:
+                assert time.time() < deadline, "the requests never started"
+                await asyncio.sleep(0.05)
+            os.kill(victim, signal.SIGKILL)
+            killed = time.perf_counter()
+            ends = await asyncio.gather(*clients)
+            health = httpx.get(s.url + "/health")
+            return killed, ends, health
+
+        killed, ends, health = asyncio.run(scenario())
+        code = s.proc.wait(30)
+    finally:
+        s.stop()
+    took = max(t for t, _ in ends) - killed
+    print(f"every request ended {took:.2f} s after the kill")
+    assert took < 2.0
+    for i, (_, tail) in enumerate(ends):
+        assert b'"type":"server_error"' in tail and b"SIGKILL" in tail, (i, tail)
+        assert (b"HTTP/1.1 500" in tail) if i % 4 == 0 else (b'data: {"error"' in tail), (i, tail)
+    assert health.status_code == 503 and "SIGKILL" in health.json()["error"]
+    assert code == 1
+
+
+def test_the_engine_process_ends_with_the_http_process(tiny_artifact):
+    """An HTTP process killed outright leaves no engine behind holding the devices."""
+    s = Server(tiny_artifact)
+    try:
+        engine = engine_pid(s)
+        s.proc.kill()
+        s.proc.wait(10)
+        deadline = time.time() + 30
+        while os.path.exists(f"/proc/{engine}") and "zombie" not in open(f"/proc/{engine}/status").read():
+            assert time.time() < deadline, "the engine process outlived its HTTP process by 30 s"
+            time.sleep(0.1)
+    finally:
+        s.stop()
+
+
 # ------------------------------------------------------------------------------------ the API
 
 def post(server, body, path="/v1/completions", **kw):
@@ -470,3 +543,18 @@ def test_logprobs_keep_every_alternative_and_their_bytes(server):
     eos = set(json.loads((server_artifact_tokenizer(server) / "generation_config.json").read_text())["eos_token_id"])
     content = [e for e, t in zip(r["logprobs"]["content"], r["token_ids"]) if t not in eos]
     assert bytes(b for e in content for b in e["bytes"]).decode("utf-8", "replace") == r["message"]["content"]
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_a_streams_events_encode_as_whole_chunks_do(kind):
+    """The per-stream encoder writes the same bytes as encoding each chunk whole."""
+    from runtime.openai_api import Request, chunk, chunk_choice
+    from runtime.sampling import SamplingParams
+    from runtime.server import ChunkEncoder, sse
+
+    req = Request(kind, "m\u00e9\"odel", None, [1], 4, SamplingParams(), [], True, 2)
+    encode = ChunkEncoder(req)
+    for text, ids, finish, lp in [("h\u00e9llo \"x\"\n", (5,), None, None), (None, (), None, None),
+                                  ("", (7,), "length", {"tokens": ["\ufffd"], "token_logprobs": [-0.5]})]:
+        assert encode(chunk_choice(req, text, ids, finish, lp)) == sse(chunk(req, text, ids, finish, lp))
+    assert encode(chunk_choice(req, None, [], first=True)) == sse(chunk(req, None, [], first=True))
