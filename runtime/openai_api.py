@@ -231,16 +231,18 @@ def completion_choice(req: Request, text: str, token_ids, finish_reason, logprob
             "token_ids": list(token_ids)}
 
 
-def response(req: Request, choice: dict, prompt_tokens: int, completion_tokens: int) -> dict:
+def response(req: Request, choice: dict, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {"id": ("chatcmpl-" if req.kind == "chat" else "cmpl-") + req.id,
             "object": "chat.completion" if req.kind == "chat" else "text_completion",
             "created": req.created, "model": req.model, "choices": [choice],
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage block; `cached_tokens`: prompt tokens served from the prefix cache."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def chunk(req: Request, text: str | None, token_ids, finish_reason=None, logprobs=None, first=False) -> dict:

@@ -262,12 +262,13 @@ async def serve(http: HttpRequest, state: ServerState, req: Request):
     if req.stream:
         return StreamingResponse(stream(state, req, handle, events, text, len(prompt)),
                                  media_type="text/event-stream")
-    ids, entries, offsets, finish = [], [], [], None
+    ids, entries, offsets, finish, cached = [], [], [], None, 0
     watcher = asyncio.create_task(_watch_disconnect(http, state, handle, events))
     try:
         async for ev in tokens(handle, events):
             offsets.append(len(text.text))
             ids.append(ev.token)
+            cached = max(cached, ev.cached_tokens)
             text.push(ev.token, ev.finish_reason, len(ids) >= req.sampling.min_tokens)
             if req.logprobs is not None:
                 entries.append((ev.token, ev.logprob, ev.top))
@@ -281,7 +282,7 @@ async def serve(http: HttpRequest, state: ServerState, req: Request):
         if not handle.done:
             state.loop.cancel(handle)
     lp = logprobs_block(req, entries, offsets, text.token_text, text.token_bytes)
-    return response(req, completion_choice(req, text.text, ids, finish, lp), len(prompt), len(ids))
+    return response(req, completion_choice(req, text.text, ids, finish, lp), len(prompt), len(ids), cached)
 
 
 def submit(state: ServerState, req: Request, prompt: list[int]):
@@ -340,13 +341,14 @@ async def tokens(handle, events: asyncio.Queue):
 
 
 async def stream(state: ServerState, req: Request, handle, events, text: TextStream, prompt_tokens: int):
-    sent = 0
+    sent, cached = 0, 0
     try:
         if req.kind == "chat":  # the role comes first, as OpenAI streams it
             yield sse(chunk(req, None, [], first=True))
         async for ev in tokens(handle, events):
             offset = len(text.text)
             sent += 1
+            cached = max(cached, ev.cached_tokens)
             piece = text.push(ev.token, ev.finish_reason, sent >= req.sampling.min_tokens)
             finish = "stop" if text.stopped else ev.finish_reason
             lp = logprobs_block(req, [(ev.token, ev.logprob, ev.top)], [offset], text.token_text, text.token_bytes) \
@@ -357,7 +359,7 @@ async def stream(state: ServerState, req: Request, handle, events, text: TextStr
                 break
         if req.include_usage:
             final = chunk(req, None, [])
-            final["choices"], final["usage"] = [], usage(prompt_tokens, sent)
+            final["choices"], final["usage"] = [], usage(prompt_tokens, sent, cached)
             yield sse(final)
         yield b"data: [DONE]\n\n"
     except ApiError as e:  # the engine failed: an error event, then the stream closes
@@ -454,11 +456,12 @@ class Counted:
 # ------------------------------------------------------------------------------------ running it
 
 def run(artifact: str, *, host: str, port: int, max_queue: int, padding_mode: str, mesh: str | None,
-        fast_load: bool, model_name: str | None, multi_process: bool = False) -> int:
+        fast_load: bool, model_name: str | None, multi_process: bool = False, prefix_cache: bool = True) -> int:
     import uvicorn
 
     state = ServerState(artifact, model_name, {"mesh": mesh, "fast_load": fast_load},
-                        {"padding_mode": padding_mode, "max_queue": max_queue}, multi_process)
+                        {"padding_mode": padding_mode, "max_queue": max_queue, "prefix_cache": prefix_cache},
+                        multi_process)
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None):

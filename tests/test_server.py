@@ -89,6 +89,29 @@ def test_token_id_prompts_give_the_generate_cli_tokens(server, tiny_engine):
         assert r.usage.prompt_tokens == len(p) and r.usage.completion_tokens == len(ids)
 
 
+def test_a_repeated_prompt_reports_its_cached_tokens(server):
+    """usage.prompt_tokens_details.cached_tokens, streamed or not: 0 for a new prompt, all its full
+    pages but the last token's for a repeat, with the same tokens."""
+    prompt = list(range(300, 350))  # 50 tokens: 6 full pages of 8 before the last token's
+    ask = lambda **kw: server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=6,  # noqa: E731
+                                                        temperature=0, extra_body={"ignore_eos": True}, **kw)
+    before = server.metrics()["qwen3_moe_prefix_cache_hit_tokens_total"]
+    first, second = ask(), ask()
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == 48
+    assert second.choices[0].model_extra["token_ids"] == first.choices[0].model_extra["token_ids"]
+    chunks = list(ask(stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 48
+    assert [t for c in chunks if c.choices for t in c.choices[0].model_extra["token_ids"]] == \
+        first.choices[0].model_extra["token_ids"]
+    m = server.metrics()
+    assert m["qwen3_moe_prefix_cache_hit_tokens_total"] - before == 96
+    assert m["qwen3_moe_prefix_cache_pages"] >= 6
+    chat = server.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=2)
+    assert chat.usage.prompt_tokens_details.cached_tokens >= 0
+
+
 def test_models_and_health(server):
     assert [m.id for m in server.client.models.list().data] == [MODEL]
     assert httpx.get(server.url + "/health").json() == {"status": "ready"}
