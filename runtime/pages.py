@@ -58,6 +58,7 @@ class PageAllocator:
         self.idle: list[collections.OrderedDict] = [collections.OrderedDict() for _ in range(dp)]  # LRU first
         self.evictions = 0
         self.hit_tokens = 0  # tokens requests took from the cache at admission
+        self.wanted: list[set[int]] = [set() for _ in range(dp)]  # idle pages a queued request will take
 
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
@@ -133,7 +134,8 @@ class PageAllocator:
             if self.free[g]:
                 page = self.free[g].pop()
             else:
-                page, _ = self.idle[g].popitem(last=False)
+                page = self._victim(g)
+                del self.idle[g][page]
                 self._forget(g, page)
                 self.evictions += 1
             self._hold(g, page, r)
@@ -204,6 +206,24 @@ class PageAllocator:
         r.matched = r.registered = 0
 
     # ---- internals ---------------------------------------------------------------------------
+
+    def want(self, queue, first: int = 32) -> None:
+        """Note the idle pages the first queued requests would take if admitted now, to be evicted
+        last. A multi-turn conversation's next turn waits in the queue with its previous turns'
+        pages idle: plain LRU would evict exactly those first, as they went idle earliest."""
+        if not self.caching or not any(self.idle):
+            return
+        for g, wanted in enumerate(self.wanted):
+            wanted.clear()
+            if self.idle[g]:
+                for r in queue[:first]:
+                    wanted.update(p for p in self.lookup(g, r).pages if p in self.idle[g])
+
+    def _victim(self, g: int) -> int:
+        """The least recently used idle page no queued request wants (else the least recently
+        used). A wanted page's parent is wanted too, so this is a leaf of the tree either way."""
+        wanted = self.wanted[g]
+        return next((p for p in self.idle[g] if p not in wanted), None) or next(iter(self.idle[g]))
 
     def _hold(self, g: int, page: int, r) -> None:
         holders = self.holders[g].setdefault(page, [])

@@ -383,6 +383,7 @@ class Scheduler:
         """Admit what fits, launch the next step, then read the one launched before it (with a
         synchronous executor: the one just launched). Returns the requests that got a token; []
         when no step's outputs were read."""
+        self.pages.want(self.queue)
         self.planner.admit(self.queue, self.active)
         self.stats.max_queue = max(self.stats.max_queue, len(self.queue))
         launched = self._launch()

@@ -195,3 +195,19 @@ def test_reference_counts_under_random_shared_prefix_workloads(ops, pipelined, p
         assert r.generated == (want[:len(r.generated)] if r.finish_reason == "cancelled" else want)
     assert sched.pages_used == 0 and not any(sched.pages.holders)
     assert all(sorted(f) == list(range(1, ex.num_pages)) for f in sched.free_pages)
+
+
+def test_pages_a_queued_request_will_take_are_evicted_last():
+    """A conversation's next turn waits behind a large request that needs an evicted page: the
+    page evicted is one nobody waits for, though the turn's pages went idle earlier."""
+    ex = FakeExecutor(dp=1, num_pages=13)  # 12 pages of 4
+    sched = Scheduler(ex)
+    x, y = list(range(1, 13)), list(range(21, 33))  # each leaves its 2 full pages before the last token cached
+    (x_out,), _ = sched.generate([x], 1)
+    sched.generate([y], 1)
+    big = [t % 60 for t in range(40, 76)]  # 9 pages: one idle page must go
+    turn = x + x_out + [5, 6, 7]
+    outs, stats = sched.generate([big, turn], 1)
+    assert outs == reference([big, turn], 1)
+    assert stats["evictions"] >= 1
+    assert stats["cached_tokens"] == 8  # the turn still found both of x's pages
