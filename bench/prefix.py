@@ -5,9 +5,11 @@ on and off, alternately, `--repeats` times (figures are medians over the repeats
 
 shared_system  64 requests at once, all starting with one 192-token system prompt (75% of the
                256-token context) and each ending with its own 8 to 24 tokens; 16 new tokens.
-multi_turn     16 conversations of 5 turns: each turn's prompt is the previous turn's prompt, its
-               answer (16 tokens) and a new user message (16 to 32 tokens); a conversation's next
-               turn is submitted the moment its previous answer is complete.
+multi_turn     16 conversations of 4 turns: each turn's prompt is the previous turn's prompt, its
+               answer (16 tokens) and a new user message (8 to 24 tokens); a conversation's next
+               turn is submitted the moment its previous answer is complete. The 16 conversations'
+               pages (about 128 tokens each at the end) fit the artifact's pool (2 x 159 pages of
+               8), as a server's pool is sized to hold its running conversations.
 trace          the long-tailed seeded trace of bench/common.py (48 requests, Poisson arrivals in
                steps), no shared prefixes: the cache must cost nothing there.
 
@@ -31,7 +33,7 @@ from bench.common import RESULTS, ensure_artifact, make_trace, write_result
 
 VOCAB = 500
 SYSTEM, NEW_TOKENS = 192, 16
-TURNS, ANSWER = 5, 16
+TURNS, ANSWER = 4, 16
 
 
 # ---------------------------------------------------------------------------------- workloads
@@ -45,7 +47,7 @@ def shared_system(n: int = 64, seed: int = 0) -> dict:
 
 def multi_turn(n: int = 16, seed: int = 1) -> dict:
     rng = np.random.default_rng(seed)
-    users = [[rng.integers(0, VOCAB, int(rng.integers(16, 33))).tolist() for _ in range(TURNS)] for _ in range(n)]
+    users = [[rng.integers(0, VOCAB, int(rng.integers(8, 25))).tolist() for _ in range(TURNS)] for _ in range(n)]
     return {"first": [(u[0], ANSWER, 0) for u in users], "users": users}
 
 
