@@ -139,7 +139,8 @@ def compare(engine, name: str, repeats: int) -> dict:
           f"({row['ttft_p99_speedup']:.2f}x); {on['tokens_per_s']:6.1f} vs {off['tokens_per_s']:6.1f} tok/s "
           f"({row['throughput_ratio']:.2f}x); hit rate {on['hit_rate']:.2f}; padding efficiency "
           f"{on['padding_efficiency']:.3f} vs {off['padding_efficiency']:.3f}; steps {on['steps']} vs {off['steps']}; "
-          f"identical tokens {row['identical_tokens']}; compiles {on['compiles_after_load'] + off['compiles_after_load']}",
+          f"identical tokens {row['identical_tokens']}; "
+          f"compiles {on['compiles_after_load'] + off['compiles_after_load']}",
           flush=True)
     return row
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import signal
 import sys
@@ -257,6 +258,8 @@ async def serve(http: HttpRequest, state: ServerState, req: Request):
         raise ApiError(404, f"model '{req.model}' does not exist; this server serves '{state.model_name}'",
                        param="model", code="model_not_found")
     prompt = await prompt_ids(state, req)
+    if req.n > 1:
+        return await serve_choices(http, state, req, prompt)
     handle, events = submit(state, req, prompt)
     text = TextStream(state.tokenizer, req.stop)
     if req.stream:
@@ -283,6 +286,57 @@ async def serve(http: HttpRequest, state: ServerState, req: Request):
             state.loop.cancel(handle)
     lp = logprobs_block(req, entries, offsets, text.token_text, text.token_bytes)
     return response(req, completion_choice(req, text.text, ids, finish, lp), len(prompt), len(ids), cached)
+
+
+async def serve_choices(http: HttpRequest, state: ServerState, req: Request, prompt: list[int]) -> dict:
+    """n > 1, not streamed: one engine request per choice, submitted together, so that the
+    prefix cache gives each group's copies of the prompt one set of pages. Choice i samples with
+    the request's seed + i, so a seeded request answers the same choices every time."""
+    handles, watcher = [], None
+    try:
+        for i in range(req.n):
+            seed = (req.sampling.seed + i) % 2**31
+            handles.append(submit(state, dataclasses.replace(req, sampling=dataclasses.replace(req.sampling, seed=seed)),
+                                  prompt))
+        watcher = asyncio.create_task(_watch_all(http, state, handles))
+        results = await asyncio.gather(*(_choice(state, req, h, events) for h, events in handles))
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        for h, _ in handles:  # a refused submission or a failure cancels the choices already queued
+            if not h.done:
+                state.loop.cancel(h)
+    choices = [choice | {"index": i} for i, (choice, _, _) in enumerate(results)]
+    body = response(req, choices[0], len(prompt), sum(n for _, n, _ in results), max(c for _, _, c in results))
+    return body | {"choices": choices}
+
+
+async def _watch_all(http: HttpRequest, state: ServerState, handles) -> None:
+    """`_watch_disconnect` for every choice of one request: the client leaving cancels them all."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    for handle, events in handles:
+        state.loop.cancel(handle)
+        events.put_nowait(_GONE)
+
+
+async def _choice(state: ServerState, req: Request, handle, events) -> tuple[dict, int, int]:
+    """One choice of an n > 1 request: (choice, completion tokens, cached prompt tokens)."""
+    text, ids, entries, offsets, finish, cached = TextStream(state.tokenizer, req.stop), [], [], [], None, 0
+    async for ev in tokens(handle, events):
+        offsets.append(len(text.text))
+        ids.append(ev.token)
+        cached = max(cached, ev.cached_tokens)
+        text.push(ev.token, ev.finish_reason, len(ids) >= req.sampling.min_tokens)
+        if req.logprobs is not None:
+            entries.append((ev.token, ev.logprob, ev.top))
+        finish = ev.finish_reason
+        if text.stopped:
+            state.loop.cancel(handle, "stop")
+            finish = "stop"
+            break
+    lp = logprobs_block(req, entries, offsets, text.token_text, text.token_bytes)
+    return completion_choice(req, text.text, ids, finish, lp), len(ids), cached
 
 
 def submit(state: ServerState, req: Request, prompt: list[int]):

@@ -112,6 +112,23 @@ def test_a_repeated_prompt_reports_its_cached_tokens(server):
     assert chat.usage.prompt_tokens_details.cached_tokens >= 0
 
 
+def test_n_choices_sample_with_seed_plus_i(server, tiny_engine):
+    """n > 1: choice i is what a request alone with seed + i gives (greedy choices are all alike)."""
+    from runtime.sampling import SamplingParams
+
+    prompt = list(range(200, 230))
+    sampling = SamplingParams(temperature=0.9, top_k=40, seed=41)
+    want, _ = tiny_engine.generate([prompt] * 3, 5, sampling=sampling)  # prompt i samples with seed + i
+    r = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0.9, seed=41,
+                                         n=3, extra_body={"top_k": 40, "ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.model_extra["token_ids"] for c in r.choices] == want
+    assert r.usage.prompt_tokens == 30 and r.usage.completion_tokens == 15
+    chat = server.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=3, temperature=0, n=2)
+    assert len(chat.choices) == 2 and chat.choices[0].message.content == chat.choices[1].message.content
+
+
 def test_models_and_health(server):
     assert [m.id for m in server.client.models.list().data] == [MODEL]
     assert httpx.get(server.url + "/health").json() == {"status": "ready"}
@@ -212,7 +229,8 @@ def test_disconnect_mid_stream_frees_pages(server):
     ({"prompt": [1, 2, 999999]}, 400, "prompt"),
     ({"prompt": [1] * 250, "max_tokens": 16}, 400, "max_tokens"),
     ({"model": "gpt-4"}, 404, "model"),
-    ({"n": 2}, 400, "n"),
+    ({"n": 2, "stream": True}, 400, "n"),
+    ({"n": 0}, 400, "n"),
     ({"logit_bias": {"5": 10}}, 400, "logit_bias"),
     ({"frobnicate": True}, 400, "frobnicate"),
     ({"logprobs": 9}, 400, "logprobs"),
