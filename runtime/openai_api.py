@@ -61,8 +61,8 @@ class Request:
     stream: bool
     logprobs: int | None  # None: no logprobs; else that many top alternatives
     include_usage: bool = False
-    n: int = 1  # choices: choice i samples with seed + i (greedy ones are all alike)
     messages: list[dict] | None = None  # chat: text content only
+    n: int = 1  # choices: choice i samples with seed + i (greedy ones are all alike)
     id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
