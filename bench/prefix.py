@@ -16,7 +16,10 @@ trace          the long-tailed seeded trace of bench/common.py (48 requests, Poi
 Reported per run: prompt tokens computed (prefill), TTFT p50/p99 (submission to first token read,
 wall time), output tokens per second, hit rate (prompt tokens taken from the cache / prompt
 tokens), DP padding efficiency (real / padded tokens over all steps), compiles after load; and
-whether the tokens are identical with the cache on and off.
+whether the tokens are identical with the cache on and off. Ratios are medians over the repeats of
+the ratio within each back-to-back pair (off, then on). For the trace, also the scheduler's own
+host time with the cache on and off on a stand-in executor (no device work, so no load noise from
+the device side): what the cache costs where it finds nothing.
 
     python -m bench.prefix [--repeats 3]
 """
@@ -126,11 +129,16 @@ def compare(engine, name: str, repeats: int) -> dict:
         for on in (False, True):
             runs[on].append(serve(engine, workload, on))
     on, off = median_run(runs[True]), median_run(runs[False])
+    # Each repeat runs off then on back to back: the ratio within a pair shares the machine's load
+    # of the moment, so the median of paired ratios is steadier than a ratio of medians.
+    paired = lambda f: float(np.median([f(a, b) for a, b in zip(runs[True], runs[False])]))  # noqa: E731
     row = {"on": on, "off": off, "identical_tokens": on["outputs"] == off["outputs"],
            "prefill_ratio": on["prefill_tokens"] / off["prefill_tokens"],
-           "ttft_p50_speedup": off["ttft_p50_ms"] / on["ttft_p50_ms"],
-           "ttft_p99_speedup": off["ttft_p99_ms"] / on["ttft_p99_ms"],
-           "throughput_ratio": on["tokens_per_s"] / off["tokens_per_s"]}
+           "ttft_p50_speedup": paired(lambda a, b: b["ttft_p50_ms"] / a["ttft_p50_ms"]),
+           "ttft_p99_speedup": paired(lambda a, b: b["ttft_p99_ms"] / a["ttft_p99_ms"]),
+           "throughput_ratio": paired(lambda a, b: a["tokens_per_s"] / b["tokens_per_s"]),
+           "throughput_ratio_runs": [round(a["tokens_per_s"] / b["tokens_per_s"], 3)
+                                     for a, b in zip(runs[True], runs[False])]}
     for side in ("on", "off"):
         del row[side]["outputs"]
     print(f"{name:14s} prefill {on['prefill_tokens']:6d} vs {off['prefill_tokens']:6d} tokens "
@@ -145,6 +153,28 @@ def compare(engine, name: str, repeats: int) -> dict:
     return row
 
 
+def host_cost(name: str, buckets, repeats: int) -> dict:
+    """The scheduler's own time (planning, routing, cache lookups, packing) over a workload, on a
+    stand-in executor that does no device work: what the cache costs the host, apart from the
+    device's step times and the machine's load. Fastest of the repeats."""
+    from bench.padding import PaddingOnly
+    from runtime.scheduler import generate
+
+    w = WORKLOADS[name]()
+    prompts, max_new, arrivals = (list(x) for x in zip(*w["first"]))
+    seconds = {}
+    for on in (False, True):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            generate(PaddingOnly(buckets), prompts, max_new, arrivals=arrivals, prefix_cache=on)
+            times.append(time.perf_counter() - t0)
+        seconds[on] = min(times)
+    print(f"{name:14s} host time of the scheduler alone (no device work): {seconds[True] * 1e3:.1f} vs "
+          f"{seconds[False] * 1e3:.1f} ms ({seconds[True] / seconds[False]:.3f}x)", flush=True)
+    return {"on_s": seconds[True], "off_s": seconds[False], "ratio": seconds[True] / seconds[False]}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=3, help="runs per workload and setting (default 3)")
@@ -155,6 +185,8 @@ def main():
     engine = load(ensure_artifact())
     load_avg = os.getloadavg()
     results = {name: compare(engine, name, args.repeats) for name in args.workloads}
+    if "trace" in args.workloads:
+        results["trace"]["host_only"] = host_cost("trace", engine.buckets, max(args.repeats, 5))
     results["load_average_1_5_15"] = [load_avg, list(os.getloadavg())]
     results["repeats"] = args.repeats
     write_result("prefix", results)

@@ -58,7 +58,8 @@ class PageAllocator:
         self.idle: list[collections.OrderedDict] = [collections.OrderedDict() for _ in range(dp)]  # LRU first
         self.evictions = 0
         self.hit_tokens = 0  # tokens requests took from the cache at admission
-        self.wanted: list[set[int]] = [set() for _ in range(dp)]  # idle pages a queued request will take
+        self._waiting: list = []  # the first queued requests, as of the last `want`
+        self._wanted: list[set[int]] | None = None  # per group, idle pages they would take (computed on need)
 
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
@@ -83,10 +84,10 @@ class PageAllocator:
         last known token)."""
         if not self.caching:
             return Hit()
-        ps, tokens = self.page_size, _tokens(r)
+        ps, known = self.page_size, len(r.prompt) + len(r.generated)
         index, pages, parent = self.index[group], [], 0
-        for i in range((len(tokens) - 1) // ps):
-            page = index.get((parent, tokens[i * ps:(i + 1) * ps]))
+        for i in range((known - 1) // ps):
+            page = index.get((parent, _page_tokens(r, i, ps)))
             if page is None:
                 break
             pages.append(page)
@@ -163,10 +164,10 @@ class PageAllocator:
         last = min((known - 1) // ps, len(r.pages))
         if last <= r.registered:
             return
-        g, tokens = r.group, _tokens(r)
+        g = r.group
         for i in range(r.registered, last):
             page, parent = r.pages[i], r.pages[i - 1] if i else 0
-            k = (parent, tokens[i * ps:(i + 1) * ps])
+            k = (parent, _page_tokens(r, i, ps))
             if k in self.index[g]:
                 r.registered = -1
                 return
@@ -208,21 +209,19 @@ class PageAllocator:
     # ---- internals ---------------------------------------------------------------------------
 
     def want(self, queue, first: int = 32) -> None:
-        """Note the idle pages the first queued requests would take if admitted now, to be evicted
-        last. A multi-turn conversation's next turn waits in the queue with its previous turns'
-        pages idle: plain LRU would evict exactly those first, as they went idle earliest."""
-        if not self.caching or not any(self.idle):
-            return
-        for g, wanted in enumerate(self.wanted):
-            wanted.clear()
-            if self.idle[g]:
-                for r in queue[:first]:
-                    wanted.update(p for p in self.lookup(g, r).pages if p in self.idle[g])
+        """Note the first queued requests: the idle pages they would take if admitted now are
+        evicted last. A multi-turn conversation's next turn waits in the queue with its previous
+        turns' pages idle: plain LRU would evict exactly those first, as they went idle earliest.
+        Which pages they are is worked out only when a page must be evicted (rarely)."""
+        if self.caching:
+            self._waiting, self._wanted = queue[:first], None
 
     def _victim(self, g: int) -> int:
         """The least recently used idle page no queued request wants (else the least recently
         used). A wanted page's parent is wanted too, so this is a leaf of the tree either way."""
-        wanted = self.wanted[g]
+        if self._wanted is None:
+            self._wanted = [{p for r in self._waiting for p in self.lookup(h, r).pages} for h in range(len(self.idle))]
+        wanted = self._wanted[g]
         return next((p for p in self.idle[g] if p not in wanted), None) or next(iter(self.idle[g]))
 
     def _hold(self, g: int, page: int, r) -> None:
@@ -239,6 +238,9 @@ class PageAllocator:
         self.ready[g].discard(page)
 
 
-def _tokens(r) -> tuple[int, ...]:
-    """The tokens of r the host knows: its prompt and what it generated so far."""
-    return r.prompt + tuple(r.generated)
+def _page_tokens(r, i: int, ps: int) -> tuple[int, ...]:
+    """The tokens of r's page i, from its prompt and what it generated (known to the host)."""
+    a, b, n = i * ps, (i + 1) * ps, len(r.prompt)
+    if b <= n:
+        return r.prompt[a:b]
+    return r.prompt[a:n] + tuple(r.generated[max(a - n, 0):b - n])
