@@ -192,10 +192,15 @@ class Planner:
                             self.dp, self.mode, getattr(self.ex, "bucket_cost", None))
             if bucket is None:
                 continue
+            prefill = any(not w.request.decoding for ws in plan for w in ws)
+            if best is not None and not prefill:
+                # Limits that leave every prefill out: its time per token looks best while decoders
+                # fill the step, so it would win step after step and prefill would never run.
+                break
             score = seconds[bucket] / real if seconds and bucket in seconds else math.inf
             if best is None or score < best_score:
                 best, best_score = (bucket, plan), score
-            if not seconds or not any(not w.request.decoding for ws in plan for w in ws):
+            if not seconds or not prefill:
                 break  # nothing to weigh, or only decoders: a smaller bucket can only hold fewer
         if best is None:  # unreachable: the scheduler checked one token fits, and each bucket's limits fit it
             raise RuntimeError("no bucket can serve any pending work")
