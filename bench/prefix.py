@@ -179,21 +179,27 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=3, help="runs per workload and setting (default 3)")
     p.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS))
+    p.add_argument("--no-sizing", action="store_true",
+                   help="plan steps without the build's measured step times (largest bucket's limits first): "
+                        "times measured on a loaded machine skew how prefill steps are sized")
+    p.add_argument("--result", default="prefix", help="results name (bench/results/NAME.json and .png)")
     args = p.parse_args()
     from runtime.engine import load
 
     engine = load(ensure_artifact())
+    if args.no_sizing:
+        engine.step_seconds = None
     load_avg = os.getloadavg()
     results = {name: compare(engine, name, args.repeats) for name in args.workloads}
     if "trace" in args.workloads:
         results["trace"]["host_only"] = host_cost("trace", engine.buckets, max(args.repeats, 5))
     results["load_average_1_5_15"] = [load_avg, list(os.getloadavg())]
-    results["repeats"] = args.repeats
-    write_result("prefix", results)
-    plot(results, args.workloads)
+    results["repeats"], results["sized_by_step_time"] = args.repeats, not args.no_sizing
+    write_result(args.result, results)
+    plot(results, args.workloads, args.result)
 
 
-def plot(results: dict, names: list[str]) -> None:
+def plot(results: dict, names: list[str], name: str = "prefix") -> None:
     try:
         import matplotlib
     except ImportError:
@@ -214,8 +220,8 @@ def plot(results: dict, names: list[str]) -> None:
     axes[0].legend()
     fig.suptitle("Prefix cache on vs off (tiny artifact, 2x4 CPU)")
     fig.tight_layout()
-    fig.savefig(RESULTS / "prefix.png", dpi=110)
-    print(f"wrote {RESULTS / 'prefix.png'}")
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
+    print(f"wrote {RESULTS / name}.png")
 
 
 if __name__ == "__main__":
