@@ -20,8 +20,9 @@ the K/V pages of that start instead of computing it again:
   written). Without this, a burst of requests with one system prompt would each compute it.
 - Pages are shared by reference: `holders[page]` lists the requests holding it. A page nobody
   holds stays cached, `idle`, until a request needs a page and none is free; then the least
-  recently used idle page is evicted. A holder of a page also holds its parent, and pages are
-  released last first, so the least recently used idle page is always a leaf of the tree.
+  recently used idle page is evicted, but not before one a queued request would take. A holder of
+  a page also holds its parent, and pages are released last first, so the least recently used
+  idle page is always a leaf of the tree.
 - Releasing (a finish, a preemption, a cancel) drops references, never a page another request
   holds. A page released before its writer wrote it is handed to one of its other holders, which
   computes it (and the pages after it) itself; a page nobody else holds is dropped from the cache.
