@@ -215,7 +215,6 @@ def weight_specs(cfg: ModelConfig, mesh: MeshShape, expert_layout: str | None = 
         return WeightSpec(shape, spec, hf, hf_shape, layers=layers, **kw)
 
     pre, ex = "model.layers.{layer}.", "model.layers.{layer}.mlp.experts.{e}."
-    all_devices = ("data", "tensor")
     specs = {
         "embed": W((V, H), P(), "model.embed_tokens.weight", (V, H)),
         "final_norm": W((H,), P(), "model.norm.weight", (H,)),

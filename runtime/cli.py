@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --json: each token's logprob and its top-N alternatives (N up to the artifact's; "
                         "default 0)")
     g.add_argument("--mesh", default=None, help="which of the artifact's meshes (default: largest that fits)")
+    g.add_argument("--no-prefix-cache", action="store_true",
+                   help="compute every prompt from its first token (default: prompts that start alike share the "
+                        "K/V pages of that start)")
     g.add_argument("--no-fast-load", action="store_true", help="compile the portable exports even if fast-load fits")
     g.add_argument("--json", action="store_true",
                    help="print exactly one JSON object on stdout: token ids per prompt (and texts), stats")
@@ -88,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-fast-load", action="store_true",
                    help="compile the portable exports even if the fast-load section fits (default: use it)")
     s.add_argument("--served-model-name", default=None, help="the model id clients use (default: the artifact's)")
+    s.add_argument("--no-prefix-cache", action="store_true",
+                   help="compute every prompt from its first token (default: prompts that start alike share the "
+                        "K/V pages of that start; every process of a multi-process server needs the same setting)")
     for cmd in (g, v, s):
         d = cmd.add_argument_group("multi-process serving (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
                                    "JAX_PROCESS_ID)")
@@ -230,7 +236,7 @@ def _http(args, cluster) -> int:
     setup = None if cluster is None else functools.partial(distributed.initialize, cluster)
     return run(args.dir, host=args.host, port=args.port, max_queue=args.max_queue, padding_mode=args.padding_mode,
                mesh=args.mesh, fast_load=not args.no_fast_load, model_name=args.served_model_name,
-               multi_process=cluster is not None, setup=setup)
+               multi_process=cluster is not None, setup=setup, prefix_cache=not args.no_prefix_cache)
 
 
 def _follow(args) -> int:
@@ -247,7 +253,8 @@ def _follow(args) -> int:
     except ArtifactError as e:
         return _fail(str(e))
     tokenizer = TextTokenizer.from_dir(Path(args.dir) / "tokenizer")
-    follow(engine, StepChannel(), padding_mode=args.padding_mode, eos_ids=tokenizer.eos_ids if tokenizer else ())
+    follow(engine, StepChannel(), padding_mode=args.padding_mode, eos_ids=tokenizer.eos_ids if tokenizer else (),
+           prefix_cache=not args.no_prefix_cache)
     return 0
 
 
@@ -270,7 +277,8 @@ def _generate(args, checked: _Checked, engine, printing: bool) -> int:
     """Generate for the checked prompts on a loaded engine; print text, or ids and stats as JSON."""
     eos = () if checked.tokenizer is None or args.ignore_eos else checked.tokenizer.eos_ids
     run = lambda: engine.generate(checked.prompts, args.max_new_tokens, args.padding_mode,  # noqa: E731
-                                  checked.sampling, top_logprobs=args.logprobs, eos_token_id=list(eos) or None)
+                                  checked.sampling, top_logprobs=args.logprobs, eos_token_id=list(eos) or None,
+                                  prefix_cache=not args.no_prefix_cache)
     t0 = time.perf_counter()
     if args.profile:
         from .profile import format_breakdown, profile_run

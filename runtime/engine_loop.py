@@ -38,6 +38,9 @@ class TokenEvent:
     logprob: float
     top: list[tuple[int, float]]
     finish_reason: str | None  # set on the last event of a request
+    # Prompt tokens whose K/V came from the prefix cache instead of being computed (the OpenAI
+    # usage.prompt_tokens_details.cached_tokens); set on the first event of a request, 0 after.
+    cached_tokens: int = 0
 
 
 @dataclasses.dataclass(eq=False)
@@ -70,9 +73,9 @@ class LoopStats:
 
 class EngineLoop:
     def __init__(self, engine, *, padding_mode: str = "auto", eos_ids: Sequence[int] = (), max_queue: int = 256,
-                 channel=None):
+                 channel=None, prefix_cache: bool = True):
         self.engine = engine
-        self.scheduler = make_scheduler(engine, padding_mode, eos_ids)
+        self.scheduler = make_scheduler(engine, padding_mode, eos_ids, prefix_cache)
         self.channel = channel  # multi-process: where the other processes learn what to apply before each step
         self._events: list[dict] = []  # applied here since the last published record
         self._record_of_launch: collections.deque = collections.deque()  # (launch number, record number)
@@ -235,7 +238,8 @@ class EngineLoop:
         if r.finish_reason is not None:
             h.done = True
             self.stats.finish(r.finish_reason)
-        h.on_event(TokenEvent(r.generated[-1], r.logprobs[-1], top, r.finish_reason))
+        cached = r.cached_tokens if len(r.generated) == 1 else 0
+        h.on_event(TokenEvent(r.generated[-1], r.logprobs[-1], top, r.finish_reason, cached))
 
     def _open_handles(self) -> list[Handle]:
         hs = [r.tag for r in self.scheduler.queue] + [r.tag for g in self.scheduler.active for r in g]
@@ -255,16 +259,18 @@ def _drain(q: queue.Queue):
             return
 
 
-def make_scheduler(engine, padding_mode: str, eos_ids: Sequence[int]) -> Scheduler:
-    """The serving scheduler; every process of a multi-process server builds the same one."""
+def make_scheduler(engine, padding_mode: str, eos_ids: Sequence[int], prefix_cache: bool = True) -> Scheduler:
+    """The serving scheduler; every process of a multi-process server builds the same one (the
+    prefix cache and routing are part of its state, so they must be on or off on all alike)."""
     return Scheduler(engine, padding_mode=padding_mode, eos_token_id=list(eos_ids) or None,
-                     top_logprobs=capabilities_of(engine).num_logprobs)
+                     top_logprobs=capabilities_of(engine).num_logprobs, prefix_cache=prefix_cache)
 
 
-def follow(engine, channel, *, padding_mode: str = "auto", eos_ids: Sequence[int] = ()) -> int:
+def follow(engine, channel, *, padding_mode: str = "auto", eos_ids: Sequence[int] = (),
+           prefix_cache: bool = True) -> int:
     """A process other than the leader: apply the leader's records and step with it, until told to
     stop. Returns the number of steps run."""
-    scheduler = make_scheduler(engine, padding_mode, eos_ids)
+    scheduler = make_scheduler(engine, padding_mode, eos_ids, prefix_cache)
     requests = {}
     n = 0
     while True:

@@ -70,6 +70,7 @@ class EngineSpec:
     padding_mode: str = "auto"
     multi_process: bool = False
     setup: Callable[[], None] | None = None  # run first in the engine process (join a JAX cluster)
+    prefix_cache: bool = True
 
 
 # ------------------------------------------------------------------------------------ the HTTP side
@@ -310,7 +311,8 @@ def _load(spec: EngineSpec):
         from .distributed import StepChannel
 
         channel = StepChannel()
-    loop = EngineLoop(engine, eos_ids=eos, channel=channel, padding_mode=spec.padding_mode, max_queue=_UNLIMITED)
+    loop = EngineLoop(engine, eos_ids=eos, channel=channel, padding_mode=spec.padding_mode, max_queue=_UNLIMITED,
+                      prefix_cache=spec.prefix_cache)
     info = EngineInfo(engine.manifest.model.name, engine.dp, engine.page_size, engine.num_pages,
                       engine.pages_per_seq, engine.vocab_size, list(engine.buckets), loop.scheduler.top_logprobs,
                       eos, engine.load_info)
@@ -390,4 +392,6 @@ class _Outbox:
                 "pages_used": sched.pages_used, "pages_total": sched.dp * (engine.num_pages - 1),
                 "compiles_after_load": engine.compiles_after_load, "repeats": getattr(engine, "repeats", 0),
                 "transfers": tuple(sorted(getattr(engine, "transfers", {}).items())),
+                "prefix_hit_tokens": sched.pages.hit_tokens, "prefix_cached_pages": sched.pages.cached,
+                "prefix_evictions": sched.pages.evictions,
                 "error": self.error, "step_seconds": times}

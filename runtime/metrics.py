@@ -67,6 +67,11 @@ class _Collector:
         yield gauge("compiles_after_load", "Backend compilations since load (should stay 0)",
                     st["compiles_after_load"])
         yield counter("preemptions", "Requests preempted (pages freed, prefilled again later)", st["preemptions"])
+        yield counter("prefix_cache_hit_tokens", "Prompt tokens taken from the prefix cache instead of computed",
+                      st["prefix_hit_tokens"])
+        yield gauge("prefix_cache_pages", "KV pages in the prefix cache, held or idle (all DP groups)",
+                    st["prefix_cached_pages"])
+        yield counter("prefix_cache_evictions", "Idle cached KV pages evicted to make room", st["prefix_evictions"])
         # Host work per step: a steady decode step is repeated on the device and sends nothing.
         yield counter("steps_repeated", "Steps run again on the device, one position on, with nothing "
                                         "planned or sent from the host", st["repeats"])

@@ -36,12 +36,12 @@ class ApiError(Exception):
 
 # Fields accepted with any value (informational), and fields accepted only at their neutral value.
 _IGNORED = {"user", "stream_options", "service_tier", "metadata", "store"}
-_NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "presence_penalty": 0, "frequency_penalty": 0,
+_NEUTRAL = {"best_of": 1, "echo": False, "presence_penalty": 0, "frequency_penalty": 0,
             "logit_bias": None, "suffix": None, "parallel_tool_calls": None, "tools": None, "tool_choice": None,
             "functions": None, "function_call": None, "modalities": None}
 # top_k, ignore_eos, min_tokens and stop_token_ids are extensions (vLLM's and SGLang's): load tools
 # send the last three to fix output lengths.
-_COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "response_format",
+_COMMON = {"n", "model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "response_format",
            "ignore_eos", "min_tokens", "stop_token_ids"}
 COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs"}
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
@@ -62,8 +62,20 @@ class Request:
     logprobs: int | None  # None: no logprobs; else that many top alternatives
     include_usage: bool = False
     messages: list[dict] | None = None  # chat: text content only
+    n: int = 1  # choices: choice i samples with seed + i (greedy ones are all alike)
     id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+
+
+MAX_CHOICES = 16
+
+
+def _choices(body: dict) -> int:
+    n = _number(body, "n", 1, lo=1, hi=MAX_CHOICES, integer=True)
+    if n > 1 and _bool(body, "stream"):
+        raise ApiError(400, f"'n'={n} with 'stream': true is not supported; stream one choice per request, or "
+                            "ask for n choices without streaming", param="n")
+    return n
 
 
 def _number(body, name, default, lo=None, hi=None, integer=False, lo_open=False):
@@ -158,7 +170,7 @@ def parse_completion(body: dict, max_logprobs: int) -> Request:
     if logprobs is not None:
         logprobs = _number(body, "logprobs", 0, lo=0, hi=max_logprobs, integer=True)
     return Request("completion", _model(body), text, ids, _max_tokens(body, "max_tokens", 16), _sampling(body),
-                   _stop(body), _bool(body, "stream"), logprobs, _include_usage(body))
+                   _stop(body), _bool(body, "stream"), logprobs, _include_usage(body), n=_choices(body))
 
 
 def parse_chat(body: dict, max_logprobs: int) -> Request:
@@ -176,7 +188,7 @@ def parse_chat(body: dict, max_logprobs: int) -> Request:
     elif body.get("top_logprobs") is not None:
         raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     return Request("chat", _model(body), None, None, _max_tokens(body, name, None), _sampling(body), _stop(body),
-                   _bool(body, "stream"), logprobs, _include_usage(body), messages)
+                   _bool(body, "stream"), logprobs, _include_usage(body), messages, n=_choices(body))
 
 
 def _content(content) -> str:
@@ -231,16 +243,18 @@ def completion_choice(req: Request, text: str, token_ids, finish_reason, logprob
             "token_ids": list(token_ids)}
 
 
-def response(req: Request, choice: dict, prompt_tokens: int, completion_tokens: int) -> dict:
+def response(req: Request, choice: dict, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {"id": ("chatcmpl-" if req.kind == "chat" else "cmpl-") + req.id,
             "object": "chat.completion" if req.kind == "chat" else "text_completion",
             "created": req.created, "model": req.model, "choices": [choice],
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage block; `cached_tokens`: prompt tokens served from the prefix cache."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def chunk(req: Request, text: str | None, token_ids, finish_reason=None, logprobs=None, first=False) -> dict:

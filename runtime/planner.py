@@ -13,8 +13,9 @@ pending, decoding, complete, admitted, last_step) and moves them between the que
   instead allocates prompt + max_new_tokens - 1 positions at admission and never preempts.
 - Admission is FIFO: the head of the queue waits until some group can hold it, later requests
   wait behind it, so a large request can't be starved by small ones.
-- A new request goes to the group with the least work pending (tokens still to feed), then the
-  fewest pages held, so groups stay balanced in tokens per step, not only in pages.
+- A new request goes to the group where the tokens left to feed, its own uncached ones plus those
+  pending there, are fewest (then the fewest pages held, then the lowest index): the cost that
+  reuses a prefix cached in one group and keeps groups balanced in tokens per step.
 """
 
 from __future__ import annotations
@@ -70,19 +71,36 @@ class Planner:
         max_seqs = max(b.seqs for b in self.allowed)
         while queue and not queue[0].owed:  # a preempted request is re-prefilled once its token is read
             r = queue[0]
-            need = r.num_pages if self.kv == "reserve" else self.pages.pages_for(r.known)
-            # On demand, leave a page of headroom per running request: each will want one soon, and
-            # admitting into a group that must preempt at once only wastes a prefill.
-            headroom = (lambda g: 0) if self.kv == "reserve" else (lambda g: len(active[g]))
-            fits = [g for g in range(self.dp)
-                    if self.pages.available(g) >= need + headroom(g) and len(active[g]) < max_seqs]
-            if not fits:
+            options = [o for g in range(self.dp) if len(active[g]) < max_seqs
+                       for o in [self._option(r, g, active[g])] if o is not None]
+            if not options:
                 return
-            g = min(fits, key=lambda g: (sum(x.pending for x in active[g]), self.pages.held[g], g))
-            r.group, r.admitted = g, self._admissions
+            _, g, hit, total = min(options)
+            r.admitted = self._admissions
             self._admissions += 1
-            self.pages.grow(r, need)
+            self.pages.admit(r, g, hit, total)
             active[g].append(queue.pop(0))
+
+    def _option(self, r, g: int, group: list):
+        """(cost, group, cache hit, pages to hold) for r in group g, or None if it does not fit.
+
+        The routing cost: the tokens g would have to feed after taking r, i.e. r's tokens that
+        g's prefix cache does not hold plus the work already pending there; then the pages g
+        holds, then the group's index. Every term is the scheduler's own state, so every process
+        of a multi-process server routes alike. Preferring the smallest total both reuses cached
+        prefixes (a hit lowers r's share) and levels prefill across groups (a group that only
+        decodes has little pending, so new prompts go there).
+        """
+        hit = self.pages.lookup(g, r)
+        total = r.num_pages if self.kv == "reserve" else self.pages.pages_for(r.known)
+        # On demand, leave a page of headroom per running request: each will want one soon, and
+        # admitting into a group that must preempt at once only wastes a prefill.
+        headroom = 0 if self.kv == "reserve" else len(group)
+        if self.pages.available(g) < total - len(hit.pages) + hit.idle + headroom:
+            return None
+        uncached = r.known - len(hit.pages) * self.pages.page_size
+        cost = uncached + sum(x.pending for x in group)
+        return (cost, self.pages.held[g], g), g, hit, total
 
     def make_room(self, queue: list, active: list[list]) -> int:
         """Before planning (KV on demand): every decoder gets the page its next token needs, and a
@@ -176,10 +194,15 @@ class Planner:
                             self.dp, self.mode, caps.bucket_cost)
             if bucket is None:
                 continue
+            prefill = any(not w.request.decoding for ws in plan for w in ws)
+            if best is not None and not prefill:
+                # Limits that leave every prefill out: its time per token looks best while decoders
+                # fill the step, so it would win step after step and prefill would never run.
+                break
             score = seconds[bucket] / real if seconds and bucket in seconds else math.inf
             if best is None or score < best_score:
                 best, best_score = (bucket, plan), score
-            if not seconds or not any(not w.request.decoding for ws in plan for w in ws):
+            if not seconds or not prefill:
                 break  # nothing to weigh, or only decoders: a smaller bucket can only hold fewer
         if best is None:  # unreachable: the scheduler checked one token fits, and each bucket's limits fit it
             raise RuntimeError("no bucket can serve any pending work")

@@ -1,7 +1,8 @@
 """Continuous batching over DP groups (numpy + stdlib; drives an abstract executor).
 
 Three parts, each small enough to hold in one's head:
-- the page allocator (`runtime.pages`): which KV pages each request holds, per DP group;
+- the page allocator (`runtime.pages`): which KV pages each request holds, per DP group, and the
+  prefix cache through which requests share the pages of a common start;
 - the planner (`runtime.planner`): admission, routing to groups, preemption under page
   pressure, the step's work per group and the bucket that serves it;
 - the pipeline (here): pack and launch the planned step, read the one before it, hand each
@@ -74,6 +75,9 @@ class _Request:
     owed: int = 0  # tokens launched steps are sampling for it that the host has not read (0 to 2)
     owed_row: int = -1  # the newest one's row in its step's outputs
     admitted: int = -1  # admission order: the newest is preempted first
+    matched: int = 0  # leading pages taken from the prefix cache, until they are all known written
+    registered: int = 0  # leading pages in the prefix cache (-1: no more will be)
+    cached_tokens: int = 0  # prompt tokens its last admission took from the prefix cache
     preemptions: int = 0
     generated: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
@@ -117,7 +121,7 @@ class Scheduler:
 
     def __init__(self, executor: Executor, *, padding_mode: str = "auto",
                  sampling: SamplingParams | None = None, eos_token_id=None, top_logprobs: int = 0,
-                 kv: str = "on_demand", pipeline: bool = True):
+                 kv: str = "on_demand", pipeline: bool = True, prefix_cache: bool = True):
         if kv not in KV_POLICIES:
             raise RequestError(f"kv {kv!r} is not one of {KV_POLICIES}")
         self.kv = kv
@@ -130,7 +134,7 @@ class Scheduler:
             [int(eos_token_id)] if np.isscalar(eos_token_id) else [int(e) for e in eos_token_id])
         self.top_logprobs = top_logprobs
         self._check_executor()
-        self.pages = PageAllocator(self.dp, executor.num_pages, executor.page_size)
+        self.pages = PageAllocator(self.dp, executor.num_pages, executor.page_size, prefix_cache)
         self.planner = Planner(executor, self.dp, padding_mode, kv, self.pages)
         self.queue: list[_Request] = []
         self.active: list[list[_Request]] = [[] for _ in range(self.dp)]
@@ -225,7 +229,7 @@ class Scheduler:
         token this step samples."""
         if self.kv == "on_demand":
             self.stats.preemptions += self.planner.make_room(self.queue, self.active)
-        runnable = [[r for r in group if not r.complete] for group in self.active]
+        runnable = [[r for r in group if not r.complete and not self.pages.blocked(r)] for group in self.active]
         if not any(runnable):
             return None
         step = self.stats.steps
@@ -249,6 +253,7 @@ class Scheduler:
             for j, w in enumerate(ws):
                 r = w.request
                 r.last_step = step
+                self.pages.wrote(r, r.written, r.written + w.n)
                 r.written += w.n
                 if r.written == r.known:  # the chunk ends at its last known token: the next is sampled
                     r.owed, r.owed_row = r.owed + 1, j
@@ -294,6 +299,8 @@ class Scheduler:
                 r.finish_reason = "length"
             if r.finish_reason is not None:
                 self._retire(r)
+            else:
+                self.pages.register(r)
             served.append(r)
         return served
 
@@ -356,7 +363,8 @@ class Scheduler:
 
     @property
     def free_pages(self) -> list[list[int]]:
-        return self.pages.free
+        """Per group, the pages no request holds: free, or cached and idle."""
+        return [free + list(idle) for free, idle in zip(self.pages.free, self.pages.idle)]
 
     @property
     def committed(self) -> list[int]:
@@ -366,6 +374,7 @@ class Scheduler:
         """Admit what fits, launch the next step, then read the one launched before it (with a
         synchronous executor: the one just launched). Returns the requests that got a token; []
         when no step's outputs were read."""
+        self.pages.want(self.queue)
         self.planner.admit(self.queue, self.active)
         self.stats.max_queue = max(self.stats.max_queue, len(self.queue))
         launched = self._launch()
@@ -392,6 +401,7 @@ class Scheduler:
             raise RequestError(f"{len(arrivals)} arrivals for {len(requests)} prompts")
         pending = sorted(requests, key=lambda r: (arrivals[r.index], r.index))
         self.stats = _Stats(step_tokens=[] if record_steps else None)
+        hits, evictions = self.pages.hit_tokens, self.pages.evictions
         clock = 0
         while pending or self.busy:
             while pending and arrivals[pending[0].index] <= clock:
@@ -402,6 +412,9 @@ class Scheduler:
             self.step()
             clock += 1
         self.stats.generated_tokens = sum(len(r.generated) for r in requests)
+        self.stats.prompt_tokens = sum(len(r.prompt) for r in requests)
+        self.stats.cached_tokens = self.pages.hit_tokens - hits
+        self.stats.evictions = self.pages.evictions - evictions
         result = self.stats.as_dict()
         if self.top_logprobs:  # asked for: each token's logprob and its top-N alternatives, per request
             result["logprobs"] = [r.logprobs for r in requests]
@@ -427,6 +440,10 @@ class _Stats:
     padded_tokens: int = 0
     exchange_rows: int = 0
     prefill_chunks: int = 0
+    prefill_tokens: int = 0  # prompt tokens computed (a prefix cache hit is not; a re-prefill is)
+    prompt_tokens: int = 0  # of the requests served (each counted once)
+    cached_tokens: int = 0  # tokens taken from the prefix cache at admissions
+    evictions: int = 0  # cached pages evicted to make room
     max_queue: int = 0
     preemptions: int = 0
     generated_tokens: int = 0
@@ -441,6 +458,8 @@ class _Stats:
         self.padded_tokens += dp * bucket.tokens
         self.exchange_rows += bucket.exchange_rows(dp)
         self.prefill_chunks += sum(w.request.written < len(w.request.prompt) for ws in plan for w in ws)
+        self.prefill_tokens += sum(max(0, min(w.request.written + w.n, len(w.request.prompt)) - w.request.written)
+                                   for ws in plan for w in ws)
         if self.step_tokens is not None:
             self.step_tokens.append([sum(w.n for w in ws) for ws in plan])
 
@@ -449,6 +468,7 @@ class _Stats:
         if self.step_tokens is None:
             del d["step_tokens"]
         d["padding_efficiency"] = self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
+        d["prefix_hit_rate"] = self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
         return d
 
 
@@ -456,14 +476,16 @@ def generate(executor: Executor, prompts: Sequence[Sequence[int]], max_new_token
              padding_mode: str = "auto", sampling: SamplingParams | None = None,
              eos_token_id: int | None = None, arrivals: Sequence[int] | None = None,
              record_steps: bool = False, top_logprobs: int = 0, kv: str = "on_demand",
-             pipeline: bool = True) -> tuple[list[list[int]], dict]:
+             pipeline: bool = True, prefix_cache: bool = True) -> tuple[list[list[int]], dict]:
     """Serve `prompts` on `executor`: outputs (list of new-token lists, in prompt order), stats.
 
     Stats: steps, buckets {name: count}, modes {max_len, sum_len}, real_tokens, padded_tokens
     (dp * bucket.tokens per step), padding_efficiency, exchange_rows, prefill_chunks, max_queue,
-    generated_tokens (and step_tokens with record_steps; logprobs and top_logprobs, per request and
-    token, with top_logprobs=N > 0).
+    generated_tokens, prompt_tokens, prefill_tokens (prompt tokens computed), cached_tokens (taken
+    from the prefix cache), prefix_hit_rate, evictions (and step_tokens with record_steps; logprobs
+    and top_logprobs, per request and token, with top_logprobs=N > 0). `prefix_cache=False` computes
+    every prompt from its first token.
     """
     sched = Scheduler(executor, padding_mode=padding_mode, sampling=sampling, eos_token_id=eos_token_id,
-                      top_logprobs=top_logprobs, kv=kv, pipeline=pipeline)
+                      top_logprobs=top_logprobs, kv=kv, pipeline=pipeline, prefix_cache=prefix_cache)
     return sched.generate(prompts, max_new_tokens, arrivals=arrivals, record_steps=record_steps)

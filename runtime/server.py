@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import json
 import signal
 import sys
@@ -227,17 +228,20 @@ async def serve(http: HttpRequest, state: ServerState, req: Request):
         raise ApiError(404, f"model '{req.model}' does not exist; this server serves '{state.model_name}'",
                        param="model", code="model_not_found")
     prompt = await prompt_ids(state, req)
+    if req.n > 1:
+        return JSONResponse(await serve_choices(http, state, req, prompt))
     handle, events = submit(state, req, prompt)
     text = TextStream(state.tokenizer, req.stop)
     if req.stream:
         return StreamingResponse(stream(state, req, handle, events, text, len(prompt)),
                                  media_type="text/event-stream")
-    ids, entries, offsets, finish = [], [], [], None
+    ids, entries, offsets, finish, cached = [], [], [], None, 0
     watcher = asyncio.create_task(_watch_disconnect(http, state, handle, events))
     try:
         async for ev in tokens(handle, events):
             offsets.append(len(text.text))
             ids.append(ev.token)
+            cached = max(cached, ev.cached_tokens)
             text.push(ev.token, ev.finish_reason, len(ids) >= req.sampling.min_tokens)
             if req.logprobs is not None:
                 entries.append((ev.token, ev.logprob, ev.top))
@@ -251,7 +255,59 @@ async def serve(http: HttpRequest, state: ServerState, req: Request):
         if not handle.done:
             state.engine.cancel(handle)
     lp = logprobs_block(req, entries, offsets, text.token_text, text.token_bytes)
-    return JSONResponse(response(req, completion_choice(req, text.text, ids, finish, lp), len(prompt), len(ids)))
+    return JSONResponse(response(req, completion_choice(req, text.text, ids, finish, lp), len(prompt), len(ids),
+                                 cached))
+
+
+async def serve_choices(http: HttpRequest, state: ServerState, req: Request, prompt: list[int]) -> dict:
+    """n > 1, not streamed: one engine request per choice, submitted together, so that the
+    prefix cache gives each group's copies of the prompt one set of pages. Choice i samples with
+    the request's seed + i, so a seeded request answers the same choices every time."""
+    handles, watcher = [], None
+    try:
+        for i in range(req.n):
+            seed = (req.sampling.seed + i) % 2**31
+            handles.append(submit(state, dataclasses.replace(req, sampling=dataclasses.replace(req.sampling, seed=seed)),
+                                  prompt))
+        watcher = asyncio.create_task(_watch_all(http, state, handles))
+        results = await asyncio.gather(*(_choice(state, req, h, events) for h, events in handles))
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        for h, _ in handles:  # a refused submission or a failure cancels the choices already queued
+            if not h.done:
+                state.engine.cancel(h)
+    choices = [choice | {"index": i} for i, (choice, _, _) in enumerate(results)]
+    body = response(req, choices[0], len(prompt), sum(n for _, n, _ in results), max(c for _, _, c in results))
+    return body | {"choices": choices}
+
+
+async def _watch_all(http: HttpRequest, state: ServerState, handles) -> None:
+    """`_watch_disconnect` for every choice of one request: the client leaving cancels them all."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    for handle, events in handles:
+        state.engine.cancel(handle)
+        events.put(_GONE)
+
+
+async def _choice(state: ServerState, req: Request, handle, events) -> tuple[dict, int, int]:
+    """One choice of an n > 1 request: (choice, completion tokens, cached prompt tokens)."""
+    text, ids, entries, offsets, finish, cached = TextStream(state.tokenizer, req.stop), [], [], [], None, 0
+    async for ev in tokens(handle, events):
+        offsets.append(len(text.text))
+        ids.append(ev.token)
+        cached = max(cached, ev.cached_tokens)
+        text.push(ev.token, ev.finish_reason, len(ids) >= req.sampling.min_tokens)
+        if req.logprobs is not None:
+            entries.append((ev.token, ev.logprob, ev.top))
+        finish = ev.finish_reason
+        if text.stopped:
+            state.engine.cancel(handle, "stop")
+            finish = "stop"
+            break
+    lp = logprobs_block(req, entries, offsets, text.token_text, text.token_bytes)
+    return completion_choice(req, text.text, ids, finish, lp), len(ids), cached
 
 
 def submit(state: ServerState, req: Request, prompt: list[int]):
@@ -339,7 +395,7 @@ async def tokens(handle, events):
 
 
 async def stream(state: ServerState, req: Request, handle, events, text: TextStream, prompt_tokens: int):
-    sent = 0
+    sent, cached = 0, 0
     event = ChunkEncoder(req)
     out = []  # events for the tokens at hand: one write for all of them when the client lags
     try:
@@ -348,6 +404,7 @@ async def stream(state: ServerState, req: Request, handle, events, text: TextStr
         async for ev in tokens(handle, events):
             offset = len(text.text)
             sent += 1
+            cached = max(cached, ev.cached_tokens)
             piece = text.push(ev.token, ev.finish_reason, sent >= req.sampling.min_tokens)
             finish = "stop" if text.stopped else ev.finish_reason
             lp = logprobs_block(req, [(ev.token, ev.logprob, ev.top)], [offset], text.token_text, text.token_bytes) \
@@ -360,7 +417,7 @@ async def stream(state: ServerState, req: Request, handle, events, text: TextStr
                 yield b"".join(out) if len(out) > 1 else out[0]
                 out = []
         if req.include_usage:
-            out.append(sse(chunk_head(req) | {"choices": [], "usage": usage(prompt_tokens, sent)}))
+            out.append(sse(chunk_head(req) | {"choices": [], "usage": usage(prompt_tokens, sent, cached)}))
         out.append(b"data: [DONE]\n\n")
         yield b"".join(out)
     except ApiError as e:  # the engine failed: an error event, then the stream closes
@@ -467,14 +524,15 @@ class Counted:
 # ------------------------------------------------------------------------------------ running it
 
 def run(artifact: str, *, host: str, port: int, max_queue: int, padding_mode: str, mesh: str | None,
-        fast_load: bool, model_name: str | None, multi_process: bool = False, setup=None) -> int:
+        fast_load: bool, model_name: str | None, multi_process: bool = False, setup=None,
+        prefix_cache: bool = True) -> int:
     """Serve until drained or failed; the exit status. `setup` runs first in the engine process
     (a multi-process leader joins the JAX cluster there)."""
     import uvicorn
 
     # Forked first, before this process has a thread or a listening socket to hand down.
     engine = EngineClient(EngineSpec(artifact, {"mesh": mesh, "fast_load": fast_load}, padding_mode,
-                                     multi_process, setup), max_queue)
+                                     multi_process, setup, prefix_cache), max_queue)
     engine.start()
     state = ServerState(engine, artifact, model_name)
 

@@ -58,3 +58,14 @@ def test_profile_writes_a_trace_and_prints_the_breakdown(tiny_artifact, tiny_eng
     assert summary["ms_per_step"]["attention"] > 0 and summary["ms_per_step"]["experts"] > 0
     assert "attention" in err and "host" in err
     assert list((tmp_path / "prof").glob("**/*.trace.json.gz"))
+
+
+def test_no_prefix_cache_gives_the_same_tokens_computing_every_prompt(tiny_artifact, tiny_engine, capsys):
+    start = ",".join(map(str, range(100, 130)))
+    args = [tiny_artifact, "--prompt-ids", start + ",1", "--prompt-ids", start + ",2", "--prompt-ids", start + ",3",
+            "--max-new-tokens", 4, "--json"]
+    cached, plain = (json.loads(generate(capsys, *args, *flag)[0]) for flag in ((), ("--no-prefix-cache",)))
+    assert cached["outputs"] == plain["outputs"]
+    assert plain["stats"]["cached_tokens"] == 0 and plain["stats"]["prefill_tokens"] == 3 * 31
+    assert cached["stats"]["cached_tokens"] > 0
+    assert cached["stats"]["prefill_tokens"] == 3 * 31 - cached["stats"]["cached_tokens"]

@@ -12,7 +12,9 @@ import pytest
 from conftest import build_artifact
 from test_export import ROOT, run_cli
 
-PROMPTS = ["1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20", "7,8", "400,3,9", "5"]
+# The last one starts with the first's two full pages: it takes them from the prefix cache.
+PROMPTS = ["1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20", "7,8", "400,3,9", "5",
+           "1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22"]
 
 
 def free_port() -> int:
@@ -53,6 +55,7 @@ def test_two_processes_give_the_single_process_tokens(small_artifact):
     out0, out1 = results[0][0], results[1][0]
     assert json.loads(out0)["outputs"] == expected  # stdout is exactly one JSON object
     assert json.loads(out0)["stats"]["compiles_after_load"] == 0
+    assert json.loads(out0)["stats"]["cached_tokens"] == json.loads(single.stdout)["stats"]["cached_tokens"] > 0
     assert out1 == ""  # only process 0 prints
 
 
@@ -108,6 +111,11 @@ def test_serve_across_two_processes_and_a_peer_dying_mid_request(small_artifact)
         r = httpx.post(url + "/v1/completions", json=body, timeout=120)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["token_ids"] == expected
+        # Both processes keep the same prefix cache: a repeated prompt takes its full pages from it.
+        long = body | {"prompt": list(range(1, 21))}
+        first, again = (httpx.post(url + "/v1/completions", json=long, timeout=120).json() for _ in range(2))
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 16
+        assert again["choices"][0]["token_ids"] == first["choices"][0]["token_ids"]
 
         with httpx.Client(timeout=120) as client:
             with client.stream("POST", url + "/v1/completions", json=body | {"max_tokens": 200, "stream": True,

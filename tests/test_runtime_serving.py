@@ -175,3 +175,31 @@ def test_an_installed_step_of_a_shape_the_artifact_lacks_runs(tiny_engine):
         del tiny_engine.compiled[stranger]
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+@pytest.mark.parametrize("seeded", [False, True], ids=["greedy", "seeded"])
+def test_prefix_cache_on_gives_the_tokens_of_cache_off(tiny_engine, seeded):
+    """Prompts sharing a 70-token start, and second turns extending a first prompt and its
+    answer: the cached pages' K/V (computed in other batches) give the tokens computing them
+    here would, with fewer prompt tokens computed and nothing compiled."""
+    from runtime.sampling import SamplingParams
+
+    rng = np.random.default_rng(21)
+    system = rng.integers(0, VOCAB, 70).tolist()
+    prompts = [system + rng.integers(0, VOCAB, int(k)).tolist() for k in rng.integers(1, 12, 10)]
+    sampling = SamplingParams(temperature=0.9, top_k=40, seed=5) if seeded else None
+    runs = {on: tiny_engine.generate(prompts, 8, sampling=sampling, prefix_cache=on) for on in (False, True)}
+    assert runs[True][0] == runs[False][0]
+    on, off = runs[True][1], runs[False][1]
+    assert off["cached_tokens"] == 0 and on["cached_tokens"] >= 8 * 64  # 8 full pages, all but one per group
+    assert on["prefill_tokens"] + on["cached_tokens"] == off["prefill_tokens"]
+    assert on["compiles_after_load"] == 0
+    from runtime.scheduler import Scheduler
+
+    sched = Scheduler(tiny_engine, sampling=sampling)
+    first, _ = sched.generate(prompts[:4], 8)
+    turns = [p + out + [7, 8, 9] for p, out in zip(prompts[:4], first)]
+    second, stats = sched.generate(turns, 6)
+    assert stats["cached_tokens"] >= sum(len(p) + 8 for p in prompts[:4]) - 4 * 8 * 2
+    off, _ = tiny_engine.generate(turns, 6, sampling=sampling, prefix_cache=False)
+    assert second == off

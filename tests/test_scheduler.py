@@ -77,6 +77,9 @@ class FakeExecutor:
         self.pages_per_seq, self.vocab_size = pages_per_seq, vocab_size
         self.buckets = buckets if buckets is not None else plan(dp, ladder, max_seqs, sum_ladder=sum_ladder)
         self.cache = np.full((dp, num_pages, page_size), -1, np.int64)
+        # The position each slot was written at: a model's K/V depend on it (RoPE), so a page
+        # read at another position than it was written at would be wrong.
+        self.written_at = np.full((dp, num_pages, page_size), -1, np.int64)
         self.batches = []
 
     def run(self, bucket: Bucket, batch: dict) -> dict:
@@ -97,18 +100,28 @@ class FakeExecutor:
         """Write group g's real tokens into the cache; return each real row's history."""
         n, ps = batch["num_tokens"][g], self.page_size
         seq, pos, table = batch["seq_index"][g, :n], batch["positions"][g, :n], batch["page_table"][g]
+        writer = {}  # (page, slot) -> the row writing it this step
         for t, j, p in zip(batch["tokens"][g, :n], seq, pos):
             page = table[j, p // ps]
             assert page != 0, "a real token was written to the reserved page 0"
             self.cache[g, page, p % ps] = t
+            self.written_at[g, page, p % ps] = p
+            writer[int(page), int(p % ps)] = int(j)
         rows = int(seq.max()) + 1 if n else 0
-        owned = [set(table[j][table[j] != 0]) for j in range(rows)]
-        assert sum(map(len, owned)) == len(set().union(*owned)), "two live sequences share a page"
+        # Sequences may share pages (a prefix cache), but a shared page is read-only: a page two
+        # rows hold is never written, and no row reads a slot another row writes in this step.
+        owned = [set(table[j][table[j] != 0].tolist()) for j in range(rows)]
+        shared = {p for a in range(rows) for b in range(a) for p in owned[a] & owned[b]}
+        assert not {page for page, _ in writer} & shared, "a page two live sequences hold was written"
         out = {}
         for j in range(rows):
             li = batch["last_index"][g, j]
             assert seq[li] == j
-            hist = tuple(int(self.cache[g, table[j, p // ps], p % ps]) for p in range(pos[li] + 1))
+            slots = [(int(table[j, p // ps]), p % ps) for p in range(pos[li] + 1)]
+            assert all(writer.get(s, j) == j for s in slots), "a row read what another row writes in this step"
+            hist = tuple(int(self.cache[g, page, slot]) for page, slot in slots)
+            assert all(self.written_at[g, page, slot] == p for p, (page, slot) in enumerate(slots)), \
+                "a slot was read at another position than it was written at"
             assert -1 not in hist, "a position was read before it was written"
             out[j] = hist
         return out

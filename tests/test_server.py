@@ -89,6 +89,46 @@ def test_token_id_prompts_give_the_generate_cli_tokens(server, tiny_engine):
         assert r.usage.prompt_tokens == len(p) and r.usage.completion_tokens == len(ids)
 
 
+def test_a_repeated_prompt_reports_its_cached_tokens(server):
+    """usage.prompt_tokens_details.cached_tokens, streamed or not: 0 for a new prompt, all its full
+    pages but the last token's for a repeat, with the same tokens."""
+    prompt = list(range(300, 350))  # 50 tokens: 6 full pages of 8 before the last token's
+    ask = lambda **kw: server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=6,  # noqa: E731
+                                                        temperature=0, extra_body={"ignore_eos": True}, **kw)
+    before = server.metrics()["qwen3_moe_prefix_cache_hit_tokens_total"]
+    first, second = ask(), ask()
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == 48
+    assert second.choices[0].model_extra["token_ids"] == first.choices[0].model_extra["token_ids"]
+    chunks = list(ask(stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 48
+    assert [t for c in chunks if c.choices for t in c.choices[0].model_extra["token_ids"]] == \
+        first.choices[0].model_extra["token_ids"]
+    m = server.metrics()
+    assert m["qwen3_moe_prefix_cache_hit_tokens_total"] - before == 96
+    assert m["qwen3_moe_prefix_cache_pages"] >= 6
+    chat = server.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=2)
+    assert chat.usage.prompt_tokens_details.cached_tokens >= 0
+
+
+def test_n_choices_sample_with_seed_plus_i(server, tiny_engine):
+    """n > 1: choice i is what a request alone with seed + i gives (greedy choices are all alike)."""
+    from runtime.sampling import SamplingParams
+
+    prompt = list(range(200, 230))
+    sampling = SamplingParams(temperature=0.9, top_k=40, seed=41)
+    want, _ = tiny_engine.generate([prompt] * 3, 5, sampling=sampling)  # prompt i samples with seed + i
+    r = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0.9, seed=41,
+                                         n=3, extra_body={"top_k": 40, "ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.model_extra["token_ids"] for c in r.choices] == want
+    assert r.usage.prompt_tokens == 30 and r.usage.completion_tokens == 15
+    chat = server.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=3, temperature=0, n=2)
+    assert len(chat.choices) == 2 and chat.choices[0].message.content == chat.choices[1].message.content
+
+
 def test_models_and_health(server):
     assert [m.id for m in server.client.models.list().data] == [MODEL]
     assert httpx.get(server.url + "/health").json() == {"status": "ready"}
@@ -189,7 +229,8 @@ def test_disconnect_mid_stream_frees_pages(server):
     ({"prompt": [1, 2, 999999]}, 400, "prompt"),
     ({"prompt": [1] * 250, "max_tokens": 16}, 400, "max_tokens"),
     ({"model": "gpt-4"}, 404, "model"),
-    ({"n": 2}, 400, "n"),
+    ({"n": 2, "stream": True}, 400, "n"),
+    ({"n": 0}, 400, "n"),
     ({"logit_bias": {"5": 10}}, 400, "logit_bias"),
     ({"frobnicate": True}, 400, "frobnicate"),
     ({"logprobs": 9}, 400, "logprobs"),
