@@ -185,10 +185,11 @@ def _one_device_step(cfg, bucket, num_logprobs: int):
     """
     import jax
 
-    from dp_attention.model import StepOptions, device_step
+    from dp_attention.model import ExpertShard, StepOptions, device_step
 
-    per_device = jax.vmap(jax.vmap(partial(device_step, cfg, bucket, StepOptions(num_logprobs=num_logprobs)),
-                                   axis_name="tensor"), axis_name="data")
+    # 1x1: every expert on the one device
+    per_device = jax.vmap(jax.vmap(partial(device_step, cfg, bucket, StepOptions(num_logprobs=num_logprobs),
+                                           ExpertShard()), axis_name="tensor"), axis_name="data")
 
     def step(weights, kv, batch):
         add = lambda tree: jax.tree.map(lambda x: x[None, None], tree)  # noqa: E731
