@@ -48,13 +48,18 @@ def test_other_expert_layouts_match_hf(checkpoint, layout, mode):
         assert tokens[i] == golden["greedy"][i][:8]
 
 
-def test_bfloat16_follows_float32(golden_dir):
-    """bfloat16 weights and cache: logits near the float32 ones (loose: 8-bit mantissa)."""
-    path = golden_dir / "hf-tiny-a"
-    golden = json.loads((path / "golden.json").read_text())
+def test_bfloat16_errs_no_more_than_hf_bfloat16(checkpoint):
+    """bfloat16 weights, activations and cache: our logits sit no further from HF's float32 ones than
+    1.5x HF's own bfloat16 run does (golden `last_logits_bfloat16`), and pick the same top token
+    wherever HF's float32 top two are clearly apart."""
+    path, golden = checkpoint
     driver = StepDriver(str(path), MeshShape(2, 4), dtype="bfloat16")
     first, _ = driver.generate([golden["prompts"][:2], golden["prompts"][2:]], new_tokens=1)
-    logits = np.array([l for g in first for l in g], np.float32)
+    ours = np.array([l for g in first for l in g], np.float32)
     ref = np.array(golden["last_logits"], np.float32)
-    assert np.abs(logits - ref).max() < 0.1
-    assert (logits.argmax(-1) == ref.argmax(-1)).mean() >= 0.75
+    hf_bf16 = np.array(golden["last_logits_bfloat16"], np.float32)
+    ours_error, hf_error = np.abs(ours - ref).max(), np.abs(hf_bf16 - ref).max()
+    assert ours_error <= 1.5 * hf_error, (ours_error, hf_error)
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 0.1
+    assert (ours.argmax(-1) == ref.argmax(-1))[clear].all()

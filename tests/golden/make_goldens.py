@@ -242,19 +242,38 @@ def make_one(name: str, spec: dict, out: Path, seed: int) -> None:
         "greedy": [g for g, _ in greedies],
     }
     (d / "golden.json").write_text(json.dumps(golden) + "\n")
+    add_bfloat16(d)
     sizes = {f.name: f.stat().st_size for f in sorted(d.iterdir())}
     print(f"  {name}: {sizes}")
+
+
+def add_bfloat16(d: Path) -> None:
+    """HF's own bfloat16 run of a written checkpoint (weights and activations in bfloat16): its
+    last-position logits go into golden.json as `last_logits_bfloat16`, the yardstick for how far a
+    bfloat16 port may sit from the float32 logits."""
+    golden = json.loads((d / "golden.json").read_text())
+    model = Qwen3MoeForCausalLM.from_pretrained(d, attn_implementation="eager", dtype=torch.bfloat16).eval()
+    logits = [last_logits(model, p) for p in golden["prompts"]]
+    golden["last_logits_bfloat16"] = [[float(x) for x in l.tolist()] for l in logits]
+    error = max(float((l - torch.tensor(ref)).abs().max()) for l, ref in zip(logits, golden["last_logits"]))
+    print(f"  {d.name}: HF bfloat16 logits within {error:.4g} of float32")
+    (d / "golden.json").write_text(json.dumps(golden) + "\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent), help="default: tests/golden")
+    ap.add_argument("--bfloat16-only", action="store_true",
+                    help="add HF's bfloat16 logits to the existing goldens, leaving everything else as it is")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     out = Path(args.out)
     for i, (name, spec) in enumerate(CHECKPOINTS.items()):
-        make_one(name, spec, out, SEED + 100 * i)
+        if args.bfloat16_only:
+            add_bfloat16(out / name)
+        else:
+            make_one(name, spec, out, SEED + 100 * i)
 
 
 if __name__ == "__main__":
