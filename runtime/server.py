@@ -228,47 +228,23 @@ async def serve(http: HttpRequest, state: ServerState, req: Request):
         raise ApiError(404, f"model '{req.model}' does not exist; this server serves '{state.model_name}'",
                        param="model", code="model_not_found")
     prompt = await prompt_ids(state, req)
-    if req.n > 1:
+    if not req.stream:
         return JSONResponse(await serve_choices(http, state, req, prompt))
     handle, events = submit(state, req, prompt)
-    text = TextStream(state.tokenizer, req.stop)
-    if req.stream:
-        return StreamingResponse(stream(state, req, handle, events, text, len(prompt)),
-                                 media_type="text/event-stream")
-    ids, entries, offsets, finish, cached = [], [], [], None, 0
-    watcher = asyncio.create_task(_watch_disconnect(http, state, handle, events))
-    try:
-        async for ev in tokens(handle, events):
-            offsets.append(len(text.text))
-            ids.append(ev.token)
-            cached = max(cached, ev.cached_tokens)
-            text.push(ev.token, ev.finish_reason, len(ids) >= req.sampling.min_tokens)
-            if req.logprobs is not None:
-                entries.append((ev.token, ev.logprob, ev.top))
-            finish = ev.finish_reason
-            if text.stopped:
-                state.engine.cancel(handle, "stop")
-                finish = "stop"
-                break
-    finally:
-        watcher.cancel()
-        if not handle.done:
-            state.engine.cancel(handle)
-    lp = logprobs_block(req, entries, offsets, text.token_text, text.token_bytes)
-    return JSONResponse(response(req, completion_choice(req, text.text, ids, finish, lp), len(prompt), len(ids),
-                                 cached))
+    return StreamingResponse(stream(state, req, handle, events, TextStream(state.tokenizer, req.stop), len(prompt)),
+                             media_type="text/event-stream")
 
 
 async def serve_choices(http: HttpRequest, state: ServerState, req: Request, prompt: list[int]) -> dict:
-    """n > 1, not streamed: one engine request per choice, submitted together, so that the
+    """Not streamed: one engine request per choice (n of them), submitted together, so that the
     prefix cache gives each group's copies of the prompt one set of pages. Choice i samples with
-    the request's seed + i, so a seeded request answers the same choices every time."""
+    the request's seed + i, so a seeded request answers the same choices every time. Nothing is
+    sent to the client until the end, so only the connection tells that it left: watch it and
+    cancel every choice at once."""
     handles, watcher = [], None
     try:
         for i in range(req.n):
-            seed = (req.sampling.seed + i) % 2**31
-            handles.append(submit(state, dataclasses.replace(req, sampling=dataclasses.replace(req.sampling, seed=seed)),
-                                  prompt))
+            handles.append(submit(state, dataclasses.replace(req, sampling=req.sampling.for_request(i)), prompt))
         watcher = asyncio.create_task(_watch_all(http, state, handles))
         results = await asyncio.gather(*(_choice(state, req, h, events) for h, events in handles))
     finally:
@@ -283,7 +259,8 @@ async def serve_choices(http: HttpRequest, state: ServerState, req: Request, pro
 
 
 async def _watch_all(http: HttpRequest, state: ServerState, handles) -> None:
-    """`_watch_disconnect` for every choice of one request: the client leaving cancels them all."""
+    """The client leaving cancels every choice of its request (pages freed at the next step). A
+    streamed response has Starlette's own watcher, which closes the stream."""
     while (await http.receive())["type"] != "http.disconnect":
         pass
     for handle, events in handles:
@@ -292,7 +269,7 @@ async def _watch_all(http: HttpRequest, state: ServerState, handles) -> None:
 
 
 async def _choice(state: ServerState, req: Request, handle, events) -> tuple[dict, int, int]:
-    """One choice of an n > 1 request: (choice, completion tokens, cached prompt tokens)."""
+    """One choice of a non-streamed request: (choice, completion tokens, cached prompt tokens)."""
     text, ids, entries, offsets, finish, cached = TextStream(state.tokenizer, req.stop), [], [], [], None, 0
     async for ev in tokens(handle, events):
         offsets.append(len(text.text))
@@ -366,16 +343,6 @@ class Events:
             finally:
                 self._waiter = None
         return self._items.popleft()
-
-
-async def _watch_disconnect(http: HttpRequest, state: ServerState, handle, events) -> None:
-    """A non-streamed request sends nothing until it ends, so nothing else notices its client
-    leaving: wait on the connection itself and cancel the request at once (pages freed at the
-    next step). A streamed response has Starlette's own watcher, which closes the stream."""
-    while (await http.receive())["type"] != "http.disconnect":
-        pass
-    state.engine.cancel(handle)
-    events.put(_GONE)
 
 
 async def tokens(handle, events):
