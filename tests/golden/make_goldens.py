@@ -3,7 +3,7 @@
 For each checkpoint this writes ``<out>/<name>/config.json``,
 ``<out>/<name>/model.safetensors`` (float32, per-expert tensor names as on
 the Hub) and ``<out>/<name>/golden.json`` (last-position logits and 16 greedy
-tokens for four prompts), computed with the transformers reference model
+tokens for four prompts, and the top token at every teacher-forced position), computed with the transformers reference model
 (eager attention, float32, one CPU thread).
 
 Why the weights are perturbed: a freshly initialised model has every RMSNorm
@@ -243,6 +243,7 @@ def make_one(name: str, spec: dict, out: Path, seed: int) -> None:
     }
     (d / "golden.json").write_text(json.dumps(golden) + "\n")
     add_bfloat16(d)
+    add_positions(d)
     sizes = {f.name: f.stat().st_size for f in sorted(d.iterdir())}
     print(f"  {name}: {sizes}")
 
@@ -260,11 +261,37 @@ def add_bfloat16(d: Path) -> None:
     (d / "golden.json").write_text(json.dumps(golden) + "\n")
 
 
+@torch.no_grad()
+def add_positions(d: Path) -> None:
+    """HF float32 at every position of each prompt followed by its greedy tokens (teacher forced):
+    the top token, its margin over the second and its log-probability, as `positions` in
+    golden.json. The yardstick for lossy schemes (quantization): agreement where HF is sure, and
+    the log-probability error of the tokens HF would choose."""
+    golden = json.loads((d / "golden.json").read_text())
+    model = Qwen3MoeForCausalLM.from_pretrained(d, attn_implementation="eager", dtype=torch.float32).eval()
+    rows = []
+    for prompt, new in zip(golden["prompts"], golden["greedy"]):
+        seq = prompt + new[:-1]
+        logits = model(input_ids=torch.tensor([seq]), use_cache=False).logits[0].float()  # [len, vocab]
+        top2 = torch.topk(logits, 2)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        top1 = top2.indices[:, 0]
+        assert top1[len(prompt) - 1:].tolist() == new, "teacher forcing disagrees with the greedy loop"
+        rows.append({"tokens": seq, "top1": top1.tolist(),
+                     "margin": [float(x) for x in (top2.values[:, 0] - top2.values[:, 1]).tolist()],
+                     "logprob": [float(x) for x in logprobs.gather(1, top1[:, None])[:, 0].tolist()]})
+    golden["positions"] = rows
+    print(f"  {d.name}: {sum(len(r['tokens']) for r in rows)} positions")
+    (d / "golden.json").write_text(json.dumps(golden) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent), help="default: tests/golden")
     ap.add_argument("--bfloat16-only", action="store_true",
                     help="add HF's bfloat16 logits to the existing goldens, leaving everything else as it is")
+    ap.add_argument("--positions-only", action="store_true",
+                    help="add HF's every-position top tokens to the existing goldens, leaving the rest as it is")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
@@ -272,6 +299,8 @@ def main() -> None:
     for i, (name, spec) in enumerate(CHECKPOINTS.items()):
         if args.bfloat16_only:
             add_bfloat16(out / name)
+        elif args.positions_only:
+            add_positions(out / name)
         else:
             make_one(name, spec, out, SEED + 100 * i)
 
