@@ -459,63 +459,41 @@ def dense_experts(shard: ExpertShard, cfg: ModelConfig, stack: MoeWeights, index
 
 # ------------------------------------------------------------------------------- the layer scan
 
-@dataclasses.dataclass(frozen=True)
-class Segment:
-    """Layers [start, start + len(unit) * repeats): `unit` (True = MoE) repeated, scanned as one."""
-
-    start: int
-    unit: tuple[bool, ...]
-    repeats: int
-
-
-def layer_segments(cfg: ModelConfig) -> list[Segment]:
-    """Cover the layers with as few scans as possible: at each point take the repeating pattern
-    (of up to 4 layers) that reaches furthest. All-MoE models are one scan."""
-    kinds = [cfg.is_moe_layer(i) for i in range(cfg.num_layers)]
-    out, i = [], 0
-    while i < len(kinds):
-        best = None
-        for u in range(1, 5):
-            unit = kinds[i:i + u]
-            if len(unit) < u:
-                break
-            r = 1
-            while kinds[i + r * u:i + (r + 1) * u] == unit:
-                r += 1
-            if best is None or r * u > best[0] * len(best[1]):
-                best = (r, unit)
-        out.append(Segment(i, tuple(best[1]), best[0]))
-        i += best[0] * len(best[1])
-    return out
-
-
 def run_layers(cfg: ModelConfig, w: Weights, x, kv, paged: PagedBatch, backend, experts_fn):
-    """Every decoder layer, one scan per segment; the cache is the carry, written in place."""
-    moe_before = [sum(cfg.is_moe_layer(j) for j in range(i)) for i in range(cfg.num_layers + 1)]
+    """Every decoder layer in one scan; the cache is the carry, written in place.
+
+    A model that mixes dense-MLP and MoE layers picks each layer's MLP with a cond, so attention
+    and each MLP kind are traced and compiled once however the kinds interleave (unrolling a
+    pattern such as MoE, dense, MoE would compile attention three times). All-MoE models, the real
+    sizes, have no cond."""
+    kinds = [cfg.is_moe_layer(i) for i in range(cfg.num_layers)]
+    moe_index = jnp.array([sum(kinds[:i]) for i in range(len(kinds))], jnp.int32)  # position in the MoE stack
+    dense_index = jnp.arange(len(kinds), dtype=jnp.int32) - moe_index  # and in the dense stack
+    is_moe = jnp.array(kinds)
     valid = backend.global_valid()
 
-    for seg in layer_segments(cfg):
-        u, n_moe = len(seg.unit), sum(seg.unit)
+    def moe_mlp(h, i):
+        g = backend.gather(h)
+        return backend.scatter(experts_fn(cfg, w.moe, moe_index[i], g, valid)).astype(h.dtype)  # f32 sum
 
-        def body(carry, j, seg=seg, u=u, n_moe=n_moe):
-            x, kv = carry
-            for o, is_moe in enumerate(seg.unit):
-                i = seg.start + j * u + o
-                lw = layer(w.layers, i)
-                h, kv = attention_block(cfg, lw, rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), kv, i, paged, backend)
-                x = x + h
-                h = rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
-                moe_i = moe_before[seg.start] + j * n_moe + sum(seg.unit[:o])
-                if is_moe:
-                    g = backend.gather(h)
-                    h = backend.scatter(experts_fn(cfg, w.moe, moe_i, g, valid)).astype(h.dtype)  # f32 sum
-                else:
-                    dense_i = (seg.start - moe_before[seg.start]) + j * (u - n_moe) + (o - sum(seg.unit[:o]))
-                    h = dense_mlp(layer(w.dense, dense_i), h)
-                x = x + h
-            return (x, kv), None
+    def dense(h, i):
+        return dense_mlp(layer(w.dense, dense_index[i]), h)
 
-        (x, kv), _ = lax.scan(body, (x, kv), jnp.arange(seg.repeats))
+    def body(carry, i):
+        x, kv = carry
+        lw = layer(w.layers, i)
+        h, kv = attention_block(cfg, lw, rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), kv, i, paged, backend)
+        x = x + h
+        h = rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
+        if all(kinds):
+            h = moe_mlp(h, i)
+        elif not any(kinds):
+            h = dense(h, i)
+        else:
+            h = lax.cond(is_moe[i], moe_mlp, dense, h, i)
+        return (x + h, kv), None
+
+    (x, kv), _ = lax.scan(body, (x, kv), jnp.arange(cfg.num_layers))
     return x, kv
 
 
