@@ -13,7 +13,7 @@ import pytest
 from accuracy import agreement, teacher_forced_logits
 from conftest import build_artifact
 from dp_attention import DpPaddingMode, MeshShape
-from dp_attention.model import MoeWeights, QArray, experts_by_expert, experts_ragged
+from dp_attention.model import MoeWeights, QArray, RoutedPairs, experts_by_expert, experts_ragged
 from dp_attention.weights import quantize_int8
 from driver import StepDriver
 from runtime import format as fmt
@@ -65,6 +65,7 @@ def test_quantized_step_equals_plain_reference(golden_dir, ckpt, layout, options
     """The int8 step's logits equal, to float rounding, the unquantized step's on weights fake-
     quantized in numpy; greedy tokens are the same."""
     path, prompts = str(golden_dir / ckpt), [[[5, 9, 2, 7, 1, 40], [11, 3]], [[8, 1, 2, 3, 4, 5, 6, 7, 9]]]
+    options = dict(options)
     lm_head = options.pop("quantize_lm_head", False)
     axes = REFERENCE_AXES | (LM_HEAD_AXES if lm_head else {})
     got = StepDriver(path, MeshShape(2, 4), expert_layout=layout, quantize="int8", quantize_lm_head=lm_head,
@@ -90,7 +91,6 @@ def test_ragged_dot_experts_apply_each_experts_scales():
     counts = np.array([9, 0, 4, 7, 0], np.int32)  # sorted rows: 9 of expert 0, 4 of expert 2, ...
     token = rng.integers(0, N, counts.sum()).astype(np.int32)
     pairs_weight = rng.random(counts.sum()).astype(np.float32)
-    from dp_attention.model import RoutedPairs
     pairs = RoutedPairs(jnp.asarray(token), jnp.asarray(pairs_weight), jnp.asarray(counts))
     x = jnp.asarray(rng.standard_normal((N, H)), jnp.float32)
     got = experts_ragged(MoeWeights(None, q["gate"], q["up"], q["down"]), x, pairs)
