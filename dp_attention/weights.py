@@ -7,6 +7,8 @@ Weights are kept in a "placed" layout that fits the mesh evenly:
     to a multiple of its shards (padded experts are never routed to),
   * kv heads fewer than tp are repeated so each tensor shard holds the kv head its q heads use.
 Zero padding is exact: padded logits are sliced off, silu(0) * 0 contributes nothing.
+With `quantize="int8"` the projections are declared as int8 values plus a `<name>.scale` weight of
+per-output-channel scales (quantized_specs), both computed from the same checkpoint tensors.
 
 Loading reads, for each device's shard, only the rows that shard needs (`make_array_from_callback`
 over lazily opened safetensors), so no device ever sees, and the host never builds, a full copy of
