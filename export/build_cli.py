@@ -66,7 +66,8 @@ def _config(args, meshes) -> BuildConfig:
                        fast_load=not args.no_fast_load, tf_savedmodel=args.tf_savedmodel, logprobs=args.logprobs,
                        executables_only=args.executables_only, attention=args.attention,
                        tpu_generation=args.tpu_generation,
-                       expert_layout=None if args.expert_layout == "auto" else args.expert_layout, **_ladders(args))
+                       expert_layout=None if args.expert_layout == "auto" else args.expert_layout,
+                       quantize=args.quantize, quantize_lm_head=args.quantize_lm_head, **_ladders(args))
 
 
 def run_build(args, meshes) -> int:
