@@ -308,7 +308,8 @@ def _probe(tmp: Path, engine, bucket: Bucket, probe, source: ModelSource, refere
     got = engine.run(bucket, batch)
     ref = reference(engine.weights, groups)
     num_seqs = np.array([len(chunks) for chunks in groups], np.int32)
-    worst, why = compare_outputs(got, ref, num_seqs, batch["temperature"] == 0, tolerance(source.config.dtype))
+    worst, why = compare_outputs(got, ref, num_seqs, batch["temperature"] == 0,
+                                 tolerance(source.config.dtype, engine.manifest.kv_dtype))
     if why:
         raise BuildError(f"executable {engine.entries[bucket].file} disagrees with the reference step on its probe: "
                          f"{why}")
