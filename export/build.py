@@ -28,7 +28,7 @@ from safetensors.numpy import save_file
 
 from dp_attention import (DEFAULT_LOGPROBS, CacheShape, Layout, MeshShape, abstract_mesh, batch_shapes, cache_shape,
                           init_cache, jit_step, make_mesh, placed_numpy, weight_specs)
-from dp_attention.calibration import calibrate
+from dp_attention.calibration import CALIBRATION_PROMPTS, CALIBRATION_TOKENS, calibrate
 from dp_attention.kv_cache import KV_CACHE_CHOICES, KvQuant, cache_dtype, is_quantized
 from dp_attention.model import BATCH_SPECS, CACHE_SPEC, OUTPUT_SPECS, WIRE_SPECS, jit_wire_step
 from dp_attention.ragged import TPU_DEVICE_KINDS
@@ -416,7 +416,8 @@ def _with_kv_scales(cfg: BuildConfig, source: ModelSource) -> tuple[BuildConfig,
         return dataclasses.replace(cfg, kv_scales=(ones, ones)), "none: --executables-only (no weights), scales 1"
     q = calibrate(model, source.read, model.dtype, dtype)
     return (dataclasses.replace(cfg, kv_scales=(q.k_scale, q.v_scale)),
-            "per-layer absmax of K and V over 8 random prompts of 64 tokens through the unquantized step")
+            f"per-layer absmax of K and V over {CALIBRATION_PROMPTS} random prompts of {CALIBRATION_TOKENS} tokens "
+            "through the unquantized step")
 
 
 def _memory_check(cfg: BuildConfig, source: ModelSource, cache: CacheShape, plans) -> dict[str, fmt.HbmEntry]:
