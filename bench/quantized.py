@@ -67,7 +67,8 @@ def main(argv=None) -> int:
     largest = max(-(-(len(p) + NEW_TOKENS - 1) // PAGE) for p in prompts)
     pages = max(need // 4 // DP, largest) + 1  # bfloat16 pages per group, + the reserved page 0
     gib = (pages * bf16_page_bytes() + 1) / 2**30  # a byte over, so float rounding can't lose a page
-    rows = {"bfloat16": run(build("bf16", "auto", gib), prompts, max_new), kv: run(build(kv, kv, gib), prompts, max_new)}
+    rows = {"bfloat16": run(build("bf16", "auto", gib), prompts, max_new),
+            kv: run(build(kv, kv, gib), prompts, max_new)}
     base, quant = rows["bfloat16"].pop("outputs"), rows[kv].pop("outputs")
     same = sum(a == b for x, y in zip(base, quant) for a, b in zip(x, y))
     first = sum(next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(base, quant))

@@ -9,9 +9,8 @@ Values past the calibrated range saturate when written.
 
 from __future__ import annotations
 
-import numpy as np
-
 import jax.numpy as jnp
+import numpy as np
 
 from runtime.batching import Chunk, pack
 from runtime.buckets import MAX_LEN, Bucket
@@ -33,11 +32,12 @@ def calibration_prompts(vocab_size: int, n: int = CALIBRATION_PROMPTS, length: i
     return [rng.integers(0, vocab_size, length).tolist() for _ in range(n)]
 
 
-def kv_absmax(cfg: ModelConfig, read, dtype: str, prompts=None, weights=None, mesh_shape=MeshShape(1, 1)):
+def kv_absmax(cfg: ModelConfig, read, dtype: str, prompts=None, weights=None, mesh_shape: MeshShape | None = None):
     """Each layer's largest |K| and |V| (numpy [layers] each) over `prompts` (default: the
-    calibration prompts), prefilled in one step of the float step on `mesh_shape`. `weights`: the
+    calibration prompts), prefilled in one step of the float step on `mesh_shape` (default 1x1). `weights`: the
     placed weights if the caller has them (else read with `read`)."""
     prompts = prompts or calibration_prompts(cfg.vocab_size)
+    mesh_shape = mesh_shape or MeshShape(1, 1)
     mesh = make_mesh(mesh_shape)
     specs = weight_specs(cfg, mesh_shape)
     weights = weights if weights is not None else place(specs, read, mesh, dtype)

@@ -85,7 +85,7 @@ def scales_from_absmax(dtype: str, k_absmax, v_absmax, per: str = "layer") -> Kv
     elif per != "layer":
         raise ValueError(f"scale granularity {per!r}: expected layer or tensor")
     qmax = QMAX[dtype]
-    scale = lambda a: tuple(float(np.float32(x / qmax)) if x > 0 else 1.0 for x in a)  # noqa: E731
+    scale = lambda a: tuple(float(np.float32(x / qmax)) if x > 0 else 1.0 for x in a)
     return KvQuant(dtype, scale(k), scale(v))
 
 

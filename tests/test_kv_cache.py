@@ -13,17 +13,18 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ref_ragged_paged_attention
-
 from accuracy import agreement, teacher_forced_logits
+from driver import CacheShape, StepDriver
+from jax.experimental.pallas.ops.tpu.ragged_paged_attention import (
+    ref_ragged_paged_attention,
+)
+from test_attention import HD, LAYERS, NKV, NQ, NUM_PAGES, PAGE, ragged_batch
+
 from dp_attention import HFCheckpoint, MeshShape, load_hf_config
 from dp_attention.attention import NativeAttentionBackend, PagedBatch
 from dp_attention.calibration import kv_absmax
 from dp_attention.kv_cache import KV_CACHE_DTYPES, QMAX, KvQuant, scales_from_absmax
 from dp_attention.ragged import FlashAttentionBackend, ragged_paged_attention_reference
-from driver import CacheShape, StepDriver
-
-from test_attention import HD, LAYERS, NKV, NQ, NUM_PAGES, PAGE, ragged_batch
 
 DTYPES = list(KV_CACHE_DTYPES.values())
 NP_DTYPES = {"int8": np.int8, "float8_e4m3fn": ml_dtypes.float8_e4m3fn, "float8_e5m2": ml_dtypes.float8_e5m2}

@@ -7,15 +7,14 @@ import shutil
 
 import jax
 import pytest
-
 from conftest import build_artifact
+from test_export import run_cli
+
 from dp_attention import MeshShape
 from export.build import DEFAULT_PAGES_PER_GROUP, BuildConfig
 from export.source import open_model
 from runtime import format as fmt
 from runtime.engine import load
-
-from test_export import run_cli
 
 
 def _model(dtype):
