@@ -39,7 +39,15 @@ Expert layouts (`--layouts`, no compiling: shapes, FLOPs and bytes follow from t
 - HBM per device on each TPU generation: weights, KV cache (4,096 context, 16-token pages, 8,192 pages
   per group), the largest bucket's estimated temp (export.hbm), and the most pages per group that fit.
 
-    python -m bench.scale [--quick | --layouts]
+Quantized weights (`--quantized`, no compiling: bytes follow from shapes): per (config, mesh), each
+device's weight bytes in bfloat16, with `--quantize int8` (scales included, embedding and lm_head
+in bfloat16) and with `--quantize-lm-head` too, and on v5e/v5p/v6e what HBM is left for the KV cache
+beside the weights and the largest bucket's estimated temp (export.hbm), in GiB and in tokens per
+device of a bfloat16 cache; `weight_bytes_per_device` is the figure to combine with a cache's bytes
+per token. `--measure-temp` also compiles Qwen3-30B-A3B (4 layers, float32, 2x4, 64 tokens per
+group) unquantized and int8, to show the int8 step adds no whole-stack temp.
+
+    python -m bench.scale [--quick | --layouts | --quantized [--measure-temp]]
 """
 
 from __future__ import annotations
@@ -71,6 +79,7 @@ class Case:
     mesh: str
     dtype: str
     layers: int | None = None  # None: the config's own depth
+    quantize: str = "none"
     tokens: tuple[int, ...] = (64, 512)
     seqs: int = 64
     max_context: int = 4096
@@ -99,8 +108,9 @@ def build_case(case: Case, work: Path) -> dict:
     model_dir = work / f"{case.config}-{case.layers or src['num_hidden_layers']}L"
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "config.json").write_text(json.dumps(src))
-    out = work / (model_dir.name + f"-{case.dtype}-{case.mesh}")
+    out = work / (model_dir.name + f"-{case.dtype}-{case.quantize}-{case.mesh}")
     build(BuildConfig(model=str(model_dir), meshes=(parse_mesh(case.mesh),), out=out, dtype=case.dtype,
+                      quantize=case.quantize,
                       modes=("max_len",), token_ladder=case.tokens, max_seqs=case.seqs, page_size=case.page_size,
                       max_context=case.max_context, pages_per_group=case.pages_per_group, jobs=1, fast_load=False,
                       executables_only=True))
@@ -126,6 +136,7 @@ def measure(case: Case, work: Path) -> list[dict]:
         returned = cost.output_bytes - cache_bytes - resident
         rows.append({
             "config": case.config, "layers": cfg.num_layers, "mesh": case.mesh, "dtype": case.dtype,
+            "quantize": case.quantize,
             "tokens_per_group": b.tokens, "seqs_per_group": b.seqs,
             "temp_bytes": cost.temp_bytes, "argument_bytes": cost.argument_bytes,
             "flops": cost.flops, "min_flops": minimum, "flops_ratio": cost.flops / minimum,
@@ -238,6 +249,95 @@ def hbm_rows(config: str, shape, layout: str, dtype: str) -> dict:
     return out
 
 
+QUANTIZED_SCHEMES = {"bfloat16": ("none", False), "int8": ("int8", False), "int8 + lm_head": ("int8", True)}
+QUANTIZED_GOALS = {"int8_over_bf16": 0.52, "kv_tokens_30b_v5e": 2.0}
+
+
+def _mesh_entry_for(config: str, mesh: str, quantize: str = "none", lm_head: bool = False, dtype: str = "bfloat16"):
+    """The manifest's mesh entry a TPU build of `config` would write (shapes, dtypes, shardings; no
+    weights read), with the README's serving cache: 4,096 context, 16-token pages, 8,192 pages."""
+    from dp_attention import parse_mesh
+    from export.build import BuildConfig, _mesh_entry
+    from export.source import open_model
+
+    shape = parse_mesh(mesh)
+    source = open_model(str(CONFIGS / config), dtype, weights=False)
+    cfg = BuildConfig(model=str(CONFIGS / config), meshes=(shape,), platforms=("tpu",), dtype=dtype,
+                      max_context=4096, page_size=16, pages_per_group=8192, quantize=quantize,
+                      quantize_lm_head=lm_head)
+    return source.config, _mesh_entry(None, cfg, source, shape, False, cfg.cache(), set(), None), cfg
+
+
+def weight_bytes_per_device(config: str, mesh: str, quantize: str = "none", lm_head: bool = False,
+                            dtype: str = "bfloat16") -> int:
+    """Bytes of weights one device holds (scales included): subtract from a chip's HBM, with temp,
+    to size a KV cache of any dtype."""
+    from export import hbm
+
+    return hbm.weight_bytes(_mesh_entry_for(config, mesh, quantize, lm_head, dtype)[1])
+
+
+def quantized_row(config: str, mesh: str) -> dict:
+    """Weight bytes per device per scheme, and the HBM left for a KV cache on each TPU generation."""
+    from export import hbm
+    from runtime.buckets import Bucket
+
+    row = {"config": config, "mesh": mesh, "schemes": {}}
+    for name, (quantize, lm_head) in QUANTIZED_SCHEMES.items():
+        model, entry, cfg = _mesh_entry_for(config, mesh, quantize, lm_head)
+        weights = hbm.weight_bytes(entry)
+        temp = hbm.estimate_temp_bytes(model, entry, Bucket("max_len", 512, 64, entry.dp * 512), "bfloat16")
+        kv_per_token = hbm.kv_bytes(entry, "bfloat16") / (cfg.pages_per_group * cfg.page_size)  # per device
+        left = {g: max(0, cap - weights - temp) for g, cap in hbm.HBM_BYTES.items()}
+        row["schemes"][name] = {"weight_bytes": weights, "temp_estimate": temp, "kv_left_bytes": left,
+                                "bf16_kv_tokens": {g: int(b // kv_per_token) for g, b in left.items()},
+                                "bf16_kv_bytes_per_token": kv_per_token}
+    base = row["schemes"]["bfloat16"]["weight_bytes"]
+    for s in row["schemes"].values():
+        s["ratio_to_bf16"] = s["weight_bytes"] / base
+    return row
+
+
+def quantized_main(measure_temp: bool) -> dict:
+    rows = []
+    for config, mesh in LAYOUT_CASES:
+        r = quantized_row(config, mesh)
+        rows.append(r)
+        for name, s in r["schemes"].items():
+            left = ", ".join(f"{g} {b / GiB:5.2f} GiB ({s['bf16_kv_tokens'][g]:,} tok)" for g, b in s["kv_left_bytes"].items())
+            print(f"{config:16s} {mesh} {name:15s} weights {s['weight_bytes'] / GiB:6.2f} GiB/device "
+                  f"({s['ratio_to_bf16']:.3f}x bf16)  left for KV: {left}", flush=True)
+    ratios = [r["schemes"]["int8 + lm_head"]["ratio_to_bf16"] for r in rows]
+    ratios_head = [r["schemes"]["int8"]["ratio_to_bf16"] for r in rows]
+    pick = lambda c, m: next(r for r in rows if r["config"] == c and r["mesh"] == m)["schemes"]  # noqa: E731
+    a30, a235 = pick("qwen3-30b-a3b", "2x4"), pick("qwen3-235b-a22b", "4x8")
+    kv_gain = a30["int8"]["kv_left_bytes"]["v5e"] / max(1, a30["bfloat16"]["kv_left_bytes"]["v5e"])
+    checks = {
+        "int8 weight bytes / bf16 (embedding, lm_head int8 too)": {
+            "figure": " / ".join(f"{x:.3f}" for x in ratios), "goal": "<= 0.52",
+            "met": max(ratios) <= QUANTIZED_GOALS["int8_over_bf16"]},
+        "int8 weight bytes / bf16 (embedding, lm_head bf16)": {
+            "figure": " / ".join(f"{x:.3f}" for x in ratios_head), "goal": "(for comparison)", "met": True},
+        "235B-A22B 4x8 v5e: HBM left for KV beside int8 weights": {
+            "figure": f"{a235['int8']['kv_left_bytes']['v5e'] / GiB:.2f} GiB (bf16 weights: "
+                      f"{a235['bfloat16']['kv_left_bytes']['v5e'] / GiB:.2f})",
+            "goal": ">= 4 GiB", "met": a235["int8"]["kv_left_bytes"]["v5e"] >= 4 * GiB},
+        # The goal is for int8 weights with an 8-bit cache; the cache's half of it is the KV dtype's.
+        "30B-A3B 2x4 v5e: KV room, int8 / bf16 weights (same cache dtype)": {
+            "figure": f"{kv_gain:.2f}x", "goal": f"x (bf16 / cache bytes per token) >= 2: "
+                                                f"{kv_gain * 2:.2f}x with an 8-bit cache",
+            "met": kv_gain * 2 >= QUANTIZED_GOALS["kv_tokens_30b_v5e"]},
+    }
+    for name, c in checks.items():
+        print(f"{name}: {c['figure']}  goal {c['goal']}  {'met' if c['met'] else 'NOT met'}")
+    temp = []
+    if measure_temp:
+        with tempfile.TemporaryDirectory(prefix="scale-q-") as tmp:
+            for q in ("none", "int8"):
+                temp += measure(Case("qwen3-30b-a3b", "2x4", "float32", layers=4, tokens=(64,), quantize=q), Path(tmp))
+    return {"rows": rows, "checks": checks, "temp": temp}
+
+
 KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3", "fp8_e5m2")
 KV_CASES = (("qwen3-30b-a3b", "2x4"), ("qwen3-30b-a3b", "4x2"), ("qwen3-235b-a22b", "4x8"))
 
@@ -318,8 +418,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="30B only, float32 only")
     p.add_argument("--layouts", action="store_true", help="only the expert-layout table (no compiling)")
+    p.add_argument("--quantized", action="store_true", help="only the int8 weight-bytes and HBM table")
+    p.add_argument("--measure-temp", action="store_true", help="with --quantized: compile 4 layers of 30B both ways")
     p.add_argument("--kv", action="store_true", help="only KV bytes per token per device for each --kv-cache-dtype")
     args = p.parse_args(argv)
+    if args.quantized:
+        write_result("scale_quantized", quantized_main(args.measure_temp))
+        return 0
     if args.kv:
         write_result("scale_kv", kv_main())
         return 0

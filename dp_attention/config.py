@@ -74,6 +74,9 @@ def from_hf_dict(d: dict, name: str, source: str = "config.json") -> ModelConfig
     missing = [k for k in _REQUIRED if k not in d]
     if missing:
         raise ConfigError(f"{source}: missing field(s) {', '.join(missing)} for a Qwen3-MoE config")
+    if d.get("quantization_config"):
+        raise ConfigError(f"{source}: {_quantized_what(d['quantization_config'])} checkpoints are not supported yet; "
+                          "build from the unquantized (bfloat16 or float32) checkpoint with --quantize int8")
     model_type = d.get("model_type", "qwen3_moe")
     if model_type != "qwen3_moe":
         raise ConfigError(f"{source}: model_type is {model_type!r}, expected 'qwen3_moe'")
@@ -110,6 +113,16 @@ def from_hf_dict(d: dict, name: str, source: str = "config.json") -> ModelConfig
         max_position_embeddings=int(_pick(d, "max_position_embeddings", default=32768)),
         dtype=dtype,
     )
+
+
+def _quantized_what(q) -> str:
+    """How an HF quantization_config describes itself, e.g. "fp8 (blocks 128x128) quantized"."""
+    if not isinstance(q, dict):
+        return "quantized"
+    method = q.get("quant_method") or "quantized"
+    block = q.get("weight_block_size")
+    blocks = f" (blocks {'x'.join(map(str, block))})" if isinstance(block, (list, tuple)) else ""
+    return f"{method}{blocks} quantized"
 
 
 def load_hf_config(model_dir: str | Path) -> ModelConfig:

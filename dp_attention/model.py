@@ -43,7 +43,7 @@ from .config import ModelConfig
 from .kv_cache import KvQuant
 from .dp_attention import DpAttentionBackend, DpAttentionMetadata
 from .sampling import SAMPLING_INPUTS, sample
-from .weights import Layout
+from .weights import SCALE, Layout
 
 DEFAULT_LOGPROBS = 8
 ALL_DEVICES = ("data", "tensor")
@@ -63,6 +63,57 @@ class CacheShape:
 
 
 # ------------------------------------------------------------------------------- weights as a pytree
+
+@partial(jax.tree_util.register_dataclass, data_fields=["q", "scale"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class QArray:
+    """A weight-only int8 weight: int8 values and float32 per-output-channel scales, the scales' shape
+    the weight's with 1 on the contracted axes (weights.quantized_specs). Indexing leading
+    (non-contracted) axes indexes both, so a layer or an expert slices as a plain array does."""
+
+    q: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self):
+        return self.q.shape
+
+    def __getitem__(self, index):
+        return QArray(self.q[index], self.scale[index])
+
+    def dequantize(self, dtype):
+        """q * scale in float32, then `dtype`: the operand the plain reference computes with."""
+        return (self.q.astype(jnp.float32) * self.scale).astype(dtype)
+
+
+def _output_scale(w: QArray, contracted: int):
+    """The scales as they multiply the matmul output: the leading `contracted` size-1 axes dropped."""
+    return w.scale.reshape(w.scale.shape[contracted:])
+
+
+def qeinsum(spec: str, x, w, contracted: int = 1):
+    """einsum(spec, x, w); for an int8 w, its values in x's dtype and the per-column scale applied to
+    the float32 output. The scale commutes with the contraction, so partial sums over a contracted
+    axis split across devices still add up. w's contracted axes lead (all our projections)."""
+    if not isinstance(w, QArray):
+        return jnp.einsum(spec, x, w)
+    y = jnp.einsum(spec, x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)
+    return (y * _output_scale(w, contracted)).astype(x.dtype)
+
+
+def qdot(x, w):
+    """x @ w for a 2-D w, int8 or not (see qeinsum)."""
+    if not isinstance(w, QArray):
+        return x @ w
+    return qeinsum("...h,hi->...i", x, w)
+
+
+def embed_lookup(embed, ids, dtype):
+    """Rows of the embedding; an int8 one holds one scale per row."""
+    if not isinstance(embed, QArray):
+        return embed[ids]
+    return embed[ids].dequantize(dtype)
+
 
 @partial(jax.tree_util.register_dataclass, data_fields=["attn_norm", "mlp_norm", "q_norm", "k_norm",
                                                          "q_proj", "k_proj", "v_proj", "o_proj"], meta_fields=[])
@@ -116,10 +167,14 @@ class Weights:
     @staticmethod
     def from_flat(flat: dict) -> "Weights":
         """From the flat {"layers.q_proj": ...} dict that executables take (plain dicts need no
-        pytree registration to load, so the runtime stays free of this module)."""
-        group = lambda cls, prefix: (cls(**{f.name: flat[f"{prefix}.{f.name}"] for f in dataclasses.fields(cls)})  # noqa: E731
+        pytree registration to load, so the runtime stays free of this module). An int8 weight
+        `w` comes with `w.scale` (weights.SCALE) and becomes a QArray."""
+        def get(name):
+            return QArray(flat[name], flat[name + SCALE]) if name + SCALE in flat else flat[name]
+
+        group = lambda cls, prefix: (cls(**{f.name: get(f"{prefix}.{f.name}") for f in dataclasses.fields(cls)})  # noqa: E731
                                      if f"{prefix}.{dataclasses.fields(cls)[0].name}" in flat else None)
-        return Weights(flat["embed"], flat["final_norm"], flat["lm_head"], group(LayerWeights, "layers"),
+        return Weights(get("embed"), flat["final_norm"], get("lm_head"), group(LayerWeights, "layers"),
                        group(MoeWeights, "moe"), group(DenseWeights, "dense"))
 
 
@@ -202,22 +257,22 @@ def rope(x, positions, theta):
 def attention_block(cfg, w: LayerWeights, x, kv, index, batch: PagedBatch, backend):
     """x [T, H] (replicated in the group) -> [T, H]; this device computes its share of the heads."""
     with jax.named_scope("projections"):
-        q = jnp.einsum("th,hnd->tnd", x, w.q_proj)
-        k = jnp.einsum("th,hnd->tnd", x, w.k_proj)
-        v = jnp.einsum("th,hnd->tnd", x, w.v_proj)
+        q = qeinsum("th,hnd->tnd", x, w.q_proj)
+        k = qeinsum("th,hnd->tnd", x, w.k_proj)
+        v = qeinsum("th,hnd->tnd", x, w.v_proj)
     q = rope(rms_norm(q, w.q_norm, cfg.rms_norm_eps), batch.positions, cfg.rope_theta)
     k = rope(rms_norm(k, w.k_norm, cfg.rms_norm_eps), batch.positions, cfg.rope_theta)
     with jax.named_scope("attention"):
         out, kv = backend.attend(q, k, v, kv, index, batch)
     with jax.named_scope("projections"):
-        partial_out = jnp.einsum("tnd,ndh->th", out, w.o_proj)
+        partial_out = qeinsum("tnd,ndh->th", out, w.o_proj, contracted=2)
     return lax.psum(partial_out, "tensor"), kv
 
 
 def dense_mlp(w: DenseWeights, x):
     """SwiGLU with the intermediate width split over "tensor"."""
     with jax.named_scope("projections"):
-        out = (jax.nn.silu(x @ w.gate) * (x @ w.up)) @ w.down
+        out = qdot(jax.nn.silu(qdot(x, w.gate)) * qdot(x, w.up), w.down)
     return lax.psum(out, "tensor")
 
 
@@ -338,8 +393,8 @@ def experts_by_expert(stack: MoeWeights, index, x, pairs: RoutedPairs):
             row = jnp.minimum(row, M - 1)
             token = pairs.token[row]
             xt = x[token]  # [m, H]
-            h = jax.nn.silu(xt @ gate) * (xt @ up)  # [m, I/devices]
-            out = (h @ down) * jnp.where(ok, pairs.weight[row], 0)[:, None]
+            h = jax.nn.silu(qdot(xt, gate)) * qdot(xt, up)  # [m, I/devices]
+            out = qdot(h, down) * jnp.where(ok, pairs.weight[row], 0)[:, None]
             return t + 1, y.at[token].add(out)
 
         return lax.while_loop(lambda carry: carry[0] * m < count, tile, (jnp.int32(0), y))[1]
@@ -353,12 +408,28 @@ def experts_ragged(w: MoeWeights, x, pairs: RoutedPairs):
     N, H = x.shape
     xs = x[pairs.token]
     sizes = pairs.counts.astype(jnp.int32)
-    f32 = dict(preferred_element_type=jnp.float32)
-    h = jax.nn.silu(lax.ragged_dot(xs, w.gate, sizes, **f32)) * lax.ragged_dot(xs, w.up, sizes, **f32)
-    out = lax.ragged_dot(h.astype(x.dtype), w.down, sizes, **f32)
+    group = row_groups(sizes, 0, xs.shape[0], sizes.shape[0])
+
+    def grouped(lhs, rhs):
+        if not isinstance(rhs, QArray):
+            return lax.ragged_dot(lhs, rhs, sizes, preferred_element_type=jnp.float32)
+        out = lax.ragged_dot(lhs, rhs.q.astype(lhs.dtype), sizes, preferred_element_type=jnp.float32)
+        return out * rhs.scale[group, 0]
+
+    h = jax.nn.silu(grouped(xs, w.gate)) * grouped(xs, w.up)
+    out = grouped(h.astype(x.dtype), w.down)
     real = jnp.arange(xs.shape[0]) < jnp.sum(sizes)
     out = jnp.where(real[:, None], out * pairs.weight[:, None], 0)
     return jnp.zeros((N, H), jnp.float32).at[pairs.token].add(out)
+
+
+def row_groups(counts, first, rows: int, local: int):
+    """For each of `rows` rows sorted by expert (counts per expert, over every expert), its expert
+    among the `local` ones from `first`, clipped into range: which scales an int8 expert's output
+    rows take. Rows of other experts get a neighbour's, and are masked out after."""
+    ends = jnp.cumsum(counts)
+    expert = jnp.searchsorted(ends, jnp.arange(rows), side="right")
+    return jnp.clip(expert - first, 0, local - 1)
 
 
 # Rows per grouped-matmul tile, at most: the matrix unit is 128 rows tall (256 on v6e).
@@ -401,7 +472,12 @@ def experts_gmm(w: MoeWeights, x, pairs: RoutedPairs, first, total: int, generat
     weight = jnp.pad(pairs.weight, (0, rows - pairs.token.shape[0]))
     offset = None if local == total else jnp.asarray(first, jnp.int32)
 
+    group = row_groups(counts, first, rows, local) if isinstance(w.gate, QArray) else None
+
     def grouped(lhs, rhs, dtype):  # accumulates in float32 inside the kernel, stores `dtype`
+        if isinstance(rhs, QArray):  # the kernel takes one dtype: int8 values in lhs's, scales on its rows
+            out = grouped(lhs, rhs.q.astype(lhs.dtype), jnp.float32)
+            return (out * rhs.scale[group, 0]).astype(dtype)
         return gmm(lhs, rhs, counts, preferred_element_type=dtype, group_offset=offset, interpret=interpret,
                    tiling=(tm,) + gmm_tiling(rows, *rhs.shape[1:], generation, total)[1:])
 
@@ -448,8 +524,11 @@ def routed_experts(shard: ExpertShard, kernel: str, generation: str | None, cfg:
 
 
 def dense_experts(shard: ExpertShard, cfg: ModelConfig, stack: MoeWeights, index, x, valid):
-    """Reference only: every local expert on every token (FLOPs grow with N * experts)."""
+    """Reference only: every local expert on every token (FLOPs grow with N * experts); int8 experts
+    dequantized whole, as the plain reference of the quantization computes."""
     w = layer(stack, index)
+    w = jax.tree.map(lambda a: a.dequantize(x.dtype) if isinstance(a, QArray) else a, w,
+                     is_leaf=lambda a: isinstance(a, QArray))
     weights, experts = route(cfg, w.router, x)
     E = w.gate.shape[0]
     onehot = (experts[..., None] == shard.first_expert(E) + jnp.arange(E)).astype(x.dtype)  # [N, k, E]
@@ -460,63 +539,41 @@ def dense_experts(shard: ExpertShard, cfg: ModelConfig, stack: MoeWeights, index
 
 # ------------------------------------------------------------------------------- the layer scan
 
-@dataclasses.dataclass(frozen=True)
-class Segment:
-    """Layers [start, start + len(unit) * repeats): `unit` (True = MoE) repeated, scanned as one."""
-
-    start: int
-    unit: tuple[bool, ...]
-    repeats: int
-
-
-def layer_segments(cfg: ModelConfig) -> list[Segment]:
-    """Cover the layers with as few scans as possible: at each point take the repeating pattern
-    (of up to 4 layers) that reaches furthest. All-MoE models are one scan."""
-    kinds = [cfg.is_moe_layer(i) for i in range(cfg.num_layers)]
-    out, i = [], 0
-    while i < len(kinds):
-        best = None
-        for u in range(1, 5):
-            unit = kinds[i:i + u]
-            if len(unit) < u:
-                break
-            r = 1
-            while kinds[i + r * u:i + (r + 1) * u] == unit:
-                r += 1
-            if best is None or r * u > best[0] * len(best[1]):
-                best = (r, unit)
-        out.append(Segment(i, tuple(best[1]), best[0]))
-        i += best[0] * len(best[1])
-    return out
-
-
 def run_layers(cfg: ModelConfig, w: Weights, x, kv, paged: PagedBatch, backend, experts_fn):
-    """Every decoder layer, one scan per segment; the cache is the carry, written in place."""
-    moe_before = [sum(cfg.is_moe_layer(j) for j in range(i)) for i in range(cfg.num_layers + 1)]
+    """Every decoder layer in one scan; the cache is the carry, written in place.
+
+    A model that mixes dense-MLP and MoE layers picks each layer's MLP with a cond, so attention
+    and each MLP kind are traced and compiled once however the kinds interleave (unrolling a
+    pattern such as MoE, dense, MoE would compile attention three times). All-MoE models, the real
+    sizes, have no cond."""
+    kinds = [cfg.is_moe_layer(i) for i in range(cfg.num_layers)]
+    moe_index = jnp.array([sum(kinds[:i]) for i in range(len(kinds))], jnp.int32)  # position in the MoE stack
+    dense_index = jnp.arange(len(kinds), dtype=jnp.int32) - moe_index  # and in the dense stack
+    is_moe = jnp.array(kinds)
     valid = backend.global_valid()
 
-    for seg in layer_segments(cfg):
-        u, n_moe = len(seg.unit), sum(seg.unit)
+    def moe_mlp(h, i):
+        g = backend.gather(h)
+        return backend.scatter(experts_fn(cfg, w.moe, moe_index[i], g, valid)).astype(h.dtype)  # f32 sum
 
-        def body(carry, j, seg=seg, u=u, n_moe=n_moe):
-            x, kv = carry
-            for o, is_moe in enumerate(seg.unit):
-                i = seg.start + j * u + o
-                lw = layer(w.layers, i)
-                h, kv = attention_block(cfg, lw, rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), kv, i, paged, backend)
-                x = x + h
-                h = rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
-                moe_i = moe_before[seg.start] + j * n_moe + sum(seg.unit[:o])
-                if is_moe:
-                    g = backend.gather(h)
-                    h = backend.scatter(experts_fn(cfg, w.moe, moe_i, g, valid)).astype(h.dtype)  # f32 sum
-                else:
-                    dense_i = (seg.start - moe_before[seg.start]) + j * (u - n_moe) + (o - sum(seg.unit[:o]))
-                    h = dense_mlp(layer(w.dense, dense_i), h)
-                x = x + h
-            return (x, kv), None
+    def dense(h, i):
+        return dense_mlp(layer(w.dense, dense_index[i]), h)
 
-        (x, kv), _ = lax.scan(body, (x, kv), jnp.arange(seg.repeats))
+    def body(carry, i):
+        x, kv = carry
+        lw = layer(w.layers, i)
+        h, kv = attention_block(cfg, lw, rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), kv, i, paged, backend)
+        x = x + h
+        h = rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
+        if all(kinds):
+            h = moe_mlp(h, i)
+        elif not any(kinds):
+            h = dense(h, i)
+        else:
+            h = lax.cond(is_moe[i], moe_mlp, dense, h, i)
+        return (x + h, kv), None
+
+    (x, kv), _ = lax.scan(body, (x, kv), jnp.arange(cfg.num_layers))
     return x, kv
 
 
@@ -575,7 +632,7 @@ def device_step(cfg: ModelConfig, bucket: Bucket, opts: StepOptions, shard: Expe
                        valid=valid, page_table=b["page_table"])
     meta = DpAttentionMetadata(bucket.mode, lax.axis_size("data"), T, bucket.global_len, b["num_tokens"])
     fed = b["prev_tokens"][jnp.clip(b["feed"], 0, b["prev_tokens"].shape[0] - 1)]
-    x = w.embed[jnp.where(b["feed"] >= 0, fed, b["tokens"])]
+    x = embed_lookup(w.embed, jnp.where(b["feed"] >= 0, fed, b["tokens"]), w.final_norm.dtype)
     kv = kv[0]
     base = opts.base_backend(w.layers.q_proj.shape[2], x.dtype, kv, paged, b["last_index"])
     backend = DpAttentionBackend(base, meta)
@@ -585,7 +642,7 @@ def device_step(cfg: ModelConfig, bucket: Bucket, opts: StepOptions, shard: Expe
 
     last = rms_norm(x[b["last_index"]], w.final_norm, cfg.rms_norm_eps)  # [S, H]
     with jax.named_scope("projections"):
-        logits = last @ w.lm_head
+        logits = qdot(last, w.lm_head)
     logits = lax.all_gather(logits, "tensor", axis=1, tiled=True).astype(jnp.float32)
     logits = jnp.where(jnp.arange(logits.shape[1]) < cfg.vocab_size, logits, -jnp.inf)
     position = paged.positions[b["last_index"]] + 1  # of the token being sampled

@@ -16,6 +16,28 @@ from jax import lax
 SAMPLING_INPUTS = ("temperature", "top_k", "top_p", "seed")
 
 
+def _mix32(x):
+    """A 32-bit integer finaliser (Wellons' lowbias32): every input bit flips each output bit with
+    probability close to 1/2, so neighbouring seeds and positions give unrelated draws."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniform(seed, position):
+    """One draw in [0, 1) per row, a pure function of (seed, position).
+
+    A step draws one number per sequence, so a keyed integer hash is all the randomness it needs.
+    jax's threefry keys (a fold_in and a uniform per row) cost about a tenth of each executable's
+    XLA:CPU compile time on the default build (best of three: 9.4 against 10.8 CPU s), for draws no
+    better here."""
+    h = _mix32(seed.astype(jnp.uint32) ^ jnp.uint32(0x5BD1E995))
+    h = _mix32(h + position.astype(jnp.uint32) * jnp.uint32(0x9E3779B9))
+    return (h >> 8).astype(jnp.float32) * jnp.float32(2.0 ** -24)
+
+
 def _sample_filtered(logits, temperature, top_k, top_p, seed, position):
     """Temperature, then top-k, then the top-p nucleus, then one inverse-CDF draw; per row."""
     S, V = logits.shape
@@ -31,8 +53,7 @@ def _sample_filtered(logits, temperature, top_k, top_p, seed, position):
     keep &= before < top_p[:, None] * jnp.sum(probs, axis=-1, keepdims=True)  # smallest prefix reaching top_p
     probs = jnp.where(keep, probs, 0.0)
     cdf = jnp.cumsum(probs, axis=-1)
-    keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s.astype(jnp.uint32)), p))(seed, position)
-    u = jax.vmap(lambda k: jax.random.uniform(k, dtype=jnp.float32))(keys) * cdf[:, -1]
+    u = uniform(seed, position) * cdf[:, -1]
     pick = jnp.minimum(jnp.sum(cdf <= u[:, None], axis=-1), jnp.sum(keep, axis=-1) - 1)
     return jnp.take_along_axis(ids_sorted, pick[:, None], axis=1)[:, 0]
 

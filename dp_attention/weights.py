@@ -7,6 +7,8 @@ Weights are kept in a "placed" layout that fits the mesh evenly:
     to a multiple of its shards (padded experts are never routed to),
   * kv heads fewer than tp are repeated so each tensor shard holds the kv head its q heads use.
 Zero padding is exact: padded logits are sliced off, silu(0) * 0 contributes nothing.
+With `quantize="int8"` the projections are declared as int8 values plus a `<name>.scale` weight of
+per-output-channel scales (quantized_specs), both computed from the same checkpoint tensors.
 
 Loading reads, for each device's shard, only the rows that shard needs (`make_array_from_callback`
 over lazily opened safetensors), so no device ever sees, and the host never builds, a full copy of
@@ -38,7 +40,7 @@ def round_up(n: int, m: int) -> int:
 
 
 def np_dtype(name: str):
-    return {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[name]
+    return {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "int8": np.int8}[name]
 
 
 LANES = 128  # a TPU matrix unit's tile edge (v6e's is 256, which 128-aligned shapes half fill at worst)
@@ -175,6 +177,9 @@ class WeightSpec:
     repeat: int = 1
     per_expert: int = 0  # >0: stack this many per-expert tensors on axis 0
     layers: tuple[int, ...] = ()  # HF layer index of each entry of the leading axis
+    dtype: str | None = None  # stored dtype; None: the build's
+    quant: str | None = None  # "int8": int8 values of a quantized weight; "scale": that weight's scales
+    contracted: tuple[int, ...] = ()  # with quant: the axes a scale spans (size 1 in the scale's shape)
 
     @property
     def pad_axes(self) -> tuple[int, ...]:
@@ -198,9 +203,12 @@ class WeightSpec:
         return [base.format(e=e) for e in range(self.per_expert)] if self.per_expert else [base]
 
 
-def weight_specs(cfg: ModelConfig, mesh: MeshShape, expert_layout: str | None = None) -> dict[str, WeightSpec]:
+def weight_specs(cfg: ModelConfig, mesh: MeshShape, expert_layout: str | None = None, quantize: str = "none",
+                 quantize_lm_head: bool = False) -> dict[str, WeightSpec]:
     """The whole model's weights, stacked per layer kind (the layer scan's layout). `expert_layout`:
-    a name of EXPERT_LAYOUTS, or None / "auto" for ExpertLayout.choose's."""
+    a name of EXPERT_LAYOUTS, or None / "auto" for ExpertLayout.choose's. `quantize` "int8": the
+    projections (and with `quantize_lm_head` the embedding and lm_head) become int8 values plus
+    per-output-channel scales (see quantized_specs)."""
     lay = Layout.for_mesh(cfg, mesh, expert_layout)
     H, V, hd = cfg.hidden_size, cfg.vocab_size, cfg.head_dim
     nq, nkv, E, Im, Id = cfg.num_heads, cfg.num_kv_heads, cfg.num_experts, cfg.moe_intermediate_size, cfg.intermediate_size
@@ -258,7 +266,59 @@ def weight_specs(cfg: ModelConfig, mesh: MeshShape, expert_layout: str | None = 
             "dense.down": W((lay.dense_width, H), P("tensor", None), pre + "mlp.down_proj.weight",
                             (H, Id), dense, transpose=True, pad_axis=0),
         }
-    return specs
+    return quantized_specs(specs, quantize, quantize_lm_head)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight-only int8: each output channel of a projection scaled by its absmax / 127 over the axes the
+# matmul contracts, so a scale multiplies the matmul's output column and commutes with the sum,
+# however the contracted axis is split over devices.
+
+QUANTIZE = ("none", "int8")
+SCALE = ".scale"  # a quantized weight `w`'s scales are the weight `w.scale`
+# Per weight, the axes (within one layer) its matmul contracts; the rest are output channels. The
+# embedding is a lookup: its "channels" are its rows (one scale per token), which is also what
+# lm_head's scales are when the two are tied.
+CONTRACTED = {"layers.q_proj": (0,), "layers.k_proj": (0,), "layers.v_proj": (0,), "layers.o_proj": (0, 1),
+              "moe.gate": (1,), "moe.up": (1,), "moe.down": (1,),
+              "dense.gate": (0,), "dense.up": (0,), "dense.down": (0,)}
+LM_HEAD_CONTRACTED = {"embed": (1,), "lm_head": (0,)}
+
+
+def quantized_specs(specs: dict[str, WeightSpec], quantize: str = "none", lm_head: bool = False
+                    ) -> dict[str, WeightSpec]:
+    """`specs` with each quantized weight declared as its int8 values and, beside it, `<name>.scale`:
+    float32, the weight's shape with 1 on the contracted axes, sharded like the weight's output
+    axes and replicated over the contracted ones. Both read the same checkpoint tensors."""
+    if quantize not in QUANTIZE:
+        raise WeightError(f"quantize {quantize!r} is not one of {', '.join(QUANTIZE)}")
+    if quantize == "none":
+        return specs
+    which = CONTRACTED | (LM_HEAD_CONTRACTED if lm_head else {})
+    out = {}
+    for name, spec in specs.items():
+        if name not in which:
+            out[name] = spec
+            continue
+        axes = which[name]
+        off = 1 if spec.layers else 0
+        shape = tuple(1 if ax - off in axes else n for ax, n in enumerate(spec.shape))
+        parts = tuple(spec.spec) + (None,) * (len(spec.shape) - len(spec.spec))
+        sharding = P(*(None if ax - off in axes else a for ax, a in enumerate(parts)))
+        out[name] = dataclasses.replace(spec, dtype=quantize, quant=quantize, contracted=axes)
+        out[name + SCALE] = dataclasses.replace(spec, shape=shape, spec=sharding, dtype="float32", quant="scale",
+                                                contracted=axes)
+    return out
+
+
+def quantize_int8(block: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 values, float32 scales with size 1 on `axes`): symmetric, absmax / 127 over `axes`,
+    rounded half to even. An all-zero channel (padding) gets scale 0 and values 0: exact zeros,
+    no division by zero."""
+    block = np.asarray(block, np.float32)
+    scale = (np.max(np.abs(block), axis=axes, keepdims=True) / np.float32(127)).astype(np.float32)
+    q = np.clip(np.round(block / np.where(scale > 0, scale, np.float32(1))), -127, 127)
+    return q.astype(np.int8), scale
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +363,22 @@ def read_placed(name: str, spec: WeightSpec, read: Reader, layer: int | None,
                 index: tuple[slice, ...], dtype: str) -> np.ndarray:
     """One layer's block of a placed weight (index within the layer), read straight from the source."""
     src, post = _source_slice(spec, index)
-    return _finish(read(name, spec, layer, src), post).astype(np_dtype(dtype))
+    if spec.quant:
+        return _finish(_read_quantized(name, spec, read, layer, src), post)
+    return _finish(read(name, spec, layer, src), post).astype(np_dtype(spec.dtype or dtype))
+
+
+def _read_quantized(name: str, spec: WeightSpec, read: Reader, layer: int | None, src: tuple[slice, ...]):
+    """The int8 values or the scales of canonical block `src`. A scale spans the whole contracted
+    axis even where a shard holds part of it (moe.down's width, o_proj's heads), so the block is
+    read over the full contracted axes, quantized, and cut back to `src`."""
+    canon = spec.canonical_shape
+    full = tuple(slice(0, canon[ax]) if ax in spec.contracted else s for ax, s in enumerate(src))
+    base = name.removesuffix(SCALE) if spec.quant == "scale" else name
+    q, scale = quantize_int8(read(base, spec, layer, full), spec.contracted)
+    if spec.quant == "scale":
+        return scale
+    return q[tuple(s if ax in spec.contracted else slice(None) for ax, s in enumerate(src))]
 
 
 def place(specs: dict[str, WeightSpec], read: Reader, mesh, dtype: str) -> dict[str, jax.Array]:

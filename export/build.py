@@ -32,6 +32,7 @@ from dp_attention.calibration import CALIBRATION_PROMPTS, CALIBRATION_TOKENS, ca
 from dp_attention.kv_cache import KV_CACHE_CHOICES, KvQuant, cache_dtype, is_quantized
 from dp_attention.model import BATCH_SPECS, CACHE_SPEC, OUTPUT_SPECS, WIRE_SPECS, jit_wire_step
 from dp_attention.ragged import TPU_DEVICE_KINDS
+from dp_attention.weights import QUANTIZE, SCALE
 from runtime import engine as rt_engine
 from runtime import format as fmt
 from runtime.batching import pack, wire_shapes
@@ -80,6 +81,8 @@ class BuildConfig:
     tpu_generation: str | None = None  # v5e, v5p, v6e: the chip the kernels are lowered and tuned for, and whose
     # HBM the build checks the artifact fits (default v5e for tpu builds)
     expert_layout: str | None = None  # a name of dp_attention.weights.EXPERT_LAYOUTS; None/"auto": chosen per mesh
+    quantize: str = "none"  # "int8": weight-only int8 projections with per-output-channel scales
+    quantize_lm_head: bool = False  # with quantize: the embedding and lm_head too
 
     @property
     def attention_backend(self) -> str:
@@ -99,7 +102,15 @@ class BuildConfig:
         return "by-platform" if "tpu" in self.platforms else "tiles"
 
     def specs(self, model, shape: MeshShape) -> dict:
-        return weight_specs(model, shape, self.expert_layout)
+        return weight_specs(model, shape, self.expert_layout, self.quantize, self.quantize_lm_head)
+
+    def weight_quantization(self, model) -> fmt.WeightQuantizationEntry | None:
+        """The manifest's record of the quantization (None for unquantized builds)."""
+        if self.quantize == "none":
+            return None
+        names = tuple(n for n, s in self.specs(model, self.meshes[0]).items() if s.quant == self.quantize)
+        return fmt.WeightQuantizationEntry(dtype=self.quantize, granularity="per-output-channel", scale_suffix=SCALE,
+                                           weights=names, lm_head=self.quantize_lm_head)
 
     @property
     def device_kind(self) -> str | None:
@@ -187,12 +198,12 @@ def up_to_date(out: Path, digest: str) -> bool:
 
 # ------------------------------------------------------------------------------------ pieces
 
-def _weight_entries(tmp: Path | None, source: ModelSource, shape: MeshShape, written: set, report,
-                    executables_only: bool, expert_layout: str | None) -> dict[str, fmt.WeightEntry]:
+def _weight_entries(tmp: Path | None, source: ModelSource, specs: dict, written: set, report,
+                    executables_only: bool) -> dict[str, fmt.WeightEntry]:
     """Placed weights for one mesh, one file per layer of a stacked weight (a real expert stack is
     never held whole); identical tensors across meshes are stored once. Executables-only builds
-    record every weight's shape and sharding, with no files."""
-    specs = weight_specs(source.config, shape, expert_layout)
+    record every weight's shape and sharding, with no files. Quantized weights and their scales
+    are weights like the rest: their own files, dtypes and checksums."""
     files = {name: [] for name in specs}
     if not executables_only:
         for name, _, array in placed_numpy(specs, source.read, source.config.dtype):
@@ -203,7 +214,8 @@ def _weight_entries(tmp: Path | None, source: ModelSource, shape: MeshShape, wri
                 written.add(rel)
             files[name].append(rel)
             report.advance_weights()
-    return {name: fmt.WeightEntry(files=tuple(files[name]), shape=tuple(spec.shape), dtype=source.config.dtype,
+    return {name: fmt.WeightEntry(files=tuple(files[name]), shape=tuple(spec.shape),
+                                  dtype=spec.dtype or source.config.dtype,
                                   spec=fmt.spec_of(spec.spec), stacked=bool(spec.layers))
             for name, spec in specs.items()}
 
@@ -217,8 +229,8 @@ def _mesh_entry(tmp: Path | None, cfg: BuildConfig, source: ModelSource, shape: 
     ex = layout.experts
     return fmt.MeshEntry(
         name=str(shape), shape=(shape.dp, shape.tp), devices=shape.num_devices, compiled_here=here,
-        axes=("data", "tensor"), weights=_weight_entries(tmp, source, shape, written, report,
-                                                         cfg.executables_only or tmp is None, cfg.expert_layout),
+        axes=("data", "tensor"), weights=_weight_entries(tmp, source, cfg.specs(model, shape), written, report,
+                                                         cfg.executables_only or tmp is None),
         cache_spec=fmt.spec_of(CACHE_SPEC), cache_shape=tuple(kv.shape),
         batch_specs={k: fmt.spec_of(v) for k, v in BATCH_SPECS.items()},
         output_specs={k: fmt.spec_of(v) for k, v in OUTPUT_SPECS.items()},
@@ -228,11 +240,11 @@ def _mesh_entry(tmp: Path | None, cfg: BuildConfig, source: ModelSource, shape: 
 
 
 def _abstract_args(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShape, attention: str, carry_seqs: int,
-                   expert_layout: str | None, kv_dtype: str):
-    specs = weight_specs(cfg, shape, expert_layout)
+                   specs: dict, kv_dtype: str):
     dtype = jnp.dtype(cfg.dtype)
     ns = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
-    weights = {k: jax.ShapeDtypeStruct(s.shape, dtype, sharding=ns(s.spec)) for k, s in specs.items()}
+    weights = {k: jax.ShapeDtypeStruct(s.shape, jnp.dtype(s.dtype) if s.dtype else dtype, sharding=ns(s.spec))
+               for k, s in specs.items()}
     kv = cache_shape(cfg, Layout.for_mesh(cfg, shape), shape.dp, cache, jnp.dtype(kv_dtype), attention)
     kv = jax.ShapeDtypeStruct(kv.shape, kv.dtype, sharding=ns(CACHE_SPEC))
     shapes = {k: v.shape for k, v in batch_shapes(shape.dp, bucket, cache, carry_seqs).items()}
@@ -245,7 +257,7 @@ def export_one(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShape, b
     run under an abstract mesh that names the chip, so they need no TPU here."""
     attention = build.attention_backend
     specs, weights, kv, wire = _abstract_args(cfg, shape, mesh, bucket, cache, attention, build.carry_seqs,
-                                              build.expert_layout, build.kv_dtype(cfg.dtype))
+                                              build.specs(cfg, shape), build.kv_dtype(cfg.dtype))
     step = jit_wire_step(cfg, bucket, mesh, specs, cache, build.carry_seqs, num_logprobs=build.logprobs,
                          attention=attention, tpu_generation=build.tpu_generation, experts=build.expert_kernel,
                          kv_quant=build.kv_quant(cfg))
@@ -274,7 +286,7 @@ def _analysis(compiled) -> fmt.Cost:
 
 
 def _reference_step(source: ModelSource, shape: MeshShape, mesh, probes: list, cache: CacheShape, logprobs: int,
-                    weights, expert_layout: str | None, kv_quant: KvQuant | None):
+                    weights, specs: dict, kv_quant: KvQuant | None):
     """The oracle each executable's probe is checked against: the step jitted here rather than
     exported, MAX_LEN, with the all-experts MoE path, in one shape that holds every probe of the
     mesh. Its padding rows are discarded, so one shape is as good an oracle as an exact fit per
@@ -284,9 +296,8 @@ def _reference_step(source: ModelSource, shape: MeshShape, mesh, probes: list, c
     outputs as numpy."""
     T = max(1, max(sum(len(c.tokens) for c in g) for groups in probes for g in groups))
     S = max(1, max(len(g) for groups in probes for g in groups))
-    step = jit_step(source.config, Bucket(MAX_LEN, T, S, shape.dp * T), mesh,
-                    weight_specs(source.config, shape, expert_layout), dense_reference=True, num_logprobs=logprobs,
-                    kv_quant=kv_quant)
+    step = jit_step(source.config, Bucket(MAX_LEN, T, S, shape.dp * T), mesh, specs, dense_reference=True,
+                    num_logprobs=logprobs, kv_quant=kv_quant)
     model = source.config
     kv_dtype = jnp.dtype(kv_quant.dtype if kv_quant is not None else model.dtype)
     kv = cache_shape(model, Layout.for_mesh(model, shape), shape.dp, cache, kv_dtype)  # native layout
@@ -333,6 +344,11 @@ def build(cfg: BuildConfig, report: Reporter | None = None) -> Path:
         raise BuildError(f"--tpu-generation {cfg.tpu_generation!r}: expected one of {', '.join(TPU_DEVICE_KINDS)}")
     if cfg.logprobs < 1:
         raise BuildError(f"--logprobs must be at least 1, got {cfg.logprobs}")
+    if cfg.quantize not in QUANTIZE:
+        raise BuildError(f"--quantize {cfg.quantize!r}: expected one of {', '.join(QUANTIZE)}")
+    if cfg.quantize_lm_head and cfg.quantize == "none":
+        raise BuildError("--quantize-lm-head quantizes the embedding and lm_head like the projections: "
+                         "add --quantize int8")
     if cfg.kv_cache_dtype not in KV_CACHE_CHOICES:
         raise BuildError(f"--kv-cache-dtype {cfg.kv_cache_dtype!r}: expected one of {', '.join(KV_CACHE_CHOICES)}")
     if cfg.pages_per_group is not None and cfg.kv_cache_bytes is not None:
@@ -473,6 +489,7 @@ def _build_into(tmp: Path, cfg: BuildConfig, source: ModelSource, cache: CacheSh
                             token_ladder=tuple(cfg.token_ladder), max_seqs=cfg.max_seqs),
         weights_included=not cfg.executables_only, attention=cfg.attention_backend,
         tpu_device_kind=cfg.device_kind, logprobs=cfg.logprobs, tokenizer=None,
+        weight_quantization=cfg.weight_quantization(model),
         kv_cache=None if calibration is None else fmt.KvCacheEntry(
             dtype=cfg.kv_dtype(model.dtype), k_scale=tuple(cfg.kv_scales[0]), v_scale=tuple(cfg.kv_scales[1]),
             calibration=calibration))
@@ -594,7 +611,7 @@ def _build_mesh(tmp: Path, manifest: fmt.Manifest, mesh_entry: fmt.MeshEntry, sh
         # it must be done before the fast-load cache opens, which only the exports may fill.
         reference = None if cfg.executables_only else pool.submit(
             _reference_step, source, shape, mesh, [groups for groups, _ in probes.values()], cache, cfg.logprobs,
-            engine.abstract_args(buckets[0])[0], cfg.expert_layout, cfg.kv_quant(model))
+            engine.abstract_args(buckets[0])[0], cfg.specs(model, shape), cfg.kv_quant(model))
         pending, ready = list(buckets), []
         while pending and reference is not None and not reference.done():
             found[pending[0]] = _export(tmp, cfg, model, shape, mesh, pending[0], cache)

@@ -67,7 +67,8 @@ def _config(args, meshes) -> BuildConfig:
                        executables_only=args.executables_only, attention=args.attention,
                        tpu_generation=args.tpu_generation, kv_cache_dtype=args.kv_cache_dtype,
                        kv_cache_bytes=_gib(args.kv_cache_gib),
-                       expert_layout=None if args.expert_layout == "auto" else args.expert_layout, **_ladders(args))
+                       expert_layout=None if args.expert_layout == "auto" else args.expert_layout,
+                       quantize=args.quantize, quantize_lm_head=args.quantize_lm_head, **_ladders(args))
 
 
 def _gib(value: float | None) -> int | None:

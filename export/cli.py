@@ -69,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
                         "both) with their width over the rest, or every expert on every device with its width "
                         "over all (width); auto: the layout whose per-device matmuls fill 128-lane tiles, with "
                         "the fewest expert shards (default)")
+    b.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: weight-only int8 attention, expert and dense-MLP projections, one float32 scale "
+                        "per output channel computed from the checkpoint; about half the weight bytes of "
+                        "bfloat16 (default none)")
+    b.add_argument("--quantize-lm-head", action="store_true",
+                   help="with --quantize: the embedding and lm_head too (else they stay in --dtype)")
     b.add_argument("--executables-only", action="store_true",
                    help="exports from config.json alone (no weights, no probes): to check memory and cost")
     b.add_argument("--tf-savedmodel", action="store_true",

@@ -28,6 +28,7 @@ def describe(root: Path, m: fmt.Manifest | None = None) -> dict:
         "meshes": [_mesh_json(x) for x in m.meshes],
         "executables": [{k: e.to_json().get(k) for k in EXECUTABLE_KEYS} for e in m.executables],
         "weights_included": m.weights_included,
+        "weight_quantization": m.weight_quantization.to_json() if m.weight_quantization else None,
         "logprobs": m.logprobs,
         "tf_savedmodel": list(m.tf_savedmodel.signatures) if m.tf_savedmodel else None,
         "fastload": {p: {"jax_version": s.jax_version, "files": len(s.files)} for p, s in m.fastload.items()},
@@ -77,6 +78,9 @@ def _print(directory: str, m: fmt.Manifest) -> None:
           f"{_artifact_bytes(Path(directory), m) / 2**20:.1f} MiB; "
           f"fast-load: {', '.join(m.fastload) or 'none'}; top-{m.logprobs} logprobs"
           + ("" if m.weights_included else "; executables only (no weights: cannot serve)"))
+    if (q := m.weight_quantization) is not None:
+        print(f"weights: {q.dtype} {q.granularity} ({len(q.weights)} weights, embedding and lm_head "
+              f"{q.dtype if q.lm_head else m.dtype})")
     kv = m.kv_cache
     print(f"KV cache: {m.cache.num_pages} pages of {m.cache.page_size} tokens per group, {m.kv_dtype}"
           + ("" if kv is None else f", per-layer scales K {_scales(kv.k_scale)} V {_scales(kv.v_scale)} "

@@ -413,6 +413,21 @@ class HbmEntry(Record):
 
 
 @dataclasses.dataclass(**RECORD)
+class WeightQuantizationEntry(Record):
+    """How the weights were quantized at build (`--quantize`). Each quantized weight `w` is stored as
+    `dtype` values and its scales as the weight `w<scale_suffix>` (float32, size 1 on the axes the
+    matmul contracts: one scale per output channel, the embedding's per row). Values are
+    round-half-to-even(w / scale) clipped to +-127, scale = absmax over the contracted axes / 127.
+    Artifacts without this field hold their weights unquantized."""
+
+    dtype: str = field(STR)  # "int8"
+    granularity: str = field(STR)  # "per-output-channel"
+    scale_suffix: str = field(STR)
+    weights: tuple[str, ...] = field(list_of(STR))  # the quantized weights' names
+    lm_head: bool = field(BOOL)  # embedding and lm_head quantized too
+
+
+@dataclasses.dataclass(**RECORD)
 class MeshEntry(Record):
     """A device mesh the artifact was built for: its weights and every array's sharding."""
 
@@ -603,6 +618,8 @@ class Manifest(Record):
     # artifact's context instead. Absent when the checkpoint gave none (and in older artifacts).
     tokenizer_model_max_length: int | None = field(INT, omit_none=True, default=None)
     tf_savedmodel: SavedModelEntry | None = field(record(SavedModelEntry), omit_none=True, default=None)
+    weight_quantization: WeightQuantizationEntry | None = field(record(WeightQuantizationEntry), omit_none=True,
+                                                                default=None)
     kv_cache: KvCacheEntry | None = field(record(KvCacheEntry), omit_none=True, default=None)
 
     @property

@@ -23,9 +23,11 @@ def round_up(n, m):
 
 class StepDriver:
     def __init__(self, model, mesh_shape, dtype="float32", cache=CACHE, dense_reference=False, expert_layout=None,
-                 **step_options):
+                 quantize="none", quantize_lm_head=False, wrap_reader=None, **step_options):
         """step_options: the step's other StepOptions (e.g. attention="fa" with a reference fa_kernel);
-        expert_layout: a name of dp_attention.weights.EXPERT_LAYOUTS (default: the chosen one)."""
+        expert_layout: a name of dp_attention.weights.EXPERT_LAYOUTS (default: the chosen one);
+        quantize / quantize_lm_head: as `export build --quantize`; wrap_reader: reader -> reader, to
+        run the step on altered weights (e.g. a plain fake-quantized reference)."""
         if model in PRESETS:
             self.cfg = PRESETS[model]
             read = random_reader(self.cfg, seed=0)
@@ -35,9 +37,11 @@ class StepDriver:
             read = ckpt.read
         self.shape, self.cache_shape, self.dtype = mesh_shape, cache, dtype
         self.mesh = make_mesh(mesh_shape)
-        self.specs = weight_specs(self.cfg, mesh_shape, expert_layout)
+        self.specs = weight_specs(self.cfg, mesh_shape, expert_layout, quantize, quantize_lm_head)
         if model not in PRESETS:
             ckpt.check(self.specs)
+        if wrap_reader is not None:
+            read = wrap_reader(read)
         self.weights = place(self.specs, read, self.mesh, dtype)
         self.dense_reference = dense_reference
         self.step_options = step_options

@@ -68,3 +68,12 @@ def test_a_draw_depends_on_seed_and_position_only():
     assert alone == [int(a[5]), int(a[17]), int(a[40])]  # its batch-mates change nothing
     other = draw(n=64, seeds=np.arange(64), position=8)["tokens"]
     assert (a != other).any()
+
+
+def test_one_seed_over_many_positions_follows_the_softmax():
+    """A sequence's draws at consecutive positions are as independent as draws of different seeds."""
+    n = 6000
+    out = _sample(jnp.asarray(np.tile(LOGITS, (n, 1))), jnp.ones(n, jnp.float32), jnp.zeros(n, jnp.int32),
+                  jnp.ones(n, jnp.float32), jnp.full(n, 12345, jnp.int32), jnp.arange(n, dtype=jnp.int32))
+    freq = np.bincount(np.asarray(out["tokens"]), minlength=len(LOGITS)) / n
+    np.testing.assert_allclose(freq, np.exp(log_softmax(LOGITS)), atol=0.025)
