@@ -34,7 +34,7 @@ class PaddingOnly:
 
     def __init__(self, buckets):
         cfg = BuildConfig()
-        self.dp, self.page_size, self.num_pages = DP, cfg.page_size, cfg.pages_per_group
+        self.dp, self.page_size, self.num_pages = DP, cfg.page_size, cfg.cache().num_pages
         self.pages_per_seq, self.vocab_size = cfg.cache().pages_per_seq, 500
         self.buckets = buckets
 

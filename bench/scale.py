@@ -338,6 +338,48 @@ def quantized_main(measure_temp: bool) -> dict:
     return {"rows": rows, "checks": checks, "temp": temp}
 
 
+KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3", "fp8_e5m2")
+KV_CASES = (("qwen3-30b-a3b", "2x4"), ("qwen3-30b-a3b", "4x2"), ("qwen3-235b-a22b", "4x8"))
+
+
+def kv_bytes_per_token(config: str, mesh: str, dtype: str = "bfloat16", attention: str = "fa") -> dict[str, int]:
+    """Per --kv-cache-dtype ("auto": `dtype`), the KV cache bytes one token takes on one device:
+    every layer's K and V of the kv heads that device holds (head_dim padded to 128 lanes for fa)."""
+    from dp_attention import parse_mesh
+    from export.build import BuildConfig
+    from export.source import open_model
+
+    model = open_model(str(CONFIGS / config), dtype, weights=False).config
+    shape = parse_mesh(mesh)
+    out = {}
+    for kv in KV_CACHE_DTYPES:
+        cfg = BuildConfig(meshes=(shape,), platforms=("tpu",), attention=attention, kv_cache_dtype=kv, page_size=16)
+        out[kv] = cfg.page_bytes(model, shape) // cfg.page_size
+    return out
+
+
+def kv_heads_per_device(config: str, mesh: str) -> int:
+    """The fa kernel reads an 8-bit cache two kv heads at a time: it needs an even number here."""
+    from dp_attention import Layout, parse_mesh
+    from export.source import open_model
+
+    shape = parse_mesh(mesh)
+    model = open_model(str(CONFIGS / config), "bfloat16", weights=False).config
+    return Layout.for_mesh(model, shape).kv_heads // shape.tp
+
+
+def kv_main() -> dict:
+    rows = []
+    for config, mesh in KV_CASES:
+        per, heads = kv_bytes_per_token(config, mesh), kv_heads_per_device(config, mesh)
+        rows.append({"config": config, "mesh": mesh, "dtype": "bfloat16", "kv_bytes_per_token": per,
+                     "kv_heads_per_device": heads, "fa_reads_8bit": heads % 2 == 0})
+        print(f"{config:16s} {mesh}  KV bytes per token per device: "
+              + ", ".join(f"{k} {v} ({v / per['auto']:.2f}x)" for k, v in per.items())
+              + f"; {heads} kv heads per device: fa {'reads' if heads % 2 == 0 else 'cannot read'} an 8-bit cache")
+    return {"rows": rows}
+
+
 def layouts_main() -> dict:
     rows = []
     for config, mesh in LAYOUT_CASES:
@@ -378,9 +420,13 @@ def main(argv=None) -> int:
     p.add_argument("--layouts", action="store_true", help="only the expert-layout table (no compiling)")
     p.add_argument("--quantized", action="store_true", help="only the int8 weight-bytes and HBM table")
     p.add_argument("--measure-temp", action="store_true", help="with --quantized: compile 4 layers of 30B both ways")
+    p.add_argument("--kv", action="store_true", help="only KV bytes per token per device for each --kv-cache-dtype")
     args = p.parse_args(argv)
     if args.quantized:
         write_result("scale_quantized", quantized_main(args.measure_temp))
+        return 0
+    if args.kv:
+        write_result("scale_kv", kv_main())
         return 0
     if args.layouts:
         write_result("scale_layouts", layouts_main())

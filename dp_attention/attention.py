@@ -56,8 +56,12 @@ def pad_head_dim(x: jax.Array, size: int) -> jax.Array:
     return x if x.shape[-1] == size else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
 
 
-def write_kv(kv: jax.Array, layer, batch: PagedBatch, k_new: jax.Array, v_new: jax.Array) -> jax.Array:
-    """Scatter this step's K/V of one layer into the stacked cache (in place when kv is donated)."""
+def write_kv(kv: jax.Array, layer, batch: PagedBatch, k_new: jax.Array, v_new: jax.Array, quant=None) -> jax.Array:
+    """Scatter this step's K/V of one layer into the stacked cache (in place when kv is donated);
+    `quant` (a kv_cache.KvQuant) quantizes them on the way in, with this layer's scales."""
+    if quant is not None:
+        k_scale, v_scale = quant.scales(layer)
+        k_new, v_new = quant.quantize(k_new, k_scale), quant.quantize(v_new, v_scale)
     page_size = kv.shape[2]
     pages_per_seq = batch.page_table.shape[1]
     page_no = jnp.clip(batch.positions // page_size, 0, pages_per_seq - 1)
@@ -109,9 +113,15 @@ def query_tiles(batch: PagedBatch, tokens: int, rows_per_tile: int) -> QueryTile
     return QueryTiles(jnp.clip(rows, 0, tokens - 1), real, seq)
 
 
+def _numbers(x):
+    """An 8-bit cache's values as float32 (a float cache is read as it is)."""
+    return x if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize > 1 else x.astype(jnp.float32)
+
+
 def _attend_tiles(q, pos, pages, kv, layer, block: int, hd: int):
     """One chunk of tiles: q [N, kv, g*R, hd] (a kv head's queries, (g, r) major, pre-scaled),
-    pos [N, R] (-1: no query), pages [N, blocks * block] -> [N, kv, g*R, hd].
+    pos [N, R] (-1: no query), pages [N, blocks * block] -> [N, kv, g*R, hd]. An 8-bit cache is read
+    as float32 numbers: its K scale is already in q, its V scale is the caller's to apply.
 
     Walks the context a block of pages at a time with an online softmax, as far as the chunk's
     furthest query. Each kv head's keys and values are gathered straight into [N, width, hd], the
@@ -131,8 +141,8 @@ def _attend_tiles(q, pos, pages, kv, layer, block: int, hd: int):
         seen = jnp.tile(seen, (1, gr // R, 1))  # rows (g, r)
         out = []
         for h in range(nkv):
-            keys = kv[layer, blk, :, 2 * h, :hd].reshape(N, width, hd)
-            values = kv[layer, blk, :, 2 * h + 1, :hd].reshape(N, width, hd)
+            keys = _numbers(kv[layer, blk, :, 2 * h, :hd].reshape(N, width, hd))
+            values = _numbers(kv[layer, blk, :, 2 * h + 1, :hd].reshape(N, width, hd))
             s = jnp.einsum("nqd,ncd->nqc", q[:, h], keys, preferred_element_type=jnp.float32)
             s = jnp.where(seen, s, -jnp.inf)
             m_new = jnp.maximum(m[:, h], s.max(axis=-1))
@@ -156,13 +166,16 @@ class NativeAttentionBackend:
 
     TILE_ROWS_PER_CHUNK = 32
 
-    def __init__(self, block_tokens: int = BLOCK_TOKENS, q_tile: int | None = None):
+    def __init__(self, block_tokens: int = BLOCK_TOKENS, q_tile: int | None = None, quant=None):
+        """quant: a kv_cache.KvQuant for an 8-bit cache, None for a cache in the build dtype."""
         self.block_tokens = block_tokens
         self.q_tile = q_tile
+        self.quant = quant
 
     def attend(self, q, k_new, v_new, kv, layer, batch: PagedBatch):
         """q [T, nq, hd], k_new/v_new [T, nkv, hd] -> (out [T, nq, hd], kv with this layer written)."""
-        kv = write_kv(kv, layer, batch, k_new, v_new)
+        kv = write_kv(kv, layer, batch, k_new, v_new, self.quant)
+        k_scale, v_scale = self.quant.scales(layer) if self.quant is not None else (None, None)
         page_size, two_kv = kv.shape[2], kv.shape[3]
         nkv = two_kv // 2
         T, nq, hd = q.shape
@@ -186,12 +199,15 @@ class NativeAttentionBackend:
         pages = jnp.pad(batch.page_table, ((0, 0), (0, blocks * block - pages_per_seq)))
         pages = pages[seq]  # [chunks * per_chunk, blocks * block]
         qs = q.reshape(T, nkv, g, hd).astype(jnp.float32) * (hd ** -0.5)
+        if self.quant is not None:  # K's scale rides on the queries, V's on the output (kv_cache.py)
+            qs = qs * k_scale
 
         def chunk(c, out):
             take = lambda a: lax.dynamic_slice_in_dim(a, c * per_chunk, per_chunk, axis=0)  # noqa: E731
             r = take(rows)
             qt = qs[r].transpose(0, 2, 3, 1, 4).reshape(per_chunk, nkv, g * R, hd)
             o = _attend_tiles(qt, take(pos), take(pages), kv, layer, block, hd)
+            o = o if self.quant is None else o * v_scale
             o = o.reshape(per_chunk, nkv, g, R, hd).transpose(0, 3, 1, 2, 4).reshape(per_chunk * R, nq, hd)
             dest = jnp.where(take(real), r, T).reshape(-1)  # empty slots go nowhere
             return out.at[dest].set(o.astype(out.dtype), mode="drop")

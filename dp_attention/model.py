@@ -40,6 +40,7 @@ from runtime.contract import SAMPLED, WIRE_APART, Bucket, advance_ints, wire_lay
 from .attention import NativeAttentionBackend, PagedBatch
 from .ragged import LANES, FlashAttentionBackend, block_sizes, tpu_kernel
 from .config import ModelConfig
+from .kv_cache import KvQuant
 from .dp_attention import DpAttentionBackend, DpAttentionMetadata
 from .sampling import SAMPLING_INPUTS, sample
 from .weights import SCALE, Layout
@@ -597,6 +598,7 @@ class StepOptions:
     tpu_generation: str | None = None
     fa_kernel: object = None
     experts: str = "by-platform"  # the expert kernel, one of EXPERT_KERNELS (see routed_experts)
+    kv_quant: KvQuant | None = None  # an 8-bit KV cache and its scales; None: the cache is in the build dtype
 
     def __post_init__(self):
         if self.attention not in ATTENTION_BACKENDS:
@@ -606,13 +608,18 @@ class StepOptions:
 
     def base_backend(self, q_heads: int, dtype, kv, batch: PagedBatch, last_index):
         """The attention the DP wrapper wraps, for this device's shapes."""
+        want = jnp.dtype(self.kv_quant.dtype) if self.kv_quant is not None else None
+        if (want is not None and kv.dtype != want) or (want is None and kv.dtype.itemsize == 1):
+            raise ValueError(f"KV cache of dtype {kv.dtype} but the step was built for "
+                             f"{want or 'a cache in the build dtype'}: pass kv_quant for an 8-bit cache, and a "
+                             f"cache of its dtype")
         if self.attention == "native":
-            return NativeAttentionBackend()
+            return NativeAttentionBackend(quant=self.kv_quant)
         _, _, page_size, two_kv, hd = kv.shape
         tokens, pages_per_seq = batch.positions.shape[0], batch.page_table.shape[1]
         blocks = block_sizes(self.tpu_generation, dtype, kv.dtype, q_heads, two_kv // 2, hd, page_size, tokens,
                              pages_per_seq)
-        return FlashAttentionBackend(self.fa_kernel or tpu_kernel(), last_index, blocks)
+        return FlashAttentionBackend(self.fa_kernel or tpu_kernel(), last_index, blocks, self.kv_quant)
 
 
 def device_step(cfg: ModelConfig, bucket: Bucket, opts: StepOptions, shard: ExpertShard, flat_weights, kv, batch):

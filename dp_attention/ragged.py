@@ -55,12 +55,14 @@ def ragged_metadata(batch: PagedBatch, last_index: jax.Array) -> RaggedMetadata:
 
 
 def ragged_paged_attention_reference(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
-                                     sm_scale: float = 1.0, num_kv_pages_per_block: int | None = None,
+                                     sm_scale: float = 1.0, k_scale: float | None = None,
+                                     v_scale: float | None = None, num_kv_pages_per_block: int | None = None,
                                      num_queries_per_block: int | None = None):
     """The kernel's semantics in plain JAX (jittable; block sizes accepted and ignored).
 
     Each token attends causally to its sequence's first kv_len - (tokens after it in its chunk)
-    positions. Tokens past cu_q_lens[num_seqs] belong to no sequence: their output is zero.
+    positions. Tokens past cu_q_lens[num_seqs] belong to no sequence: their output is zero. With a
+    k_scale / v_scale, K / V are read as (float32 value * scale) in q's dtype, as the kernel does.
     """
     del num_kv_pages_per_block, num_queries_per_block
     T, nq, hd = q.shape
@@ -74,6 +76,10 @@ def ragged_paged_attention_reference(q, kv_pages, kv_lens, page_indices, cu_q_le
     ctx = pages.shape[1] * page_size
     kv = kv_pages[pages].reshape(T, ctx, nkv, 2, hd)
     keys, values = kv[..., 0, :], kv[..., 1, :]
+    if k_scale is not None:
+        keys = (keys.astype(jnp.float32) * k_scale).astype(q.dtype)
+    if v_scale is not None:
+        values = (values.astype(jnp.float32) * v_scale).astype(q.dtype)
     qg = q.reshape(T, nkv, nq // nkv, hd)
     s = jnp.einsum("tkgd,tckd->tkgc", qg, keys, preferred_element_type=jnp.float32) * sm_scale
     seen = jnp.arange(ctx)[None, :] <= position[:, None]
@@ -98,21 +104,30 @@ def block_sizes(generation: str | None, q_dtype, kv_dtype, q_heads: int, kv_head
 
 class FlashAttentionBackend:
     """Ragged paged attention over the stacked cache; `kernel` is the Pallas kernel on TPU, or the
-    reference for tests."""
+    reference for tests. `quant` (a kv_cache.KvQuant): an 8-bit cache, whose per-layer scales are
+    applied outside the kernel (to q and to the output, see kv_cache.py); the kernel gets scales of
+    1.0, which make it convert the 8-bit values to q's dtype (exact: bfloat16 holds every int8 and
+    fp8 value)."""
 
-    def __init__(self, kernel, last_index: jax.Array, blocks: tuple[int, int]):
-        self.kernel, self.last_index, self.blocks = kernel, last_index, blocks
+    def __init__(self, kernel, last_index: jax.Array, blocks: tuple[int, int], quant=None):
+        self.kernel, self.last_index, self.blocks, self.quant = kernel, last_index, blocks, quant
 
     def attend(self, q, k_new, v_new, kv, layer, batch: PagedBatch):
-        kv = write_kv(kv, layer, batch, k_new, v_new)
+        kv = write_kv(kv, layer, batch, k_new, v_new, self.quant)
         L, P, page_size, two_kv, cache_hd = kv.shape
         hd = q.shape[-1]
         meta = ragged_metadata(batch, self.last_index)
-        out = self.kernel(pad_head_dim(q, cache_hd).astype(kv.dtype), kv.reshape(L * P, page_size, two_kv, cache_hd),
+        if self.quant is None:
+            q_in, scales = q.astype(kv.dtype), {}
+        else:
+            k_scale, v_scale = self.quant.scales(layer)
+            q_in, scales = (q.astype(jnp.float32) * k_scale).astype(q.dtype), {"k_scale": 1.0, "v_scale": 1.0}
+        out = self.kernel(pad_head_dim(q_in, cache_hd), kv.reshape(L * P, page_size, two_kv, cache_hd),
                           meta.kv_lens, meta.page_indices + layer * P, meta.cu_q_lens, meta.num_seqs,
                           sm_scale=hd ** -0.5, num_kv_pages_per_block=self.blocks[0],
-                          num_queries_per_block=self.blocks[1])
-        return jnp.where(batch.valid[:, None, None], out[..., :hd], 0).astype(q.dtype), kv
+                          num_queries_per_block=self.blocks[1], **scales)
+        out = out[..., :hd] if self.quant is None else out[..., :hd].astype(jnp.float32) * v_scale
+        return jnp.where(batch.valid[:, None, None], out, 0).astype(q.dtype), kv
 
 
 def tpu_kernel():

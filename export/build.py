@@ -28,6 +28,8 @@ from safetensors.numpy import save_file
 
 from dp_attention import (DEFAULT_LOGPROBS, CacheShape, Layout, MeshShape, abstract_mesh, batch_shapes, cache_shape,
                           init_cache, jit_step, make_mesh, placed_numpy, weight_specs)
+from dp_attention.calibration import CALIBRATION_PROMPTS, CALIBRATION_TOKENS, calibrate
+from dp_attention.kv_cache import KV_CACHE_CHOICES, KvQuant, cache_dtype, is_quantized
 from dp_attention.model import BATCH_SPECS, CACHE_SPEC, OUTPUT_SPECS, WIRE_SPECS, jit_wire_step
 from dp_attention.ragged import TPU_DEVICE_KINDS
 from dp_attention.weights import QUANTIZE, SCALE
@@ -46,6 +48,7 @@ from .source import ModelSource, open_model
 from .tf_savedmodel import mesh_error as savedmodel_mesh_error, write_savedmodel
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PAGES_PER_GROUP = 160  # the KV cache's default size, in pages of the build dtype
 COLLECTIVE = re.compile(r"= \S+ (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
 
 
@@ -64,7 +67,11 @@ class BuildConfig:
     max_seqs: int = 64
     page_size: int = 8
     max_context: int = 256
-    pages_per_group: int = 160  # including the reserved page 0
+    pages_per_group: int | None = None  # including the reserved page 0; None: from kv_cache_bytes, else the default
+    kv_cache_dtype: str = "auto"  # auto (the build dtype), int8, fp8_e4m3, fp8_e5m2 (dp_attention.kv_cache)
+    kv_cache_bytes: int | None = None  # KV cache bytes per device: pages per group are what fits on every mesh
+    # Static per-layer KV scales ((K per layer), (V per layer)) for an 8-bit cache; None: calibrated at build.
+    kv_scales: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     jobs: int = 2
     fast_load: bool = True
     tf_savedmodel: bool = False  # also write a TF SavedModel for TensorFlow Serving (1x1 builds only)
@@ -115,8 +122,44 @@ class BuildConfig:
         """Width of the sampled-token carry, shared by every executable: the widest bucket's seqs."""
         return min(max(self.token_ladder), self.max_seqs)
 
-    def cache(self) -> CacheShape:
-        return CacheShape(self.pages_per_group, self.page_size, -(-self.max_context // self.page_size))
+    def kv_dtype(self, build_dtype: str) -> str:
+        """The KV cache's dtype name for a model built in `build_dtype`."""
+        return cache_dtype(self.kv_cache_dtype, build_dtype)
+
+    def num_pages(self, model=None) -> int:
+        """Pages per group. Explicit --pages-per-group wins; else a byte budget: kv_cache_bytes per
+        device (the pages that fit on every mesh), or by default the bytes DEFAULT_PAGES_PER_GROUP
+        pages take in the build dtype, so an 8-bit cache of a bfloat16 model gets twice the pages
+        (four times a float32 model's). `model` (a ModelConfig) is needed unless the count is
+        explicit or the cache is in the build dtype."""
+        if self.pages_per_group is not None:
+            return self.pages_per_group
+        if self.kv_cache_bytes is None and self.kv_cache_dtype == "auto":
+            return DEFAULT_PAGES_PER_GROUP
+        kv = self.kv_dtype(model.dtype)
+        if self.kv_cache_bytes is None:
+            return DEFAULT_PAGES_PER_GROUP * jnp.dtype(model.dtype).itemsize // jnp.dtype(kv).itemsize
+        return min(self.kv_cache_bytes // self.page_bytes(model, s) for s in self.meshes)
+
+    def page_bytes(self, model, shape: MeshShape) -> int:
+        """Bytes of one KV page of one group on one device of `shape` (every layer, K and V)."""
+        full = cache_shape(model, Layout.for_mesh(model, shape, self.expert_layout), shape.dp,
+                           CacheShape(1, self.page_size, 1), jnp.dtype(self.kv_dtype(model.dtype)),
+                           self.attention_backend).shape
+        _, layers, _, page, heads, hd = full
+        return layers * page * (heads // shape.tp) * hd * jnp.dtype(self.kv_dtype(model.dtype)).itemsize
+
+    def cache(self, model=None) -> CacheShape:
+        return CacheShape(self.num_pages(model), self.page_size, -(-self.max_context // self.page_size))
+
+    def kv_quant(self, model) -> KvQuant | None:
+        """The 8-bit cache's dtype and scales (None: the cache is in the build dtype); needs kv_scales."""
+        dtype = self.kv_dtype(model.dtype)
+        if not is_quantized(dtype):
+            return None
+        if self.kv_scales is None:
+            raise BuildError("an 8-bit KV cache needs its scales: calibrate them first")
+        return KvQuant(dtype, tuple(self.kv_scales[0]), tuple(self.kv_scales[1]))
 
 
 def default_out(model_name: str) -> Path:
@@ -197,12 +240,12 @@ def _mesh_entry(tmp: Path | None, cfg: BuildConfig, source: ModelSource, shape: 
 
 
 def _abstract_args(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShape, attention: str, carry_seqs: int,
-                   specs: dict):
+                   specs: dict, kv_dtype: str):
     dtype = jnp.dtype(cfg.dtype)
     ns = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
     weights = {k: jax.ShapeDtypeStruct(s.shape, jnp.dtype(s.dtype) if s.dtype else dtype, sharding=ns(s.spec))
                for k, s in specs.items()}
-    kv = cache_shape(cfg, Layout.for_mesh(cfg, shape), shape.dp, cache, dtype, attention)
+    kv = cache_shape(cfg, Layout.for_mesh(cfg, shape), shape.dp, cache, jnp.dtype(kv_dtype), attention)
     kv = jax.ShapeDtypeStruct(kv.shape, kv.dtype, sharding=ns(CACHE_SPEC))
     shapes = {k: v.shape for k, v in batch_shapes(shape.dp, bucket, cache, carry_seqs).items()}
     wire = {k: jax.ShapeDtypeStruct(s, jnp.dtype(d), sharding=ns(WIRE_SPECS[k])) for k, (s, d) in wire_shapes(shapes).items()}
@@ -214,9 +257,10 @@ def export_one(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShape, b
     run under an abstract mesh that names the chip, so they need no TPU here."""
     attention = build.attention_backend
     specs, weights, kv, wire = _abstract_args(cfg, shape, mesh, bucket, cache, attention, build.carry_seqs,
-                                              build.specs(cfg, shape))
+                                              build.specs(cfg, shape), build.kv_dtype(cfg.dtype))
     step = jit_wire_step(cfg, bucket, mesh, specs, cache, build.carry_seqs, num_logprobs=build.logprobs,
-                         attention=attention, tpu_generation=build.tpu_generation, experts=build.expert_kernel)
+                         attention=attention, tpu_generation=build.tpu_generation, experts=build.expert_kernel,
+                         kv_quant=build.kv_quant(cfg))
     context = jax.sharding.use_abstract_mesh(mesh) if isinstance(mesh, AbstractMesh) else contextlib.nullcontext()
     with context:
         return bytes(jax.export.export(step, platforms=build.platforms)(weights, kv, wire).serialize())
@@ -242,7 +286,7 @@ def _analysis(compiled) -> fmt.Cost:
 
 
 def _reference_step(source: ModelSource, shape: MeshShape, mesh, probes: list, cache: CacheShape, logprobs: int,
-                    weights, specs: dict):
+                    weights, specs: dict, kv_quant: KvQuant | None):
     """The oracle each executable's probe is checked against: the step jitted here rather than
     exported, MAX_LEN, with the all-experts MoE path, in one shape that holds every probe of the
     mesh. Its padding rows are discarded, so one shape is as good an oracle as an exact fit per
@@ -253,16 +297,16 @@ def _reference_step(source: ModelSource, shape: MeshShape, mesh, probes: list, c
     T = max(1, max(sum(len(c.tokens) for c in g) for groups in probes for g in groups))
     S = max(1, max(len(g) for groups in probes for g in groups))
     step = jit_step(source.config, Bucket(MAX_LEN, T, S, shape.dp * T), mesh, specs, dense_reference=True,
-                    num_logprobs=logprobs)
+                    num_logprobs=logprobs, kv_quant=kv_quant)
     model = source.config
-    kv = cache_shape(model, Layout.for_mesh(model, shape), shape.dp, cache, jnp.dtype(model.dtype))  # native layout
+    kv_dtype = jnp.dtype(kv_quant.dtype if kv_quant is not None else model.dtype)
+    kv = cache_shape(model, Layout.for_mesh(model, shape), shape.dp, cache, kv_dtype)  # native layout
     kv = jax.ShapeDtypeStruct(kv.shape, kv.dtype, sharding=NamedSharding(mesh, CACHE_SPEC))
     compiled = step.lower(weights, kv, pack(probes[0], T, S, cache.pages_per_seq)).compile(
         compiler_options={"xla_backend_optimization_level": 0})
 
     def run(weights, groups) -> dict:
-        kv = init_cache(source.config, Layout.for_mesh(source.config, shape), mesh, cache,
-                        jnp.dtype(source.config.dtype))
+        kv = init_cache(source.config, Layout.for_mesh(source.config, shape), mesh, cache, kv_dtype)
         out, _ = compiled(weights, kv, pack(groups, T, S, cache.pages_per_seq))
         return {k: np.asarray(v) for k, v in out.items()}
 
@@ -275,7 +319,8 @@ def _probe(tmp: Path, engine, bucket: Bucket, probe, source: ModelSource, refere
     got = engine.run(bucket, batch)
     ref = reference(engine.weights, groups)
     num_seqs = np.array([len(chunks) for chunks in groups], np.int32)
-    worst, why = compare_outputs(got, ref, num_seqs, batch["temperature"] == 0, tolerance(source.config.dtype))
+    worst, why = compare_outputs(got, ref, num_seqs, batch["temperature"] == 0,
+                                 tolerance(source.config.dtype, engine.manifest.kv_dtype))
     if why:
         raise BuildError(f"executable {engine.entries[bucket].file} disagrees with the reference step on its probe: "
                          f"{why}")
@@ -304,15 +349,27 @@ def build(cfg: BuildConfig, report: Reporter | None = None) -> Path:
     if cfg.quantize_lm_head and cfg.quantize == "none":
         raise BuildError("--quantize-lm-head quantizes the embedding and lm_head like the projections: "
                          "add --quantize int8")
+    if cfg.kv_cache_dtype not in KV_CACHE_CHOICES:
+        raise BuildError(f"--kv-cache-dtype {cfg.kv_cache_dtype!r}: expected one of {', '.join(KV_CACHE_CHOICES)}")
+    if cfg.pages_per_group is not None and cfg.kv_cache_bytes is not None:
+        raise BuildError("--pages-per-group and --kv-cache-gib both size the KV cache: give one")
     source = open_model(cfg.model, cfg.dtype, weights=not cfg.executables_only)
     model = source.config
     out = Path(cfg.out) if cfg.out else default_out(model.name)
-    cache = cfg.cache()
+    _check_kv_heads(cfg, model)
+    cache = cfg.cache(model)
+    if cache.num_pages - 1 < cache.pages_per_seq:
+        raise BuildError(f"the KV cache holds {cache.num_pages} pages per group (page 0 reserved), fewer than one "
+                         f"sequence of --max-context {cfg.max_context} needs ({cache.pages_per_seq} pages of "
+                         f"{cfg.page_size} tokens): give it more bytes or pages, or lower --max-context")
     plans = {str(s): plan(s.dp, cfg.token_ladder, cfg.max_seqs, cfg.modes, cfg.sum_ladder) for s in cfg.meshes}
     for s in cfg.meshes:
         Layout.for_mesh(model, s, cfg.expert_layout)  # fail early on heads that don't fit the mesh, a bad layout
     if cfg.tf_savedmodel and (reason := savedmodel_mesh_error(cfg.meshes)):
         raise BuildError(reason)
+    if cfg.tf_savedmodel and cfg.kv_cache_dtype != "auto":
+        raise BuildError(f"--tf-savedmodel serves a cache in the build dtype; it can't be combined with "
+                         f"--kv-cache-dtype {cfg.kv_cache_dtype}")
     if cfg.tf_savedmodel and cfg.executables_only:
         raise BuildError("--tf-savedmodel needs weights; it can't be combined with --executables-only")
     for b in (b for bs in plans.values() for b in bs):
@@ -334,16 +391,49 @@ def build(cfg: BuildConfig, report: Reporter | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
+    cfg, calibration = _with_kv_scales(cfg, source)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     tmp.mkdir()
     try:
-        manifest = _build_into(tmp, cfg, source, cache, plans, digest, report, hbm)
+        manifest = _build_into(tmp, cfg, source, cache, plans, digest, report, hbm, calibration)
         _finish(tmp, out, manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     report.summary(out, manifest)
     return out
+
+
+def _check_kv_heads(cfg: BuildConfig, model) -> None:
+    """The Pallas kernel reads an 8-bit cache four combined K/V heads (two kv heads) at a time: a
+    mesh that leaves one kv head per device cannot export it."""
+    if cfg.attention_backend != "fa" or not is_quantized(cfg.kv_dtype(model.dtype)):
+        return
+    for s in cfg.meshes:
+        local = Layout.for_mesh(model, s, cfg.expert_layout).kv_heads // s.tp
+        if local % 2:
+            raise BuildError(f"--kv-cache-dtype {cfg.kv_cache_dtype} with --attention fa needs an even number of kv "
+                             f"heads per device; mesh {s} leaves {local} ({model.num_kv_heads} kv heads over tp "
+                             f"{s.tp}): use a mesh with tp <= {max(1, model.num_kv_heads // 2)}, --attention native, "
+                             "or --kv-cache-dtype auto")
+
+
+def _with_kv_scales(cfg: BuildConfig, source: ModelSource) -> tuple[BuildConfig, str | None]:
+    """cfg with the static scales an 8-bit cache needs (calibrated unless given), and a note on where
+    they came from (None for a cache in the build dtype)."""
+    model = source.config
+    dtype = cfg.kv_dtype(model.dtype)
+    if not is_quantized(dtype):
+        return cfg, None
+    if cfg.kv_scales is not None:
+        return cfg, "given"
+    if cfg.executables_only:  # no weights to calibrate with, and an executables-only artifact never serves
+        ones = (1.0,) * model.num_layers
+        return dataclasses.replace(cfg, kv_scales=(ones, ones)), "none: --executables-only (no weights), scales 1"
+    q = calibrate(model, source.read, model.dtype, dtype)
+    return (dataclasses.replace(cfg, kv_scales=(q.k_scale, q.v_scale)),
+            f"per-layer absmax of K and V over {CALIBRATION_PROMPTS} random prompts of {CALIBRATION_TOKENS} tokens "
+            "through the unquantized step")
 
 
 def _memory_check(cfg: BuildConfig, source: ModelSource, cache: CacheShape, plans) -> dict[str, fmt.HbmEntry]:
@@ -356,7 +446,8 @@ def _memory_check(cfg: BuildConfig, source: ModelSource, cache: CacheShape, plan
     for shape in cfg.meshes:
         entry = _mesh_entry(None, cfg, source, shape, False, cache, set(), None)
         temp = max(hbm.estimate_temp_bytes(source.config, entry, b, source.config.dtype) for b in plans[str(shape)])
-        out[str(shape)] = hbm.fit(cfg.hbm_generation, entry, source.config.dtype, temp, False, cache.num_pages)
+        out[str(shape)] = hbm.fit(cfg.hbm_generation, entry, cfg.kv_dtype(source.config.dtype), temp, False,
+                                  cache.num_pages)
     return out
 
 
@@ -373,7 +464,7 @@ def _measured_memory(cfg: BuildConfig, meshes, executables, estimated: dict, dty
 
 
 def _build_into(tmp: Path, cfg: BuildConfig, source: ModelSource, cache: CacheShape, plans, digest,
-                report, memory: dict) -> fmt.Manifest:
+                report, memory: dict, calibration: str | None) -> fmt.Manifest:
     model = source.config
     for sub in ("weights", "exec", "probes"):
         (tmp / sub).mkdir()
@@ -398,7 +489,10 @@ def _build_into(tmp: Path, cfg: BuildConfig, source: ModelSource, cache: CacheSh
                             token_ladder=tuple(cfg.token_ladder), max_seqs=cfg.max_seqs),
         weights_included=not cfg.executables_only, attention=cfg.attention_backend,
         tpu_device_kind=cfg.device_kind, logprobs=cfg.logprobs, tokenizer=None,
-        weight_quantization=cfg.weight_quantization(model))
+        weight_quantization=cfg.weight_quantization(model),
+        kv_cache=None if calibration is None else fmt.KvCacheEntry(
+            dtype=cfg.kv_dtype(model.dtype), k_scale=tuple(cfg.kv_scales[0]), v_scale=tuple(cfg.kv_scales[1]),
+            calibration=calibration))
     platform = local[0].platform
     fast_dir = tmp / "fastload" / platform
     found: dict[tuple[str, Bucket], dict] = {}  # per executable, the fields the build fills in
@@ -408,7 +502,7 @@ def _build_into(tmp: Path, cfg: BuildConfig, source: ModelSource, cache: CacheSh
     manifest = dataclasses.replace(manifest, executables=tuple(
         dataclasses.replace(e, **found[(e.mesh, e.bucket)]) for e in manifest.executables))
     manifest = dataclasses.replace(manifest, meshes=_measured_memory(cfg, manifest.meshes, manifest.executables, memory,
-                                                                    model.dtype, cache.num_pages))
+                                                                    manifest.kv_dtype, cache.num_pages))
     if cfg.fast_load and any(here.values()):
         files = tuple(sorted(f.relative_to(tmp).as_posix() for f in fast_dir.rglob("*") if f.is_file()))
         manifest = dataclasses.replace(manifest, fastload={platform: fmt.FastLoadEntry(
@@ -517,7 +611,7 @@ def _build_mesh(tmp: Path, manifest: fmt.Manifest, mesh_entry: fmt.MeshEntry, sh
         # it must be done before the fast-load cache opens, which only the exports may fill.
         reference = None if cfg.executables_only else pool.submit(
             _reference_step, source, shape, mesh, [groups for groups, _ in probes.values()], cache, cfg.logprobs,
-            engine.abstract_args(buckets[0])[0], cfg.specs(model, shape))
+            engine.abstract_args(buckets[0])[0], cfg.specs(model, shape), cfg.kv_quant(model))
         pending, ready = list(buckets), []
         while pending and reference is not None and not reference.done():
             found[pending[0]] = _export(tmp, cfg, model, shape, mesh, pending[0], cache)

@@ -58,16 +58,25 @@ def _config(args, meshes) -> BuildConfig:
     if args.tf_savedmodel and savedmodel_mesh_error(shapes):
         raise UsageError(savedmodel_mesh_error(shapes))
     for name in ("max_context", "page_size", "pages_per_group", "jobs", "logprobs"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     return BuildConfig(model=args.model, meshes=shapes, out=Path(args.out) if args.out else None,
                        platforms=platforms, dtype=args.dtype, modes=modes, page_size=args.page_size,
                        max_context=args.max_context, pages_per_group=args.pages_per_group, jobs=args.jobs,
                        fast_load=not args.no_fast_load, tf_savedmodel=args.tf_savedmodel, logprobs=args.logprobs,
                        executables_only=args.executables_only, attention=args.attention,
-                       tpu_generation=args.tpu_generation,
+                       tpu_generation=args.tpu_generation, kv_cache_dtype=args.kv_cache_dtype,
+                       kv_cache_bytes=_gib(args.kv_cache_gib),
                        expert_layout=None if args.expert_layout == "auto" else args.expert_layout,
                        quantize=args.quantize, quantize_lm_head=args.quantize_lm_head, **_ladders(args))
+
+
+def _gib(value: float | None) -> int | None:
+    if value is None:
+        return None
+    if not value > 0:
+        raise UsageError(f"--kv-cache-gib must be positive, got {value}")
+    return int(value * 2**30)
 
 
 def run_build(args, meshes) -> int:

@@ -44,8 +44,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--max-context", type=int, default=256,
                    help="longest sequence (prompt + generated tokens) the artifact serves (default 256)")
     b.add_argument("--page-size", type=int, default=8, help="tokens per KV cache page (default 8)")
-    b.add_argument("--pages-per-group", type=int, default=160,
-                   help="KV cache pages per DP group, page 0 reserved: the cache's size (default 160)")
+    kv = b.add_mutually_exclusive_group()
+    kv.add_argument("--pages-per-group", type=int, default=None,
+                    help="KV cache pages per DP group, page 0 reserved: the cache's size (default: the bytes of 160 "
+                         "pages in the build dtype, so an 8-bit cache gets more pages)")
+    kv.add_argument("--kv-cache-gib", type=float, default=None, metavar="GIB",
+                    help="KV cache memory per device: each group gets the pages that fit in it on every mesh")
+    b.add_argument("--kv-cache-dtype", choices=["auto", "int8", "fp8_e4m3", "fp8_e5m2"], default="auto",
+                   help="the KV cache's dtype: auto (the build dtype) or 8 bits with static per-layer K and V scales "
+                        "calibrated at build, twice the tokens of bfloat16 in the same bytes (default auto)")
     b.add_argument("--jobs", type=int, default=DEFAULT_JOBS,
                    help=f"executables compiled at once (default: CPUs up to 4, here {DEFAULT_JOBS})")
     b.add_argument("--no-fast-load", action="store_true", help="skip the fast-load compilation cache")

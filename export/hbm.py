@@ -30,7 +30,7 @@ def per_device_bytes(shape, spec, mesh_sizes: dict[str, int], itemsize: int) -> 
 
 
 def itemsize(dtype: str) -> int:
-    return {"float32": 4, "bfloat16": 2, "int8": 1}[dtype]
+    return {"float32": 4, "bfloat16": 2, "int8": 1, "float8_e4m3fn": 1, "float8_e5m2": 1}[dtype]
 
 
 def weight_bytes(mesh: fmt.MeshEntry) -> int:

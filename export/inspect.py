@@ -24,6 +24,7 @@ def describe(root: Path, m: fmt.Manifest | None = None) -> dict:
         "jax_version": m.jax_version,
         "jaxlib_version": m.jaxlib_version,
         "cache": m.cache.to_json(),
+        "kv_cache": m.kv_cache.to_json() if m.kv_cache else {"dtype": m.dtype},
         "meshes": [_mesh_json(x) for x in m.meshes],
         "executables": [{k: e.to_json().get(k) for k in EXECUTABLE_KEYS} for e in m.executables],
         "weights_included": m.weights_included,
@@ -65,6 +66,10 @@ def _cost_columns(cost: fmt.Cost | None) -> str:
             f"{_bytes(cost.output_bytes):>10s} {cost.flops / 1e9:9.2f}")
 
 
+def _scales(scales) -> str:
+    return f"{min(scales):.3g}..{max(scales):.3g}" if len(set(scales)) > 1 else f"{scales[0]:.3g}"
+
+
 def _print(directory: str, m: fmt.Manifest) -> None:
     model = m.model
     print(f"{directory}: {model.name} ({model.num_layers} layers, {model.num_experts} experts, "
@@ -76,6 +81,10 @@ def _print(directory: str, m: fmt.Manifest) -> None:
     if (q := m.weight_quantization) is not None:
         print(f"weights: {q.dtype} {q.granularity} ({len(q.weights)} weights, embedding and lm_head "
               f"{q.dtype if q.lm_head else m.dtype})")
+    kv = m.kv_cache
+    print(f"KV cache: {m.cache.num_pages} pages of {m.cache.page_size} tokens per group, {m.kv_dtype}"
+          + ("" if kv is None else f", per-layer scales K {_scales(kv.k_scale)} V {_scales(kv.v_scale)} "
+                                   f"({kv.calibration})"))
     for mesh in m.meshes:
         ex = m.executables_of(mesh.name)
         print(f"mesh {mesh.name} ({mesh.devices} devices, "

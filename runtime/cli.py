@@ -94,6 +94,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-prefix-cache", action="store_true",
                    help="compute every prompt from its first token (default: prompts that start alike share the "
                         "K/V pages of that start; every process of a multi-process server needs the same setting)")
+    for cmd in (g, s):
+        cmd.add_argument("--kv-cache-dtype", choices=["auto", "int8", "fp8_e4m3", "fp8_e5m2"], default="auto",
+                         help="the KV cache dtype expected: the artifact's is compiled in (export build "
+                              "--kv-cache-dtype), so another is refused with the command that builds it (default "
+                              "auto: whatever the artifact holds)")
     for cmd in (g, v, s):
         d = cmd.add_argument_group("multi-process serving (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
                                    "JAX_PROCESS_ID)")
@@ -236,7 +241,8 @@ def _http(args, cluster) -> int:
     setup = None if cluster is None else functools.partial(distributed.initialize, cluster)
     return run(args.dir, host=args.host, port=args.port, max_queue=args.max_queue, padding_mode=args.padding_mode,
                mesh=args.mesh, fast_load=not args.no_fast_load, model_name=args.served_model_name,
-               multi_process=cluster is not None, setup=setup, prefix_cache=not args.no_prefix_cache)
+               multi_process=cluster is not None, setup=setup, prefix_cache=not args.no_prefix_cache,
+               kv_cache_dtype=args.kv_cache_dtype)
 
 
 def _follow(args) -> int:
@@ -249,7 +255,7 @@ def _follow(args) -> int:
     from .tokenizer import TextTokenizer
 
     try:
-        engine = load(args.dir, mesh=args.mesh, fast_load=not args.no_fast_load)
+        engine = load(args.dir, mesh=args.mesh, fast_load=not args.no_fast_load, kv_cache_dtype=args.kv_cache_dtype)
     except ArtifactError as e:
         return _fail(str(e))
     tokenizer = TextTokenizer.from_dir(Path(args.dir) / "tokenizer")
@@ -265,7 +271,8 @@ def _serve(args, checked: _Checked, printing: bool) -> int:
 
     try:
         if args.command == "generate":
-            engine = load(args.dir, mesh=args.mesh, fast_load=not args.no_fast_load)
+            engine = load(args.dir, mesh=args.mesh, fast_load=not args.no_fast_load,
+                          kv_cache_dtype=args.kv_cache_dtype)
             return _generate(args, checked, engine, printing)
         engine = load(args.dir, mesh=args.mesh)
         return _print_verify(engine, printing)

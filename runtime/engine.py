@@ -262,7 +262,7 @@ class Engine:
 
     def zero_cache(self) -> jax.Array:
         sharding = NamedSharding(self.mesh, fmt.spec_from_json(self.mesh_entry.cache_spec))
-        shape, dtype = tuple(self.mesh_entry.cache_shape), np.dtype(jax.numpy.dtype(self.manifest.dtype))
+        shape, dtype = tuple(self.mesh_entry.cache_shape), np.dtype(jax.numpy.dtype(self.manifest.kv_dtype))
         # Each device's zeros made on the host one shard at a time: the whole cache never is.
         return jax.make_array_from_callback(shape, sharding, lambda idx: np.zeros(_shard_shape(shape, idx), dtype))
 
@@ -305,7 +305,7 @@ class Engine:
         ns = lambda spec: NamedSharding(self.mesh, fmt.spec_from_json(spec))  # noqa: E731
         sds = lambda shape, dtype, spec: jax.ShapeDtypeStruct(tuple(shape), jax.numpy.dtype(dtype), sharding=ns(spec))  # noqa: E731
         weights = {k: sds(w.shape, w.dtype, w.spec) for k, w in self.mesh_entry.weights.items()}
-        cache = sds(self.mesh_entry.cache_shape, self.manifest.dtype, self.mesh_entry.cache_spec)
+        cache = sds(self.mesh_entry.cache_shape, self.manifest.kv_dtype, self.mesh_entry.cache_spec)
         wire = wire_shapes(self.entries[bucket].batch_shapes)
         batch = {k: sds(shape, dtype, self.mesh_entry.batch_specs[WIRE_SHARDED_AS[k]])
                  for k, (shape, dtype) in wire.items()}
@@ -319,6 +319,7 @@ class Engine:
             exported = jax.export.deserialize(bytearray(path.read_bytes()))
         except Exception as e:  # a corrupted file that still matched its checksum, or a newer jax format
             raise fmt.ArtifactError(f"{path}: cannot deserialize with jax {jax.__version__} ({e})") from None
+        check_cache_input(path, exported, self.manifest.kv_dtype)
         call = lambda *args: exported.call(*args)  # noqa: E731
         call.__name__ = bucket.name.replace("-", "_")  # the compiled module's name: profiles tell steps apart
         return jax.jit(call, donate_argnums=(1,)).lower(*self.abstract_args(bucket)).compile()
@@ -327,6 +328,15 @@ class Engine:
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             for bucket, compiled in zip(self.buckets, pool.map(self.compile_one, self.buckets)):
                 self.install(bucket, compiled)
+
+
+def check_cache_input(path: Path, exported, kv_dtype: str) -> None:
+    """The export's KV cache argument must have the manifest's KV dtype: an executable from another
+    build would read the cache's bytes as another type."""
+    (_, cache, _), _ = jax.tree.unflatten(exported.in_tree, exported.in_avals)  # (weights, cache, batch)
+    if str(cache.dtype) != kv_dtype:
+        raise fmt.ArtifactError(f"{path}: its KV cache input is {cache.dtype} but the manifest says the cache is "
+                                f"{kv_dtype}; this executable is from another build: build the artifact again")
 
 
 def check_platform(root: Path, manifest: fmt.Manifest, devices) -> None:
@@ -406,12 +416,14 @@ def _fast_load_dir(root: Path, manifest: fmt.Manifest, platform: str) -> tuple[P
 
 
 def load(path: str | Path, *, mesh: str | None = None, devices=None, jobs: int = 4,
-         fast_load: bool = True) -> Engine:
-    """Read, verify and make ready an artifact. Raises ArtifactError naming the file at fault."""
+         fast_load: bool = True, kv_cache_dtype: str | None = None) -> Engine:
+    """Read, verify and make ready an artifact. Raises ArtifactError naming the file at fault.
+    kv_cache_dtype: what the caller expects the artifact's KV cache to be (refused if it isn't)."""
     t0 = time.perf_counter()
     compile_count()  # start counting before anything compiles
     root = Path(path)
     manifest = fmt.read_manifest(root)
+    fmt.check_kv_request(root, manifest, kv_cache_dtype)
     fmt.verify_all(root, manifest)
     devices = list(jax.devices() if devices is None else devices)
     platform = devices[0].platform

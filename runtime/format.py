@@ -324,6 +324,41 @@ class CacheEntry(Record):
     pages_per_seq: int = field(INT)
 
 
+# --kv-cache-dtype at serve time -> the cache dtype it names ("auto": whatever the artifact holds).
+# The builder's choices are the same names (dp_attention.kv_cache), kept here so the runtime can
+# check a request against an artifact without the model code.
+KV_CACHE_DTYPE_NAMES = {"int8": "int8", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
+
+
+def check_kv_request(root: Path, manifest: "Manifest", kv_cache_dtype: str | None) -> None:
+    """A --kv-cache-dtype asked at serve time can only confirm what the artifact was built with:
+    the cache dtype is compiled into every executable."""
+    if kv_cache_dtype in (None, "auto"):
+        return
+    want = KV_CACHE_DTYPE_NAMES.get(kv_cache_dtype)
+    if want is None:
+        raise ArtifactError(f"--kv-cache-dtype {kv_cache_dtype!r}: expected auto or one of "
+                            f"{', '.join(KV_CACHE_DTYPE_NAMES)}")
+    if want != manifest.kv_dtype:
+        built = next((k for k, v in KV_CACHE_DTYPE_NAMES.items() if v == manifest.kv_dtype), "auto")
+        raise ArtifactError(f"{root}: --kv-cache-dtype {kv_cache_dtype} asked, but this artifact's KV cache is "
+                            f"{manifest.kv_dtype} (built with --kv-cache-dtype {built}); the cache dtype is compiled "
+                            f"in: build it again with python -m export build --kv-cache-dtype {kv_cache_dtype}, or "
+                            "serve without the flag")
+
+
+@dataclasses.dataclass(**RECORD)
+class KvCacheEntry(Record):
+    """An 8-bit KV cache: its dtype and static scales, one K and one V per layer (a stored value
+    times its scale is the K or V it holds), written into every executable at build. `calibration`
+    says where the scales came from. Absent: the cache is in the artifact's `dtype`."""
+
+    dtype: str = field(STR)
+    k_scale: tuple[float, ...] = field(list_of(NUMBER))
+    v_scale: tuple[float, ...] = field(list_of(NUMBER))
+    calibration: str = field(STR)
+
+
 @dataclasses.dataclass(**RECORD)
 class WeightEntry(Record):
     """One weight of one mesh: its files (one per layer when stacked; none for executables-only
@@ -585,6 +620,12 @@ class Manifest(Record):
     tf_savedmodel: SavedModelEntry | None = field(record(SavedModelEntry), omit_none=True, default=None)
     weight_quantization: WeightQuantizationEntry | None = field(record(WeightQuantizationEntry), omit_none=True,
                                                                 default=None)
+    kv_cache: KvCacheEntry | None = field(record(KvCacheEntry), omit_none=True, default=None)
+
+    @property
+    def kv_dtype(self) -> str:
+        """The KV cache's dtype: 8-bit where the build quantized it, else the build dtype."""
+        return self.kv_cache.dtype if self.kv_cache is not None else self.dtype
 
     @classmethod
     def from_json(cls, d, where: Where = Where()) -> Manifest:

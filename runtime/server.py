@@ -492,14 +492,15 @@ class Counted:
 
 def run(artifact: str, *, host: str, port: int, max_queue: int, padding_mode: str, mesh: str | None,
         fast_load: bool, model_name: str | None, multi_process: bool = False, setup=None,
-        prefix_cache: bool = True) -> int:
+        prefix_cache: bool = True, kv_cache_dtype: str | None = None) -> int:
     """Serve until drained or failed; the exit status. `setup` runs first in the engine process
-    (a multi-process leader joins the JAX cluster there)."""
+    (a multi-process leader joins the JAX cluster there). kv_cache_dtype: the KV cache dtype the
+    caller expects the artifact to have (the engine refuses another)."""
     import uvicorn
 
     # Forked first, before this process has a thread or a listening socket to hand down.
-    engine = EngineClient(EngineSpec(artifact, {"mesh": mesh, "fast_load": fast_load}, padding_mode,
-                                     multi_process, setup, prefix_cache), max_queue)
+    load_kwargs = {"mesh": mesh, "fast_load": fast_load, "kv_cache_dtype": kv_cache_dtype}
+    engine = EngineClient(EngineSpec(artifact, load_kwargs, padding_mode, multi_process, setup, prefix_cache), max_queue)
     engine.start()
     state = ServerState(engine, artifact, model_name)
 

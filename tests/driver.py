@@ -50,7 +50,9 @@ class StepDriver:
 
     def reset(self):
         layout = Layout.for_mesh(self.cfg, self.shape)
-        self.cache = init_cache(self.cfg, layout, self.mesh, self.cache_shape, jnp.dtype(self.dtype),
+        quant = self.step_options.get("kv_quant")
+        self.cache = init_cache(self.cfg, layout, self.mesh, self.cache_shape,
+                                jnp.dtype(quant.dtype if quant is not None else self.dtype),
                                 self.step_options.get("attention", "native"))
         self.next_page = [1] * self.shape.dp
 
