@@ -539,13 +539,15 @@ def dense_experts(shard: ExpertShard, cfg: ModelConfig, stack: MoeWeights, index
 
 # ------------------------------------------------------------------------------- the layer scan
 
-def run_layers(cfg: ModelConfig, w: Weights, x, kv, paged: PagedBatch, backend, experts_fn):
+def run_layers(cfg: ModelConfig, w: Weights, x, kv, paged: PagedBatch, backend, experts_fn,
+               unroll_mixed: bool = False):
     """Every decoder layer in one scan; the cache is the carry, written in place.
 
     A model that mixes dense-MLP and MoE layers picks each layer's MLP with a cond, so attention
     and each MLP kind are traced and compiled once however the kinds interleave (unrolling a
     pattern such as MoE, dense, MoE would compile attention three times). All-MoE models, the real
-    sizes, have no cond."""
+    sizes, have no cond. `unroll_mixed`: a mixed model's layers unrolled instead, each with its own
+    MLP and no cond (for expert kernels that must not sit inside one)."""
     kinds = [cfg.is_moe_layer(i) for i in range(cfg.num_layers)]
     moe_index = jnp.array([sum(kinds[:i]) for i in range(len(kinds))], jnp.int32)  # position in the MoE stack
     dense_index = jnp.arange(len(kinds), dtype=jnp.int32) - moe_index  # and in the dense stack
@@ -559,21 +561,19 @@ def run_layers(cfg: ModelConfig, w: Weights, x, kv, paged: PagedBatch, backend, 
     def dense(h, i):
         return dense_mlp(layer(w.dense, dense_index[i]), h)
 
-    def body(carry, i):
-        x, kv = carry
+    def one_layer(x, kv, i, mlp):
         lw = layer(w.layers, i)
         h, kv = attention_block(cfg, lw, rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), kv, i, paged, backend)
         x = x + h
-        h = rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
-        if all(kinds):
-            h = moe_mlp(h, i)
-        elif not any(kinds):
-            h = dense(h, i)
-        else:
-            h = lax.cond(is_moe[i], moe_mlp, dense, h, i)
-        return (x + h, kv), None
+        return x + mlp(rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps), i), kv
 
-    (x, kv), _ = lax.scan(body, (x, kv), jnp.arange(cfg.num_layers))
+    if unroll_mixed and any(kinds) and not all(kinds):
+        for i in range(cfg.num_layers):
+            x, kv = one_layer(x, kv, i, moe_mlp if kinds[i] else dense)
+        return x, kv
+    mlp = moe_mlp if all(kinds) else dense if not any(kinds) else (
+        lambda h, i: lax.cond(is_moe[i], moe_mlp, dense, h, i))
+    (x, kv), _ = lax.scan(lambda carry, i: (one_layer(*carry, i, mlp), None), (x, kv), jnp.arange(cfg.num_layers))
     return x, kv
 
 
@@ -597,7 +597,7 @@ class StepOptions:
     attention: str = "native"
     tpu_generation: str | None = None
     fa_kernel: object = None
-    experts: str = "by-platform"  # the expert kernel, one of EXPERT_KERNELS (see routed_experts)
+    experts: str = "tiles"  # the expert kernel, one of EXPERT_KERNELS (see routed_experts, device_step)
     kv_quant: KvQuant | None = None  # an 8-bit KV cache and its scales; None: the cache is in the build dtype
 
     def __post_init__(self):
@@ -638,7 +638,9 @@ def device_step(cfg: ModelConfig, bucket: Bucket, opts: StepOptions, shard: Expe
     backend = DpAttentionBackend(base, meta)
     experts_fn = (partial(dense_experts, shard) if opts.dense_reference
                   else partial(routed_experts, shard, opts.experts, opts.tpu_generation))
-    x, kv = run_layers(cfg, w, x, kv, paged, backend, experts_fn)
+    # A multi-platform export chooses its expert kernel with lax.platform_dependent, whose TPU branch
+    # (ragged_dot) XLA:CPU can drop only where the platform constant reaches it: not inside a cond.
+    x, kv = run_layers(cfg, w, x, kv, paged, backend, experts_fn, unroll_mixed=opts.experts == "by-platform")
 
     last = rms_norm(x[b["last_index"]], w.final_norm, cfg.rms_norm_eps)  # [S, H]
     with jax.named_scope("projections"):
