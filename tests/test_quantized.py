@@ -100,7 +100,8 @@ def test_ragged_dot_experts_apply_each_experts_scales():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-5)
 
 
-# Mean |logprob error| against HF float32, measured on this code (2x4, float32 activations): hf-tiny-a
+# Mean |logprob error| against HF float32, measured on this code (1x1 and 2x4 alike, float32
+# activations; 1x1 here, as the mesh is not what this judges and runs 8x fewer device programs): hf-tiny-a
 # 0.0054 (0.0067 with the embedding and lm_head int8 too), hf-tiny-b 0.0043 (0.0046). The bounds are
 # those figures plus half again: a change that makes int8 less accurate fails here.
 LOGPROB_ERROR_BOUND = {("hf-tiny-a", False): 0.0081, ("hf-tiny-a", True): 0.0100,
@@ -111,7 +112,7 @@ LOGPROB_ERROR_BOUND = {("hf-tiny-a", False): 0.0081, ("hf-tiny-a", True): 0.0100
 @pytest.mark.parametrize("ckpt", ["hf-tiny-a", "hf-tiny-b"])
 def test_int8_agrees_with_hf_float32(golden_dir, ckpt, lm_head):
     golden = json.loads((golden_dir / ckpt / "golden.json").read_text())
-    driver = StepDriver(str(golden_dir / ckpt), MeshShape(2, 4), quantize="int8", quantize_lm_head=lm_head)
+    driver = StepDriver(str(golden_dir / ckpt), MeshShape(1, 1), quantize="int8", quantize_lm_head=lm_head)
     a = agreement(golden, teacher_forced_logits(driver, golden))
     assert a.positions > 50 and a.disagreements == []
     assert 0 < a.mean_abs_logprob_error <= LOGPROB_ERROR_BOUND[(ckpt, lm_head)], a.mean_abs_logprob_error
