@@ -263,7 +263,7 @@ def test_build_refuses_what_does_not_fit_the_chip(tmp_path):
                        "--padding-modes", "max_len", "--max-context", "4096", "--page-size", "16",
                        "--pages-per-group", str(pages), "--out", str(out), "--quiet")
 
-    r = build("qwen3-235b-a22b", "2x4", 64, tmp_path / "no")
+    r = build("qwen3-235b-a22b", "2x4", 257, tmp_path / "no")  # one 4096-token sequence and page 0
     assert r.returncode == 2 and not (tmp_path / "no").exists()
     (line,) = r.stderr.strip().splitlines()
     assert "a v5e chip has 16 GiB" in line and "try a larger mesh" in line
