@@ -23,11 +23,13 @@ def round_up(n, m):
 
 class StepDriver:
     def __init__(self, model, mesh_shape, dtype="float32", cache=CACHE, dense_reference=False, expert_layout=None,
-                 quantize="none", quantize_lm_head=False, wrap_reader=None, **step_options):
+                 quantize="none", quantize_lm_head=False, wrap_reader=None, steps_of=None, **step_options):
         """step_options: the step's other StepOptions (e.g. attention="fa" with a reference fa_kernel);
         expert_layout: a name of dp_attention.weights.EXPERT_LAYOUTS (default: the chosen one);
         quantize / quantize_lm_head: as `export build --quantize`; wrap_reader: reader -> reader, to
-        run the step on altered weights (e.g. a plain fake-quantized reference)."""
+        run the step on altered weights (e.g. a plain fake-quantized reference); steps_of: another
+        driver of the same step (model, mesh, weight specs and options) on other weights, whose
+        compiled steps this one runs instead of compiling its own."""
         if model in PRESETS:
             self.cfg = PRESETS[model]
             read = random_reader(self.cfg, seed=0)
@@ -47,6 +49,11 @@ class StepDriver:
         self.step_options = step_options
         self.reset()
         self._steps = {}
+        if steps_of is not None:
+            same = (self.cfg, self.shape, self.cache_shape, self.dtype, self.specs, dense_reference, step_options)
+            assert same == (steps_of.cfg, steps_of.shape, steps_of.cache_shape, steps_of.dtype, steps_of.specs,
+                            steps_of.dense_reference, steps_of.step_options), "not the same step"
+            self._steps = steps_of._steps  # shared: either fills it
 
     def reset(self):
         layout = Layout.for_mesh(self.cfg, self.shape)
