@@ -74,6 +74,8 @@ class ServerState:
 
         try:
             self.tokenizer = TextTokenizer.from_dir(Path(self.artifact) / "tokenizer")
+            if self.tokenizer is not None:
+                self.tokenizer.byte_level_pieces(skip_special_tokens=True)  # streams detokenize with it
             info = self.engine.wait_ready()
         except LoadFailed as e:  # one line, then the server exits with its status
             self.fail(str(e), e.code, linger=0)
