@@ -367,13 +367,14 @@ class StreamDetokenizer:
     algorithm runs here over the ids' bytes, the same pieces without two calls into the tokenizer
     per token: a few times cheaper again. Any other decoder steps `DecodeStream` itself."""
 
-    def __init__(self, tokenizer: TextTokenizer, skip_special_tokens: bool = False):
+    def __init__(self, tokenizer: TextTokenizer, skip_special_tokens: bool = False, byte_table: bool = True):
+        """byte_table=False: step `DecodeStream` itself whatever the decoder (for comparisons)."""
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
         self._emitted = 0  # characters returned so far
         self._held = False  # the last push returned nothing: bytes may be waiting
-        self._pieces = tokenizer.byte_level_pieces(skip_special_tokens)
+        self._pieces = tokenizer.byte_level_pieces(skip_special_tokens) if byte_table else None
         if self._pieces is None:
             from tokenizers.decoders import DecodeStream
 
