@@ -52,15 +52,20 @@ def main() -> None:
         assert texts[0] == texts[1] == texts[2]
     # and text: what a trained model streams (random ids are mostly bytes that are not UTF-8)
     text = [tok.encode(TEXT * 4)] * 64
-    result = {"vocab": vocab, "streams": 64, "tokens_per_stream": 256, "text_tokens_per_stream": len(text[0])}
+    # and what the sleeping device of `bench.serve --fake-step-ms` streams: one token, 32 times
+    from bench.fake_device import plain_token
+
+    fake = [[plain_token(ARTIFACT)] * 32] * 256
+    result = {"vocab": vocab, "streams": 64, "tokens_per_stream": 256, "text_tokens_per_stream": len(text[0]),
+              "sleeping_device_token": fake[0][0]}
     has_table = tok.byte_level_pieces(True) is not None
-    for name, ids in (("random_ids", streams), ("text", text)):
+    for name, ids in (("random_ids", streams), ("text", text), ("sleeping_device", fake)):
         ours = per_token_us(IncrementalDetokenizer, tok, ids, 5)
         rust = per_token_us(decode_stream, tok, ids, 5)
         table = per_token_us(StreamDetokenizer, tok, ids, 5) if has_table else None
         print(f"{name}: per token StreamDetokenizer "
               f"{'(no byte-level decoder)' if table is None else f'{table:.2f} us'}, DecodeStream {rust:.2f} us, "
-              f"IncrementalDetokenizer {ours:.2f} us (64 streams x {len(ids[0])} ids, vocab {vocab}, best of 5)")
+              f"IncrementalDetokenizer {ours:.2f} us ({len(ids)} streams x {len(ids[0])} ids, vocab {vocab}, best of 5)")
         result[name] = {"stream_detokenizer_us_per_token": table, "decode_stream_us_per_token": rust,
                         "incremental_us_per_token": ours}
     write_result("detok", result)
