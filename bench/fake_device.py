@@ -93,7 +93,7 @@ def sleeping_device(artifact, step_ms: float) -> SleepingDevice:
 
 def main(argv: list[str]) -> int:
     step_ms, stats_path, rest = float(argv[0]), argv[1], argv[2:]
-    import runtime.engine
+    import runtime.engine_proc
     from runtime.cli import main as runtime_main
 
     def load(path, **_):
@@ -106,7 +106,17 @@ def main(argv: list[str]) -> int:
         with open(stats_path, "w") as f:
             json.dump(device.timings(), f)
 
-    runtime.engine.load = load
+    load_engine = runtime.engine_proc._load
+
+    def load_in_engine_process(spec):
+        """`runtime.engine` (and JAX with it) is imported in the engine process only, as by `runtime
+        serve`: imported here, the HTTP process would carry JAX's objects and its gc callback."""
+        import runtime.engine
+
+        runtime.engine.load = load
+        return load_engine(spec)
+
+    runtime.engine_proc._load = load_in_engine_process
     return runtime_main(rest)
 
 

@@ -345,6 +345,43 @@ def serve_fake(port: int, model: str, prompts, tokens: int) -> tuple[float, int,
     return max(end for _, end in results) - t0, sum(n for n, _ in results), time.process_time() - cpu0
 
 
+_READER = """import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+while s.recv(1 << 20):
+    pass
+"""
+
+
+def send_cost_us(n: int = 4000, size: int = 160) -> dict:
+    """This machine's CPU cost of one small `socket.send` on a loopback TCP connection whose reader
+    (another process) drains it: what one streamed token's write costs the server before any of
+    its own work. Two cases bound the server's: sends back to back (the reader is awake and
+    draining), and sends 200 us apart (the reader sleeps, and each send wakes it). CPU time of the
+    sending thread, system time included; microseconds per send."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        reader = subprocess.Popen([sys.executable, "-c", _READER, str(listener.getsockname()[1])])
+        conn, _ = listener.accept()
+    out = {}
+    with conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        msg = b"x" * size
+        for _ in range(200):
+            conn.send(msg)
+        for name, gap in (("back_to_back", 0.0), ("waking_reader", 200e-6)):
+            cpu = 0.0
+            for _ in range(n if not gap else n // 4):
+                if gap:
+                    time.sleep(gap)
+                c0 = time.thread_time()
+                conn.send(msg)
+                cpu += time.thread_time() - c0
+            out[name] = cpu / (n if not gap else n // 4) * 1e6
+    reader.wait(10)
+    return out
+
+
 def loop_alone(artifact, step_ms: float, prompts, tokens: int) -> dict:
     """The engine loop over the same sleeping device in this process, every request at once,
     nothing but a counter per token: what the server is measured against."""
@@ -428,12 +465,19 @@ def fake_step(args) -> None:
     print(f"server / loop alone at {hi} tokens: {ratio:.3f} (goal >= 0.95); engine step gap p99 "
           f"{served[hi]['gap_ms_p99']:.2f} ms (goal <= 1); API-side CPU {per_request * 1e3:.2f} ms per request "
           f"(goal <= 0.5), {per_token * 1e6:.0f} us per token (goal <= 25); server exit {exit_code}")
+    # One write per token per stream is what streaming is (each token flushed as it comes): what a
+    # write costs this machine, measured apart, and the per-token figure without it
+    send = send_cost_us()
+    net = {k: per_token * 1e6 - v for k, v in send.items()}
+    print(f"this machine's small loopback socket.send: {send['back_to_back']:.1f} us CPU back to back, "
+          f"{send['waking_reader']:.1f} us waking its reader; API-side CPU per token less one send: "
+          f"{net['waking_reader']:.0f}-{net['back_to_back']:.0f} us (goal <= 25)")
     write_result(args.result if args.result != "serve" else "serve_fake_step", {
         "workload": {"step_ms": args.fake_step_ms, "streams": args.streams, "tokens": lengths,
                      "load_average_before": load_avg, "load_average_after": os.getloadavg()[0]},
         "loop_alone": {str(n): v for n, v in alone.items()}, "server": {str(n): v for n, v in served.items()},
         "ratio": ratio, "api_cpu_ms_per_request": per_request * 1e3, "api_cpu_us_per_token": per_token * 1e6,
-        "server_exit_code": exit_code})
+        "send_cpu_us": send, "api_cpu_us_per_token_less_one_send": net, "server_exit_code": exit_code})
 
 
 # ------------------------------------------------------------------------------------ main

@@ -32,7 +32,9 @@ import dataclasses
 import functools
 import multiprocessing
 import os
+import pickle
 import signal
+import struct
 import sys
 import types
 from typing import Callable
@@ -343,6 +345,18 @@ def _apply(conn, loop: EngineLoop, handles: dict, outbox: "_Outbox") -> bool:
     return True
 
 
+def send_whole(conn, message) -> None:
+    """`conn.send(message)` in one write: `Connection.send` writes a message over 16 KiB (a step's
+    events for a few hundred streams) as its length, then its bytes, and the reader, woken by the
+    length, would wait in a blocking read, its event loop stalled, until this process is scheduled
+    again to write the rest. The framing is `Connection`'s own: `recv` reads it."""
+    buf = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+    data = memoryview(struct.pack("!i", len(buf)) + buf)
+    fd = conn.fileno()
+    while data:
+        data = data[os.write(fd, data):]
+
+
 class _Outbox:
     """What the engine says, gathered on the loop thread and sent once per step (and once after a
     round of admissions and cancels that changed a counter)."""
@@ -372,7 +386,7 @@ class _Outbox:
             return
         self._last = key
         events, self.events = self.events, []
-        self.conn.send((kind, events, stats))
+        send_whole(self.conn, (kind, events, stats))
 
     def failed(self, e: BaseException) -> None:
         """On the loop thread, after every open request was told: say why, and end the process."""

@@ -20,6 +20,8 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
+import gc
 import json
 import signal
 import sys
@@ -28,7 +30,7 @@ import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request as HttpRequest
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 
 from .engine_loop import EngineFailed, QueueFull
@@ -72,6 +74,8 @@ class ServerState:
 
         try:
             self.tokenizer = TextTokenizer.from_dir(Path(self.artifact) / "tokenizer")
+            if self.tokenizer is not None:
+                self.tokenizer.byte_level_pieces(skip_special_tokens=True)  # streams detokenize with it
             info = self.engine.wait_ready()
         except LoadFailed as e:  # one line, then the server exits with its status
             self.fail(str(e), e.code, linger=0)
@@ -88,6 +92,10 @@ class ServerState:
         self.engine.attach(self.aio)
         if self.status == "loading":  # a SIGTERM during the load leaves it draining
             self.status = "ready"
+        # What is loaded by now (the app, the tokenizer's wrappers, every module) lives as long as the
+        # process: out of the collector's sight, a full collection walks only what requests allocate.
+        gc.collect()
+        gc.freeze()
         load = info.load_info
         log(f"ready: model {self.model_name}, mesh {load.mesh}, {load.executables} executables, "
             f"loaded in {load.seconds:.1f} s")
@@ -231,8 +239,8 @@ async def serve(http: HttpRequest, state: ServerState, req: Request):
     if not req.stream:
         return JSONResponse(await serve_choices(http, state, req, prompt))
     handle, events = submit(state, req, prompt)
-    return StreamingResponse(stream(state, req, handle, events, TextStream(state.tokenizer, req.stop), len(prompt)),
-                             media_type="text/event-stream")
+    return EventStream(functools.partial(stream, state, req, handle, events, TextStream(state.tokenizer, req.stop),
+                                         len(prompt)))
 
 
 async def serve_choices(http: HttpRequest, state: ServerState, req: Request, prompt: list[int]) -> dict:
@@ -260,7 +268,7 @@ async def serve_choices(http: HttpRequest, state: ServerState, req: Request, pro
 
 async def _watch_all(http: HttpRequest, state: ServerState, handles) -> None:
     """The client leaving cancels every choice of its request (pages freed at the next step). A
-    streamed response has Starlette's own watcher, which closes the stream."""
+    streamed response has its own watcher (`_until_gone`)."""
     while (await http.receive())["type"] != "http.disconnect":
         pass
     for handle, events in handles:
@@ -345,56 +353,113 @@ class Events:
         return self._items.popleft()
 
 
+def _engine_error(ev: BaseException) -> ApiError:
+    if isinstance(ev, RequestError):
+        return ApiError(400, str(ev))
+    return ApiError(500, str(ev) if isinstance(ev, EngineFailed) else f"the engine failed: {ev}", type_="server_error")
+
+
 async def tokens(handle, events):
     """The request's token events; raises ApiError on an engine error, stops if the client left."""
     while True:
         ev = await events.get()
         if ev is _GONE:
             return
-        if isinstance(ev, RequestError):
-            raise ApiError(400, str(ev))
         if isinstance(ev, BaseException):
-            raise ApiError(500, str(ev) if isinstance(ev, EngineFailed) else f"the engine failed: {ev}",
-                           type_="server_error")
+            raise _engine_error(ev)
         yield ev
         if ev.finish_reason is not None:
             return
 
 
-async def stream(state: ServerState, req: Request, handle, events, text: TextStream, prompt_tokens: int):
+RAW_SEND = "qwen3_moe.send"  # in the scope: the HTTP server's own `send`, set by `Counted`
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8")]
+
+
+class EventStream(Response):
+    """A streamed response of server-sent events, written by `write(send, receive)`.
+
+    The status line and headers go through the middleware stack's `send` like any response's (the
+    exception handlers see that the response started); the events, body messages the middlewares
+    pass through untouched, go straight to the HTTP server's `send`, which this app's outermost
+    layer put in the scope: no wrapper per token. The last event goes with the end of the body, in
+    one write.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, write):
+        self.status_code, self.background, self.raw_headers = 200, None, SSE_HEADERS
+        self.write = write
+
+    async def __call__(self, scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        await self.write(scope.get(RAW_SEND, send), receive)
+
+
+async def _until_gone(receive, events: "Events") -> None:
+    """The client leaving ends its stream (`_GONE`); the stream then cancels its request."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    events.put(_GONE)
+
+
+async def stream(state: ServerState, req: Request, handle, events: "Events", text: TextStream, prompt_tokens: int,
+                 send, receive) -> None:
+    """Write a streamed request's events as its tokens arrive: one write per batch of tokens at
+    hand (one token, unless the client lags), the last token with [DONE] and the end of the body."""
     sent, cached = 0, 0
     event = ChunkEncoder(req)
-    out = []  # events for the tokens at hand: one write for all of them when the client lags
+    plain = req.logprobs is None  # a token's event from the encoder's template
+    min_tokens = req.sampling.min_tokens
+    out = []  # events for the tokens at hand
+    watcher = asyncio.ensure_future(_until_gone(receive, events))
     try:
         if req.kind == "chat":  # the role comes first, as OpenAI streams it
-            yield event(chunk_choice(req, None, [], first=True))
-        async for ev in tokens(handle, events):
-            offset = len(text.text)
+            await send({"type": "http.response.body", "body": event(chunk_choice(req, None, [], first=True)),
+                        "more_body": True})
+        while True:
+            ev = await events.get()
+            if ev is _GONE:
+                return
+            if isinstance(ev, BaseException):
+                raise _engine_error(ev)
             sent += 1
-            cached = max(cached, ev.cached_tokens)
-            piece = text.push(ev.token, ev.finish_reason, sent >= req.sampling.min_tokens)
-            finish = "stop" if text.stopped else ev.finish_reason
-            lp = logprobs_block(req, [(ev.token, ev.logprob, ev.top)], [offset], text.token_text, text.token_bytes) \
-                if req.logprobs is not None else None
-            out.append(event(chunk_choice(req, piece, (ev.token,), finish, lp)))
+            if ev.cached_tokens > cached:
+                cached = ev.cached_tokens
+            if plain:
+                piece = text.push(ev.token, ev.finish_reason, sent >= min_tokens)
+                out.append(event.token(piece, ev.token, "stop" if text.stopped else ev.finish_reason))
+            else:
+                offset = len(text.text)
+                piece = text.push(ev.token, ev.finish_reason, sent >= min_tokens)
+                lp = logprobs_block(req, [(ev.token, ev.logprob, ev.top)], [offset], text.token_text,
+                                    text.token_bytes)
+                out.append(event(chunk_choice(req, piece, (ev.token,), "stop" if text.stopped else ev.finish_reason,
+                                              lp)))
             if text.stopped:
                 state.engine.cancel(handle, "stop")
                 break
-            if not events.ready and ev.finish_reason is None:  # the last goes with [DONE]
-                yield b"".join(out) if len(out) > 1 else out[0]
+            if ev.finish_reason is not None:
+                break
+            if not events.ready:  # the last goes with [DONE]
+                await send({"type": "http.response.body", "body": b"".join(out) if len(out) > 1 else out[0],
+                            "more_body": True})
                 out = []
         if req.include_usage:
             out.append(sse(chunk_head(req) | {"choices": [], "usage": usage(prompt_tokens, sent, cached)}))
         out.append(b"data: [DONE]\n\n")
-        yield b"".join(out)
+        await send({"type": "http.response.body", "body": b"".join(out), "more_body": False})
     except ApiError as e:  # the engine failed: an error event, then the stream closes
-        yield b"".join(out) + sse(e.body())
+        await send({"type": "http.response.body", "body": b"".join(out) + sse(e.body()), "more_body": False})
     finally:
+        watcher.cancel()
         if not handle.done:
             state.engine.cancel(handle)  # the client went away mid-stream: free its pages now
 
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
+_string = json.encoder.encode_basestring_ascii  # what `_encode` writes for a str (ensure_ascii)
 
 
 def sse(obj: dict) -> bytes:
@@ -403,13 +468,27 @@ def sse(obj: dict) -> bytes:
 
 class ChunkEncoder:
     """A stream's events as `sse(chunk(...))` writes them, with the part every event repeats (id,
-    object, created, model) encoded once: per token, only the choice is encoded."""
+    object, created, model) encoded once: per token, only the choice is encoded. `token` writes a
+    token's event without logprobs from a template: the text piece, the finish reason and the id
+    filled in, the same bytes as encoding `chunk_choice` whole."""
 
     def __init__(self, req: Request):
         self.head = b"data: %s,\"choices\":[" % _encode(chunk_head(req))[:-1].encode()
+        text = b'{"index":0,"delta":{"content":' if req.kind == "chat" else b'{"index":0,"text":'
+        close = b"}" if req.kind == "chat" else b""
+        self._before_text = self.head + text
+        self._after_text = close + b',"logprobs":null,"finish_reason":'
+        self._finish = {None: b"null"}
 
     def __call__(self, choice: dict) -> bytes:
         return b"%s%s]}\n\n" % (self.head, _encode(choice).encode())
+
+    def token(self, text: str, token: int, finish_reason: str | None) -> bytes:
+        finish = self._finish.get(finish_reason)
+        if finish is None:
+            finish = self._finish[finish_reason] = _encode(finish_reason).encode()
+        return b'%s%s%s%s,"token_ids":[%d]}]}\n\n' % (self._before_text, _string(text).encode(), self._after_text,
+                                                      finish, token)
 
 
 async def prompt_ids(state: ServerState, req: Request) -> list[int]:
@@ -482,6 +561,7 @@ class Counted:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             return await self.app(scope, receive, send)
         self.state.in_flight += 1
+        scope[RAW_SEND] = send
         try:
             await self.app(scope, receive, send)
         finally:

@@ -80,6 +80,7 @@ class TextTokenizer:
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
         self.eos_ids: tuple[int, ...] = self._eos_ids()
         self._template = None  # compiled lazily
+        self._byte_pieces: dict[bool, list[bytes] | None] = {}  # built on first use
 
     # ---------------------------------------------------------------------------------- loading
 
@@ -147,6 +148,35 @@ class TextTokenizer:
             if type(self._tok.decoder).__name__ == "ByteLevel" and all(c in _BYTE_OF for c in piece):
                 return bytes(_BYTE_OF[c] for c in piece)
         return self.decode([i]).encode("utf-8")
+
+    def byte_level_pieces(self, skip_special_tokens: bool = False) -> list[bytes] | None:
+        """Per id, the bytes `decode` makes of it, when the decoder is byte-level BPE's alone
+        (Qwen's, GPT-2's); None for any other decoder. `decode(ids)` is then these bytes joined,
+        read as UTF-8 with U+FFFD for each maximal ill-formed subsequence, as tokenizers does
+        (Rust's `from_utf8_lossy`, Python's errors="replace"): a token whose characters are all
+        byte stand-ins gives those bytes, any other its own UTF-8 (an added token's text); a skipped
+        special token and an id with no token give nothing. Built once per flag (a vocabulary of
+        150k ids: a fraction of a second)."""
+        key = bool(skip_special_tokens)
+        if key not in self._byte_pieces:
+            self._byte_pieces[key] = self._byte_level_table(key)
+        return self._byte_pieces[key]
+
+    def _byte_level_table(self, skip_special_tokens: bool) -> list[bytes] | None:
+        if type(self._tok.decoder).__name__ != "ByteLevel":
+            return None
+        special = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special} \
+            if skip_special_tokens else set()
+        table = []
+        for i in range(self.vocab_size):
+            piece = self._tok.id_to_token(i)
+            if piece is None or piece in special:
+                table.append(b"")
+            elif all(c in _BYTE_OF for c in piece):
+                table.append(bytes(_BYTE_OF[c] for c in piece))
+            else:
+                table.append(piece.encode("utf-8"))
+        return table
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -329,27 +359,61 @@ class IncrementalDetokenizer:
 
 class StreamDetokenizer:
     """IncrementalDetokenizer's contract (pieces never split a character; with `flush`, they add
-    up to `decode(all ids)`) on tokenizers' own incremental decoder, `DecodeStream`, in Rust: about
-    a fifth of the host time per token. Its pieces are always a prefix of the full decode; what it
-    still holds at the end (an unfinished character) is taken from one full decode in `flush`."""
+    up to `decode(all ids)`) on tokenizers' own incremental decoder, `DecodeStream`: about a fifth
+    of the host time per token. Its pieces are always a prefix of the full decode; what it still
+    holds at the end (an unfinished character) is taken from one full decode in `flush`.
 
-    def __init__(self, tokenizer: TextTokenizer, skip_special_tokens: bool = False):
-        from tokenizers.decoders import DecodeStream
+    With a byte-level decoder (`TextTokenizer.byte_level_pieces`), `DecodeStream.step`'s own
+    algorithm runs here over the ids' bytes, the same pieces without two calls into the tokenizer
+    per token: a few times cheaper again. Any other decoder steps `DecodeStream` itself."""
 
+    def __init__(self, tokenizer: TextTokenizer, skip_special_tokens: bool = False, byte_table: bool = True):
+        """byte_table=False: step `DecodeStream` itself whatever the decoder (for comparisons)."""
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
-        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         self._emitted = 0  # characters returned so far
         self._held = False  # the last push returned nothing: bytes may be waiting
+        self._pieces = tokenizer.byte_level_pieces(skip_special_tokens) if byte_table else None
+        if self._pieces is None:
+            from tokenizers.decoders import DecodeStream
+
+            self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        else:  # DecodeStream's state: the ids since its last boundary (as bytes), their text, where it ends
+            self._window: list[bytes] = []
+            self._prefix = ""
+            self._prefix_index = 0
 
     def push(self, token: int) -> str:
-        self.ids.append(int(token))
-        piece = self._stream.step(self.tokenizer._tok, int(token))
+        token = int(token)
+        self.ids.append(token)
+        if self._pieces is None:
+            piece = self._stream.step(self.tokenizer._tok, token)
+        else:
+            piece = self._step(token)
         self._held = piece is None
         piece = piece or ""
         self._emitted += len(piece)
         return piece
+
+    def _step(self, token: int) -> str | None:
+        """tokenizers' `step_decode_stream` (decoders.rs), with `decode` over the bytes table: the
+        window's text grows past the text it started from and does not end in U+FFFD, the new part
+        is emitted, and the window restarts at the ids of this emission."""
+        pieces, window = self._pieces, self._window
+        window.append(pieces[token] if 0 <= token < len(pieces) else b"")
+        string = b"".join(window).decode("utf-8", "replace")
+        prefix = self._prefix
+        # Rust compares UTF-8 lengths; for a string that starts with the prefix, characters agree
+        if len(string) <= len(prefix) or string.endswith(REPLACEMENT):
+            return None
+        if not string.startswith(prefix):
+            raise ValueError("Invalid prefix encountered")  # DecodeStream's error; no byte-level text gets here
+        index = len(window) - self._prefix_index
+        del window[:self._prefix_index]
+        self._prefix = b"".join(window).decode("utf-8", "replace")
+        self._prefix_index = index
+        return string[len(prefix):]
 
     def flush(self) -> str:
         if not self._held:

@@ -599,3 +599,9 @@ def test_a_streams_events_encode_as_whole_chunks_do(kind):
                                   ("", (7,), "length", {"tokens": ["\ufffd"], "token_logprobs": [-0.5]})]:
         assert encode(chunk_choice(req, text, ids, finish, lp)) == sse(chunk(req, text, ids, finish, lp))
     assert encode(chunk_choice(req, None, [], first=True)) == sse(chunk(req, None, [], first=True))
+    plain = Request(kind, "m\u00e9\"odel", None, [1], 4, SamplingParams(), [], True, None)
+    encode = ChunkEncoder(plain)
+    for text in ["", "h\u00e9llo \"x\"\n", "\\ \t\x00\x1f\u2028 \ufffd\U0001f600</script>", "日本語"]:
+        for token, finish in [(0, None), (151643, "stop"), (7, "length"), (12, "cancelled")]:
+            assert encode.token(text, token, finish) == sse(chunk(plain, text, (token,), finish))
+            assert json.loads(encode.token(text, token, finish)[6:]) == chunk(plain, text, [token], finish)

@@ -382,3 +382,30 @@ def test_matches_transformers(name):
     assert auto.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True) == ours.render_chat(
         CONVERSATION)
     assert auto.eos_token_id == ours.eos_ids[0] and auto.bos_token is None
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_stream_detokenizer_gives_decode_streams_own_pieces(tok, skip):
+    """Over a byte-level decoder StreamDetokenizer steps DecodeStream's algorithm itself: every
+    piece (and every held-back step) is DecodeStream's, for random ids (most are not UTF-8),
+    special tokens and ids past the vocabulary included."""
+    from tokenizers.decoders import DecodeStream
+
+    rng = random.Random(3 + skip)
+    specials = [i for i in range(tok.vocab_size) if tok.decode([i], skip_special_tokens=True) == ""]
+    runs = [[rng.randrange(tok.vocab_size + 4) for _ in range(rng.randrange(1, 80))] for _ in range(300)]
+    runs += [[rng.choice(specials + [rng.randrange(tok.vocab_size)]) for _ in range(30)] for _ in range(20)]
+    runs += [tok.encode(t) for t in TEXTS]
+    for ids in runs:
+        ours, theirs = StreamDetokenizer(tok, skip_special_tokens=skip), DecodeStream(skip_special_tokens=skip)
+        for i in ids:
+            assert (ours.push(i) or None) == theirs.step(tok._tok, i), ids
+
+
+def test_byte_level_pieces_only_for_byte_level_decoders(tok):
+    pieces = tok.byte_level_pieces()
+    if type(tok._tok.decoder).__name__ != "ByteLevel":
+        assert pieces is None
+        return
+    for i in range(tok.vocab_size):
+        assert pieces[i].decode("utf-8", "replace") == tok.decode([i]), i
