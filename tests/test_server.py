@@ -267,7 +267,10 @@ def test_queue_full_429_and_sigterm_drains(tiny_artifact):
         threads = [threading.Thread(target=long, args=(i,)) for i in range(12)]
         for t in threads:
             t.start()
-        time.sleep(0.5)
+        deadline = time.time() + 60  # the burst has arrived: some run, the rest were refused
+        while not (429 in results.values() and s.metrics()["qwen3_moe_requests_running"] > 0):
+            assert time.time() < deadline, (results, s.metrics())
+            time.sleep(0.05)
         s.proc.send_signal(signal.SIGTERM)  # while requests run: they finish, new ones get 503
         time.sleep(0.2)
         health = httpx.get(s.url + "/health")  # the listener stays open while it drains
