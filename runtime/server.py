@@ -418,7 +418,7 @@ async def stream(state: ServerState, req: Request, handle, events: "Events", tex
         if req.kind == "chat":  # the role comes first, as OpenAI streams it
             await send({"type": "http.response.body", "body": event(chunk_choice(req, None, [], first=True)),
                         "more_body": True})
-        while True:
+        while True:  # `tokens()` inlined: an async generator's resume costs per token on this path
             ev = await events.get()
             if ev is _GONE:
                 return
