@@ -9,9 +9,9 @@ import pytest  # noqa: E402
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
 
-# The slowest modules, slowest first (by `--durations` on 2 cores), run before the rest. pyproject's addopts runs the suite on two pytest-xdist workers a module at a time, in this
-# order (--dist loadfile --no-loadscope-reorder): long modules started last would leave one worker
-# alone at the end. test_server goes first as it builds the shared tiny_artifact while the other
+# The slowest modules, slowest first (by `--durations` on 2 cores), run before the rest. pyproject's
+# addopts runs the suite on two pytest-xdist workers a module at a time, in this order (--dist
+# loadfile --no-loadscope-reorder): long modules started last would leave one worker alone at the end. test_server goes first as it builds the shared tiny_artifact while the other
 # worker runs test_quantized, which needs none.
 SLOW_FIRST = ["test_server", "test_quantized", "test_multiprocess", "test_export", "test_model_vs_hf",
               "test_tf_savedmodel", "test_experts", "test_dp_modes", "test_runtime_serving", "test_kv_cache",
