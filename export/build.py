@@ -37,6 +37,7 @@ from runtime import engine as rt_engine
 from runtime import format as fmt
 from runtime.batching import pack, wire_shapes
 from runtime.buckets import MAX_LEN, Bucket, plan
+from runtime.profile import module_name
 from runtime.verify import OUTPUT_NAMES, compare_outputs, tolerance
 
 from . import hbm
@@ -607,20 +608,14 @@ def _build_mesh(tmp: Path, manifest: fmt.Manifest, mesh_entry: fmt.MeshEntry, sh
         fast_dir.mkdir(parents=True, exist_ok=True)
     pool = ThreadPoolExecutor(max_workers=max(1, cfg.jobs))
     try:
-        # The reference step compiles first, beside the first exports (tracing compiles nothing):
-        # it must be done before the fast-load cache opens, which only the exports may fill.
-        reference = None if cfg.executables_only else pool.submit(
-            _reference_step, source, shape, mesh, [groups for groups, _ in probes.values()], cache, cfg.logprobs,
-            engine.abstract_args(buckets[0])[0], cfg.specs(model, shape), cfg.kv_quant(model))
-        pending, ready = list(buckets), []
-        while pending and reference is not None and not reference.done():
-            found[pending[0]] = _export(tmp, cfg, model, shape, mesh, pending[0], cache)
-            report.exported(name, pending[0])
-            ready.append(pending.pop(0))
-        reference = None if reference is None else reference.result()
         with rt_engine.compilation_cache_at(fast_dir if cfg.fast_load else None, write=True):
-            futures = [pool.submit(compile_and_cost, bucket) for bucket in ready]
-            for bucket in pending:
+            # The reference step compiles first, beside the first exports (tracing compiles nothing);
+            # the cache is open for it too, and what it writes there is removed below.
+            reference = None if cfg.executables_only else pool.submit(
+                _reference_step, source, shape, mesh, [groups for groups, _ in probes.values()], cache,
+                cfg.logprobs, engine.abstract_args(buckets[0])[0], cfg.specs(model, shape), cfg.kv_quant(model))
+            futures = []
+            for bucket in buckets:
                 found[bucket] = _export(tmp, cfg, model, shape, mesh, bucket, cache)
                 report.exported(name, bucket)
                 futures.append(pool.submit(compile_and_cost, bucket))
@@ -628,8 +623,11 @@ def _build_mesh(tmp: Path, manifest: fmt.Manifest, mesh_entry: fmt.MeshEntry, sh
                 bucket, compiled, fields = future.result()
                 engine.install(bucket, compiled)
                 found[bucket] |= fields
+            reference = None if reference is None else reference.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+    if cfg.fast_load:
+        _keep_only_executables(fast_dir, buckets)
     if cfg.executables_only:
         return found
     engine.load_weights()
@@ -641,6 +639,15 @@ def _build_mesh(tmp: Path, manifest: fmt.Manifest, mesh_entry: fmt.MeshEntry, sh
         found[bucket]["step_seconds"] = {mesh.devices.flat[0].platform: step_seconds(engine, bucket)}
         report.timed(name, bucket)
     return found
+
+
+def _keep_only_executables(fast_dir: Path, buckets) -> None:
+    """The fast-load section holds the artifact's executables and nothing else: the reference step
+    compiled while the cache was open leaves an entry there, named after its own module."""
+    mine = tuple(module_name(b.name) + "-" for b in buckets)
+    for f in fast_dir.iterdir():
+        if f.is_file() and not f.name.startswith(mine):
+            f.unlink()
 
 
 def _finish(tmp: Path, out: Path, manifest: fmt.Manifest) -> None:
