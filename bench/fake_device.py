@@ -1,9 +1,10 @@
 """A device whose step takes a fixed wall time and no host CPU, for measuring the host side alone.
 
-`python -m bench.fake_device STEP_MS STATS_JSON serve ARTIFACT [serve options]` is `python -m
+`python -m bench.fake_device STEP_MS STATS_JSON PAGES serve ARTIFACT [serve options]` is `python -m
 runtime serve` with the artifact's executables replaced by `SleepingDevice`: the scheduler, the
 engine loop and the whole HTTP side are the real ones, the artifact's buckets, cache geometry and
-tokenizer too; only the step is a sleep. When the engine process ends it writes the device's
+tokenizer too; only the step is a sleep. PAGES: the pool per DP group (0: the artifact's), so that
+a benchmark can take the scheduler's pool pressure out of what it measures. When the engine process ends it writes the device's
 timings to STATS_JSON.
 """
 
@@ -22,12 +23,13 @@ class SleepingDevice:
     before it are done (one device, steps in order); reading its outputs waits for that. Every
     sampled token is `token`, so nothing ends before max_tokens."""
 
-    def __init__(self, manifest, mesh_entry, step_s: float, token: int):
+    def __init__(self, manifest, mesh_entry, step_s: float, token: int, pages: int = 0):
         from runtime.engine import LoadInfo
 
         cache = manifest.cache
         self.manifest, self.dp = manifest, mesh_entry.dp
         self.page_size, self.num_pages, self.pages_per_seq = cache.page_size, cache.num_pages, cache.pages_per_seq
+        self.num_pages = pages or self.num_pages
         self.vocab_size, self.num_logprobs = manifest.model.vocab_size, manifest.logprobs
         self.buckets = sorted({e.bucket for e in manifest.executables_of(mesh_entry.name)})
         self.step_seconds = self.bucket_cost = None
@@ -81,24 +83,24 @@ def plain_token(artifact) -> int:
     return next(t for t in range(100, 10**6) if t not in eos)
 
 
-def sleeping_device(artifact, step_ms: float) -> SleepingDevice:
+def sleeping_device(artifact, step_ms: float, pages: int = 0) -> SleepingDevice:
     from pathlib import Path
 
     from runtime.format import read_manifest
 
     manifest = read_manifest(artifact)
     mesh = max(manifest.meshes, key=lambda m: m.devices)
-    return SleepingDevice(manifest, mesh, step_ms / 1e3, plain_token(Path(artifact)))
+    return SleepingDevice(manifest, mesh, step_ms / 1e3, plain_token(Path(artifact)), pages)
 
 
 def main(argv: list[str]) -> int:
-    step_ms, stats_path, rest = float(argv[0]), argv[1], argv[2:]
+    step_ms, stats_path, pages, rest = float(argv[0]), argv[1], int(argv[2]), argv[3:]
     import runtime.engine_proc
     from runtime.cli import main as runtime_main
 
     def load(path, **_):
         """Runs in the engine process (forked by the server), which writes the timings when it ends."""
-        device = sleeping_device(path, step_ms)
+        device = sleeping_device(path, step_ms, pages)
         multiprocessing.util.Finalize(device, write, args=(device,), exitpriority=1)
         return device
 

@@ -382,7 +382,7 @@ def send_cost_us(n: int = 4000, size: int = 160) -> dict:
     return out
 
 
-def loop_alone(artifact, step_ms: float, prompts, tokens: int) -> dict:
+def loop_alone(artifact, step_ms: float, prompts, tokens: int, pages: int = 0) -> dict:
     """The engine loop over the same sleeping device in this process, every request at once,
     nothing but a counter per token: what the server is measured against."""
     import threading
@@ -391,7 +391,7 @@ def loop_alone(artifact, step_ms: float, prompts, tokens: int) -> dict:
     from runtime.engine_loop import EngineLoop
     from runtime.sampling import SamplingParams
 
-    device = sleeping_device(artifact, step_ms)
+    device = sleeping_device(artifact, step_ms, pages)
     loop = EngineLoop(device, max_queue=len(prompts) + 1)
     left, done, counted = [len(prompts)], threading.Event(), [0]
 
@@ -422,12 +422,12 @@ def fake_step(args) -> None:
     prompts = [rng.integers(1, manifest.model.vocab_size, 8).tolist() for _ in range(args.streams)]
     lengths = sorted({max(1, args.tokens // 4), args.tokens})
     load_avg = os.getloadavg()[0]
-    print(f"sleeping device, {args.fake_step_ms} ms a step; {args.streams} streams x {lengths} tokens; "
-          f"load average {load_avg:.1f} on {os.cpu_count()} cores")
-    alone = {n: loop_alone(artifact, args.fake_step_ms, prompts, n) for n in lengths}
+    print(f"sleeping device, {args.fake_step_ms} ms a step, {args.fake_pages or manifest.cache.num_pages} KV pages per "
+          f"group; {args.streams} streams x {lengths} tokens; load average {load_avg:.1f} on {os.cpu_count()} cores")
+    alone = {n: loop_alone(artifact, args.fake_step_ms, prompts, n, args.fake_pages) for n in lengths}
     stats_file = tempfile.NamedTemporaryFile(prefix="bench-fake-device-", suffix=".json", delete=False).name
     server = Server(artifact, max_queue=4 * args.streams,
-                    launcher=("-m", "bench.fake_device", str(args.fake_step_ms), stats_file))
+                    launcher=("-m", "bench.fake_device", str(args.fake_step_ms), stats_file, str(args.fake_pages)))
     served, windows = {}, {}
     try:
         serve_fake(server.port, server.model, prompts[:16], 4)  # warm-up, untimed
@@ -455,8 +455,8 @@ def fake_step(args) -> None:
     per_request = (extra[lo] - per_token * args.streams * lo) / args.streams if hi > lo else extra[hi] / args.streams
     for n in lengths:
         a, s = alone[n], served[n]
-        print(f"{n:3d} tokens: loop alone {a['tok_s']:7.0f} tok/s (gap p50/p99 {a['gap_ms_p50']:.2f}/"
-              f"{a['gap_ms_p99']:.2f} ms, cpu {a['cpu_s']:.2f} s); server {s['tok_s']:7.0f} tok/s (gap p50/p99 "
+        print(f"{n:3d} tokens: loop alone {a['tok_s']:7.0f} tok/s ({a['steps']} steps, gap p50/p99 {a['gap_ms_p50']:.2f}/"
+              f"{a['gap_ms_p99']:.2f} ms, cpu {a['cpu_s']:.2f} s); server {s['tok_s']:7.0f} tok/s ({s['steps']} steps, gap p50/p99 "
               f"{s['gap_ms_p50']:.2f}/{s['gap_ms_p99']:.2f} ms, cpu {s['server_cpu_s']:.2f} s of which API "
               f"{s['api_cpu_s']:.2f} s, "
               f"client "
@@ -474,6 +474,7 @@ def fake_step(args) -> None:
           f"{net['waking_reader']:.0f}-{net['back_to_back']:.0f} us (goal <= 25)")
     write_result(args.result if args.result != "serve" else "serve_fake_step", {
         "workload": {"step_ms": args.fake_step_ms, "streams": args.streams, "tokens": lengths,
+                     "pages_per_group": args.fake_pages or manifest.cache.num_pages,
                      "load_average_before": load_avg, "load_average_after": os.getloadavg()[0]},
         "loop_alone": {str(n): v for n, v in alone.items()}, "server": {str(n): v for n, v in served.items()},
         "ratio": ratio, "api_cpu_ms_per_request": per_request * 1e3, "api_cpu_us_per_token": per_token * 1e6,
@@ -507,6 +508,10 @@ def main():
     parser.add_argument("--streams", type=int, default=256,
                         help="with --fake-step-ms: concurrent streams (default 256)")
     parser.add_argument("--tokens", type=int, default=32, help="with --fake-step-ms: tokens per stream (default 32)")
+    parser.add_argument("--fake-pages", type=int, default=0, metavar="N",
+                        help="with --fake-step-ms: the sleeping device's KV pool per DP group (default 0: the "
+                             "artifact's, 160 pages, which holds ~64 of the 256 streams at full length: the run "
+                             "then preempts, and its schedule depends on when requests arrive)")
     args = parser.parse_args()
     if args.fake_step_ms is not None:
         return fake_step(args)
