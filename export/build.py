@@ -606,6 +606,7 @@ def _build_mesh(tmp: Path, manifest: fmt.Manifest, mesh_entry: fmt.MeshEntry, sh
 
     if cfg.fast_load:
         fast_dir.mkdir(parents=True, exist_ok=True)
+    earlier = set(fast_dir.iterdir()) if cfg.fast_load else set()  # other meshes' executables
     pool = ThreadPoolExecutor(max_workers=max(1, cfg.jobs))
     try:
         with rt_engine.compilation_cache_at(fast_dir if cfg.fast_load else None, write=True):
@@ -627,7 +628,7 @@ def _build_mesh(tmp: Path, manifest: fmt.Manifest, mesh_entry: fmt.MeshEntry, sh
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     if cfg.fast_load:
-        _keep_only_executables(fast_dir, buckets)
+        _keep_only_executables(fast_dir, buckets, earlier)
     if cfg.executables_only:
         return found
     engine.load_weights()
@@ -641,11 +642,12 @@ def _build_mesh(tmp: Path, manifest: fmt.Manifest, mesh_entry: fmt.MeshEntry, sh
     return found
 
 
-def _keep_only_executables(fast_dir: Path, buckets) -> None:
-    """The fast-load section holds the artifact's executables and nothing else: the reference step
-    compiled while the cache was open leaves an entry there, named after its own module."""
+def _keep_only_executables(fast_dir: Path, buckets, earlier: set[Path]) -> None:
+    """The fast-load section holds the artifact's executables and nothing else: of what this mesh's
+    compiles added (files not in `earlier`, which are other meshes'), the entries not named after
+    one of its executables' modules go: the reference step's, compiled while the cache was open."""
     mine = tuple(module_name(b.name) + "-" for b in buckets)
-    for f in fast_dir.iterdir():
+    for f in set(fast_dir.iterdir()) - earlier:
         if f.is_file() and not f.name.startswith(mine):
             f.unlink()
 

@@ -303,3 +303,15 @@ def test_artifact_without_a_recorded_layout_loads_as_width_split(tmp_path):
     assert (lay.name, lay.local_experts, lay.local_width, lay.expert_axes) == ("width", 32, 4, ())
     r = run_cli("runtime", "verify", str(out))
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_every_mesh_of_a_build_loads_from_its_fast_load_entries(tmp_path):
+    """A build of two meshes ships each one's executables, compiled once at build: loading either
+    compiles nothing. (Each mesh's compile pass shares the section with the meshes before it.)"""
+    out = build_artifact(tmp_path / "two", ladder=(4,), modes=("max_len",),
+                         meshes=(MeshShape(1, 1), MeshShape(2, 1)))
+    m = fmt.read_manifest(out)
+    assert len(m.fastload["cpu"].files) == len(m.executables) == 2
+    for name in ("1x1", "2x1"):
+        engine = load(out, mesh=name)
+        assert engine.load_info.fast_load_hits == len(engine.buckets) == 1, engine.load_info
