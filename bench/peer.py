@@ -56,13 +56,13 @@ ARTIFACT = ROOT / "artifacts" / "peer-qwen3-moe"
 LOGS = ROOT / "bench" / "results" / "tmp" / "peer"
 DRIVER = Path(__file__).resolve().parent / "peer_driver.py"
 MAX_CONTEXT, PAGE_SIZE = 512, 8
-# The token rungs per DP group: the default ladder plus prefill steps of 256 and 512 tokens, as a
-# user serving long prompts would build (vLLM's CPU default feeds up to 4,096 tokens a step). On
-# this workload it runs 83 steps instead of 155 (bench/ab.py: 13-15% less CPU, same tokens). A
-# 1,024-token rung helps 1x1 (72 steps instead of 85, 0.76-0.98x the CPU in alternating rounds)
-# but costs 2x4, whose groups then take 2,048 tokens a step (7-14% slower in every round): one
-# ladder serves both meshes here, so it stops at 512.
-LADDER = {"tokens": [8, 16, 32, 64, 128, 256, 512], "max_seqs": 64}
+# The token rungs per DP group: the default ladder plus prefill steps of 256, 512 and 1,024 tokens,
+# as a user serving long prompts would build (vLLM's CPU default feeds up to 4,096 tokens a step),
+# with a budget of 1,024 tokens a step: 1x1 gets the 1,024 rung, 2x4 stops at 512 per group. On
+# this workload at 1x1: 155 steps with the default ladder, 85 up to 512, 72 up to 1,024 (bench/ab.py:
+# each 13-24% less CPU, same tokens); a 1,024 rung per group on 2x4 (2,048 tokens a step) ran
+# 7-14% slower than stopping at 512.
+LADDER = {"tokens": [8, 16, 32, 64, 128, 256, 512, 1024], "max_seqs": 64, "max_step_tokens": 1024}
 GOALS = {"offline_1x1": 1.0, "offline_2x4": 0.5}
 # vLLM log lines worth showing: how it computes (threads, KV cache, batching, compilation)
 VLLM_SETTING_LINES = re.compile(r"OpenMP|OMP_|core ids|reserved_cpus|[Tt]orch threads|KV cache size|LD_PRELOAD|"

@@ -66,6 +66,7 @@ class BuildConfig:
     token_ladder: tuple[int, ...] = (8, 16, 32, 64, 128)
     sum_ladder: tuple[int, ...] | None = None
     max_seqs: int = 64
+    max_step_tokens: int | None = None  # rungs whose step (dp x tokens) exceeds it are not built for that mesh
     page_size: int = 8
     max_context: int = 256
     pages_per_group: int | None = None  # including the reserved page 0; None: from kv_cache_bytes, else the default
@@ -363,7 +364,11 @@ def build(cfg: BuildConfig, report: Reporter | None = None) -> Path:
         raise BuildError(f"the KV cache holds {cache.num_pages} pages per group (page 0 reserved), fewer than one "
                          f"sequence of --max-context {cfg.max_context} needs ({cache.pages_per_seq} pages of "
                          f"{cfg.page_size} tokens): give it more bytes or pages, or lower --max-context")
-    plans = {str(s): plan(s.dp, cfg.token_ladder, cfg.max_seqs, cfg.modes, cfg.sum_ladder) for s in cfg.meshes}
+    try:
+        plans = {str(s): plan(s.dp, cfg.token_ladder, cfg.max_seqs, cfg.modes, cfg.sum_ladder, cfg.max_step_tokens)
+                 for s in cfg.meshes}
+    except ValueError as e:
+        raise BuildError(str(e)) from None
     for s in cfg.meshes:
         Layout.for_mesh(model, s, cfg.expert_layout)  # fail early on heads that don't fit the mesh, a bad layout
     if cfg.tf_savedmodel and (reason := savedmodel_mesh_error(cfg.meshes)):

@@ -32,6 +32,8 @@ def _ladders(args) -> dict:
             out["max_seqs"] = int(d["max_seqs"])
         if "sums" in d:
             out["sum_ladder"] = tuple(int(g) for g in d["sums"])
+        if "max_step_tokens" in d:
+            out["max_step_tokens"] = int(d["max_step_tokens"])
         return out
     if args.plan_from:
         try:

@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated DP padding modes to build executables for (default max_len,sum_len)")
     g = b.add_mutually_exclusive_group()
     g.add_argument("--buckets", default=None, metavar="FILE",
-                   help='JSON {"tokens": [..], "max_seqs": N, "sums": [..]} (sums optional)')
+                   help='JSON {"tokens": [..], "max_seqs": N, "sums": [..], "max_step_tokens": N} (sums optional; '
+                        'max_step_tokens: a mesh gets only the rungs whose step, DP groups x tokens, fits it)')
     g.add_argument("--plan-from", default=None, metavar="TRACE",
                    help='a recorded trace, JSON {"steps": [[tokens per group, ...], ...]}')
     b.add_argument("--max-buckets", type=int, default=8, help="token rungs to derive from a trace (default 8)")

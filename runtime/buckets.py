@@ -21,16 +21,24 @@ def seqs_for(tokens: int, max_seqs: int) -> int:
 
 
 def plan(dp: int, token_ladder: Iterable[int], max_seqs: int, modes: Iterable[str] = MODES,
-         sum_ladder: Iterable[int] | None = None) -> list[Bucket]:
+         sum_ladder: Iterable[int] | None = None, max_step_tokens: int | None = None) -> list[Bucket]:
     """Every (mode, bucket) to build for one mesh.
 
     MAX_LEN: one bucket per rung T. SUM_LEN: per rung T, one bucket per sum rung G with
     T <= G < dp*T (a larger G is never chosen over MAX_LEN's dp*T rows, and a smaller one can't
     hold a full group). With dp == 1 the two modes coincide, so only MAX_LEN is built.
+    `max_step_tokens`: rungs whose step (dp*T rows) would exceed it are left out, so one ladder
+    can give a one-group mesh large prefill steps without giving every group of a wider mesh the
+    same (a step's cost grows with its rows, wherever they sit).
     """
     tokens = sorted(set(int(t) for t in token_ladder))
     if not tokens or tokens[0] < 1:
         raise ValueError(f"token ladder {tokens} must hold positive sizes")
+    if max_step_tokens is not None:
+        if dp * tokens[0] > max_step_tokens:
+            raise ValueError(f"a step budget of {max_step_tokens} tokens holds no rung of {tokens} on {dp} DP "
+                             f"groups (the smallest needs {dp * tokens[0]})")
+        tokens = [t for t in tokens if dp * t <= max_step_tokens]
     sums = sorted(set(int(g) for g in (sum_ladder if sum_ladder is not None else tokens)))
     out = []
     for t in tokens:

@@ -80,3 +80,25 @@ def test_one_bucket_type_for_runtime_and_model():
     assert {"max_len": 1}[from_model.mode] == 1 and {from_model.mode: 1}["max_len"] == 1
     with pytest.raises(ValueError, match="fast"):
         Bucket("fast", 4, 2, 8)
+
+
+def test_a_step_budget_gives_each_mesh_its_own_top_rung():
+    """One ladder, two meshes: a one-group mesh keeps the 1,024-token rung, a two-group mesh, whose
+    step would hold 2,048 rows there, stops at 512; a budget below every rung is refused."""
+    ladder = [8, 512, 1024]
+    assert [b.tokens for b in plan(1, ladder, 64, max_step_tokens=1024)] == [8, 512, 1024]
+    assert {b.tokens for b in plan(2, ladder, 64, max_step_tokens=1024)} == {8, 512}
+    assert all(b.global_len <= 1024 for b in plan(2, ladder, 64, max_step_tokens=1024))
+    assert {b.tokens for b in plan(2, ladder, 64)} == {8, 512, 1024}
+    with pytest.raises(ValueError, match="holds no rung"):
+        plan(4, [512], 64, max_step_tokens=1024)
+
+
+def test_a_build_refuses_a_budget_below_every_rung(tmp_path):
+    from dp_attention import MeshShape
+    from export.build import BuildConfig, build
+    from export.errors import BuildError
+
+    with pytest.raises(BuildError, match="step budget of 8 tokens holds no rung of \\[8\\] on 2 DP groups"):
+        build(BuildConfig(out=tmp_path / "a", meshes=(MeshShape(2, 4),), token_ladder=(8,), max_step_tokens=8))
+    assert not (tmp_path / "a").exists()
