@@ -4,8 +4,8 @@
 runtime serve` with the artifact's executables replaced by `SleepingDevice`: the scheduler, the
 engine loop and the whole HTTP side are the real ones, the artifact's buckets, cache geometry and
 tokenizer too; only the step is a sleep. PAGES: the pool per DP group (0: the artifact's), so that
-a benchmark can take the scheduler's pool pressure out of what it measures. When the engine process ends it writes the device's
-timings to STATS_JSON.
+a benchmark can take the scheduler's pool pressure out of what it measures. When the engine
+process ends it writes the device's timings to STATS_JSON.
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ class SleepingDevice:
 
         cache = manifest.cache
         self.manifest, self.dp = manifest, mesh_entry.dp
-        self.page_size, self.num_pages, self.pages_per_seq = cache.page_size, cache.num_pages, cache.pages_per_seq
-        self.num_pages = pages or self.num_pages
+        self.page_size, self.num_pages, self.pages_per_seq = cache.page_size, pages or cache.num_pages, cache.pages_per_seq
         self.vocab_size, self.num_logprobs = manifest.model.vocab_size, manifest.logprobs
         self.buckets = sorted({e.bucket for e in manifest.executables_of(mesh_entry.name)})
         self.step_seconds = self.bucket_cost = None
