@@ -42,7 +42,7 @@ from runtime.verify import OUTPUT_NAMES, compare_outputs, tolerance
 
 from . import hbm
 from .errors import BuildError
-from .hlo_cost import collective_bytes, matmul_flops_report
+from .hlo_cost import costs
 from .probes import make_probe, step_seconds
 from .progress import Reporter
 from .source import ModelSource, open_model
@@ -272,11 +272,11 @@ def _analysis(compiled) -> fmt.Cost:
     """What one executable costs per device: memory from XLA, FLOPs counted with loop trip counts
     (XLA's own cost analysis counts a scanned layer once)."""
     text = compiled.as_text()
-    counted = matmul_flops_report(text)
+    counted, sent = costs(text)
     xla = compiled.cost_analysis() or {}
     xla = xla[0] if isinstance(xla, list) else xla
     cost = fmt.Cost(flops=counted["flops"], xla_flops=float(xla.get("flops", 0.0)),
-                    collective_bytes=collective_bytes(text), bytes_accessed=float(xla.get("bytes accessed", 0.0)),
+                    collective_bytes=sent, bytes_accessed=float(xla.get("bytes accessed", 0.0)),
                     collectives=dict(collections.Counter(COLLECTIVE.findall(text))))
     mem = compiled.memory_analysis()
     if mem is None:

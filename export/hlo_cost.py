@@ -268,15 +268,7 @@ def matmul_flops_report(hlo_text: str) -> dict:
     ``unknown_trip_counts`` so callers can tell the total is then a lower bound. For a
     ``conditional`` the most expensive branch is taken (worst case per step).
     """
-    comps, entry = _parse_module(hlo_text)
-    walker = _Walker(comps)
-    flops = walker.computation(entry)
-    loops = [{"name": n, "trip_count": t} for n, t in walker.loops.items()]
-    return {
-        "flops": flops,
-        "while_loops": loops,
-        "unknown_trip_counts": sum(loop["trip_count"] is None for loop in loops),
-    }
+    return costs(hlo_text)[0]
 
 
 def matmul_flops(hlo_text: str) -> float:
@@ -284,7 +276,14 @@ def matmul_flops(hlo_text: str) -> float:
     return matmul_flops_report(hlo_text)["flops"]
 
 
-def collective_bytes(hlo_text: str) -> float:
-    """Bytes one device sends through collectives in one run, loop bodies times their trip count."""
+def costs(hlo_text: str) -> tuple[dict, float]:
+    """(matmul_flops_report, bytes one device sends through collectives in one run, loop bodies times
+    their trip count), from one parse of the module: a build reads both for every executable, and
+    parsing is most of either."""
     comps, entry = _parse_module(hlo_text)
-    return _Walker(comps, _collective_bytes).computation(entry)
+    walker = _Walker(comps)
+    flops = walker.computation(entry)
+    loops = [{"name": n, "trip_count": t} for n, t in walker.loops.items()]
+    report = {"flops": flops, "while_loops": loops,
+              "unknown_trip_counts": sum(loop["trip_count"] is None for loop in loops)}
+    return report, _Walker(comps, _collective_bytes).computation(entry)
