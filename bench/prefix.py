@@ -1,15 +1,18 @@
-"""Prefix cache on against off, on the default artifact's real executables, in one command.
+"""Prefix cache on against off, on real executables, in one command.
 
-Three workloads, greedy, each served by the scheduler's online loop (submit, step) with the cache
-on and off, alternately, `--repeats` times (figures are medians over the repeats):
+The default model and mesh (2x4) built with a longer context C (`--max-context`, default 1024)
+and a pool of 8 full-context sequences per DP group, once, into artifacts/prefix-bench-C: the
+default artifact's 256 tokens hold a chat history too short to show what a cache is for. Three
+workloads, greedy, sized by C, each served by the scheduler's online loop (submit, step) with the
+cache on and off, alternately, `--repeats` times (figures are medians over the repeats):
 
-shared_system  64 requests at once, all starting with one 192-token system prompt (75% of the
-               256-token context) and each ending with its own 8 to 24 tokens; 16 new tokens.
-multi_turn     16 conversations of 4 turns: each turn's prompt is the previous turn's prompt, its
-               answer (16 tokens) and a new user message (8 to 24 tokens); a conversation's next
-               turn is submitted the moment its previous answer is complete. The 16 conversations'
-               pages (about 128 tokens each at the end) fit the artifact's pool (2 x 159 pages of
-               8), as a server's pool is sized to hold its running conversations.
+shared_system  64 requests at once, all starting with one system prompt of 3C/4 tokens (768) and
+               each ending with its own C/32 to 3C/32 tokens (32 to 96); 16 new tokens each.
+multi_turn     16 conversations of 8 turns: each turn's prompt is the previous turn's prompt, its
+               answer (C/32 = 32 tokens) and a new user message (32 to 96 tokens), about 736
+               tokens by the last turn; a conversation's next turn is submitted the moment its
+               previous answer is complete. The pool holds all 16 conversations, as a server's
+               pool is sized to hold its running conversations.
 trace          the long-tailed seeded trace of bench/common.py (48 requests, Poisson arrivals in
                steps), no shared prefixes: the cache must cost nothing there.
 
@@ -21,42 +24,79 @@ the ratio within each back-to-back pair (off, then on). For the trace, also the 
 host time with the cache on and off on a stand-in executor (no device work, so no load noise from
 the device side): what the cache costs where it finds nothing.
 
-    python -m bench.prefix [--repeats 3]
+    python -m bench.prefix [--repeats 3] [--max-context 1024]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, ensure_artifact, make_trace, write_result
+from bench.common import RESULTS, ROOT, make_trace, write_result
 
 VOCAB = 500
-SYSTEM, NEW_TOKENS = 192, 16
-TURNS, ANSWER = 4, 16
+NEW_TOKENS = 16  # per request of the shared-system workload
+CONVERSATIONS, TURNS = 16, 8
+PAGES_PER_CONTEXT = 8  # the benchmark artifact's pool, per group, in full-context sequences
+PAGE_SIZE = 8
 
 
 # ---------------------------------------------------------------------------------- workloads
+# Sizes scale with the artifact's context C, so that prompts fill it as real ones would.
 
-def shared_system(n: int = 64, seed: int = 0) -> dict:
+def shared_system(context: int, n: int = 64, seed: int = 0) -> dict:
+    """n requests at once: one system prompt of 3C/4 tokens, then each its own C/32 to 3C/32."""
     rng = np.random.default_rng(seed)
-    system = rng.integers(0, VOCAB, SYSTEM).tolist()
-    prompts = [system + rng.integers(0, VOCAB, int(k)).tolist() for k in rng.integers(8, 25, n)]
+    system = rng.integers(0, VOCAB, 3 * context // 4).tolist()
+    own = rng.integers(context // 32, 3 * context // 32 + 1, n)
+    prompts = [system + rng.integers(0, VOCAB, int(k)).tolist() for k in own]
     return {"first": [(p, NEW_TOKENS, 0) for p in prompts]}
 
 
-def multi_turn(n: int = 16, seed: int = 1) -> dict:
+def multi_turn(context: int, seed: int = 1) -> dict:
+    """Conversations of TURNS turns: user messages of C/32 to 3C/32 tokens, answers of C/32, so
+    the last turn's prompt holds about 3/4 of the context (about 736 tokens at C = 1024)."""
     rng = np.random.default_rng(seed)
-    users = [[rng.integers(0, VOCAB, int(rng.integers(8, 25))).tolist() for _ in range(TURNS)] for _ in range(n)]
-    return {"first": [(u[0], ANSWER, 0) for u in users], "users": users}
+    users = [[rng.integers(0, VOCAB, int(rng.integers(context // 32, 3 * context // 32 + 1))).tolist()
+              for _ in range(TURNS)] for _ in range(CONVERSATIONS)]
+    answer = context // 32
+    return {"first": [(u[0], answer, 0) for u in users], "users": users, "answer": answer}
 
 
-def trace() -> dict:
-    t = make_trace()
+def trace(context: int) -> dict:
+    t = make_trace(max_context=context)
     return {"first": list(zip(t["prompts"], t["max_new_tokens"], t["arrivals"]))}
+
+
+def max_context(engine) -> int:
+    return engine.pages_per_seq * engine.page_size
+
+
+def stand_in(engine):
+    """An executor with the engine's buckets and cache geometry that does no device work."""
+    from bench.padding import PaddingOnly
+
+    ex = PaddingOnly(engine.buckets)
+    ex.num_pages, ex.pages_per_seq, ex.page_size = engine.num_pages, engine.pages_per_seq, engine.page_size
+    return ex
+
+
+def ensure_bench_artifact(context: int) -> Path:
+    """The default model and mesh with a longer context and a pool of PAGES_PER_CONTEXT full-context
+    sequences per group (a no-op when current): the default artifact's 256 tokens leave a chat
+    history too short for its prefill to matter beside its decode steps."""
+    out = ROOT / "artifacts" / f"prefix-bench-{context}"
+    pages = PAGES_PER_CONTEXT * context // PAGE_SIZE + 1  # page 0 is reserved
+    subprocess.run([sys.executable, "-m", "export", "build", "--mesh", "2x4", "--max-context", str(context),
+                    "--page-size", str(PAGE_SIZE), "--pages-per-group", str(pages), "--out", str(out), "--quiet"],
+                   cwd=ROOT, check=True)
+    return out
 
 
 WORKLOADS = {"shared_system": shared_system, "multi_turn": multi_turn, "trace": trace}
@@ -95,8 +135,8 @@ def serve(engine, workload: dict, prefix_cache: bool) -> dict:
         for r in served:
             first.setdefault(r, now)
             c, turn = conversation[r]
-            if r.finish_reason is not None and users is not None and turn + 1 < TURNS:
-                submit(list(r.prompt) + r.generated + users[c][turn + 1], ANSWER, (c, turn + 1))
+            if r.finish_reason is not None and users is not None and turn + 1 < len(users[c]):
+                submit(list(r.prompt) + r.generated + users[c][turn + 1], workload["answer"], (c, turn + 1))
     wall = time.perf_counter() - t0
     s = sched.stats
     ttft = np.array([first[r] - submitted[r] for r in requests])
@@ -123,7 +163,7 @@ def median_run(runs: list[dict]) -> dict:
 
 
 def compare(engine, name: str, repeats: int) -> dict:
-    workload = WORKLOADS[name]()
+    workload = WORKLOADS[name](max_context(engine))
     runs = {True: [], False: []}
     for _ in range(repeats):
         for on in (False, True):
@@ -153,21 +193,20 @@ def compare(engine, name: str, repeats: int) -> dict:
     return row
 
 
-def host_cost(name: str, buckets, repeats: int) -> dict:
+def host_cost(name: str, engine, repeats: int) -> dict:
     """The scheduler's own time (planning, routing, cache lookups, packing) over a workload, on a
     stand-in executor that does no device work: what the cache costs the host, apart from the
     device's step times and the machine's load. Fastest of the repeats."""
-    from bench.padding import PaddingOnly
     from runtime.scheduler import generate
 
-    w = WORKLOADS[name]()
+    w = WORKLOADS[name](max_context(engine))
     prompts, max_new, arrivals = (list(x) for x in zip(*w["first"]))
     seconds = {}
     for on in (False, True):
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            generate(PaddingOnly(buckets), prompts, max_new, arrivals=arrivals, prefix_cache=on)
+            generate(stand_in(engine), prompts, max_new, arrivals=arrivals, prefix_cache=on)
             times.append(time.perf_counter() - t0)
         seconds[on] = min(times)
     print(f"{name:14s} host time of the scheduler alone (no device work): {seconds[True] * 1e3:.1f} vs "
@@ -182,17 +221,20 @@ def main():
     p.add_argument("--no-sizing", action="store_true",
                    help="plan steps without the build's measured step times (largest bucket's limits first): "
                         "times measured on a loaded machine skew how prefill steps are sized")
+    p.add_argument("--max-context", type=int, default=1024,
+                   help="context of the benchmark artifact (built once, then reused); workloads scale with it "
+                        "(default 1024)")
     p.add_argument("--result", default="prefix", help="results name (bench/results/NAME.json and .png)")
     args = p.parse_args()
     from runtime.engine import load
 
-    engine = load(ensure_artifact())
+    engine = load(ensure_bench_artifact(args.max_context))
     if args.no_sizing:
         engine.step_seconds = None
     load_avg = os.getloadavg()
     results = {name: compare(engine, name, args.repeats) for name in args.workloads}
     if "trace" in args.workloads:
-        results["trace"]["host_only"] = host_cost("trace", engine.buckets, max(args.repeats, 5))
+        results["trace"]["host_only"] = host_cost("trace", engine, max(args.repeats, 5))
     results["load_average_1_5_15"] = [load_avg, list(os.getloadavg())]
     results["repeats"], results["sized_by_step_time"] = args.repeats, not args.no_sizing
     write_result(args.result, results)
