@@ -71,11 +71,7 @@ MAX_CHOICES = 16
 
 
 def _choices(body: dict) -> int:
-    n = _number(body, "n", 1, lo=1, hi=MAX_CHOICES, integer=True)
-    if n > 1 and _bool(body, "stream"):
-        raise ApiError(400, f"'n'={n} with 'stream': true is not supported; stream one choice per request, or "
-                            "ask for n choices without streaming", param="n")
-    return n
+    return _number(body, "n", 1, lo=1, hi=MAX_CHOICES, integer=True)
 
 
 def _number(body, name, default, lo=None, hi=None, integer=False, lo_open=False):

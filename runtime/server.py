@@ -238,6 +238,9 @@ async def serve(http: HttpRequest, state: ServerState, req: Request):
     prompt = await prompt_ids(state, req)
     if not req.stream:
         return JSONResponse(await serve_choices(http, state, req, prompt))
+    if req.n > 1:
+        handles, events = submit_choices(state, req, prompt)
+        return EventStream(functools.partial(stream_choices, state, req, handles, events, len(prompt)))
     handle, events = submit(state, req, prompt)
     return EventStream(functools.partial(stream, state, req, handle, events, TextStream(state.tokenizer, req.stop),
                                          len(prompt)))
@@ -295,8 +298,25 @@ async def _choice(state: ServerState, req: Request, handle, events) -> tuple[dic
     return completion_choice(req, text.text, ids, finish, lp), len(ids), cached
 
 
-def submit(state: ServerState, req: Request, prompt: list[int]):
-    """Check the request against the engine's limits and queue it: its handle and its event queue."""
+def submit_choices(state: ServerState, req: Request, prompt: list[int]):
+    """Streamed, n > 1: one engine request per choice (choice i with seed + i), all putting their
+    events, tagged (i, event), in one queue. A refused submission cancels those already queued."""
+    events, handles = Events(), []
+    try:
+        for i in range(req.n):
+            put = functools.partial(lambda i, ev: events.put((i, ev)), i)
+            handles.append(submit(state, dataclasses.replace(req, sampling=req.sampling.for_request(i)), prompt,
+                                  put)[0])
+    except BaseException:
+        for h in handles:
+            state.engine.cancel(h)
+        raise
+    return handles, events
+
+
+def submit(state: ServerState, req: Request, prompt: list[int], put=None):
+    """Check the request against the engine's limits and queue it: its handle and its event queue
+    (or None, with `put` given: the callback its events go to)."""
     sched = state.engine.limits
     max_tokens = req.max_tokens or sched.max_context - len(prompt)
     where = "prompt" if req.kind == "completion" else "messages"
@@ -310,9 +330,9 @@ def submit(state: ServerState, req: Request, prompt: list[int]):
         param = "min_tokens" if "min_tokens" in msg else "stop_token_ids" if "stop token id" in msg \
             else where if "token id" in msg else "max_tokens"
         raise ApiError(400, msg, param=param) from None
-    events = Events()
+    events = Events() if put is None else None
     try:
-        handle = state.engine.submit(prompt, max_tokens, req.sampling, events.put,
+        handle = state.engine.submit(prompt, max_tokens, req.sampling, events.put if put is None else put,
                                      top_logprobs=req.logprobs or 0)
     except QueueFull as e:
         raise ApiError(429, str(e), type_="rate_limit_error") from None
@@ -456,6 +476,53 @@ async def stream(state: ServerState, req: Request, handle, events: "Events", tex
         watcher.cancel()
         if not handle.done:
             state.engine.cancel(handle)  # the client went away mid-stream: free its pages now
+
+
+async def stream_choices(state: ServerState, req: Request, handles: list, events: "Events", prompt_tokens: int,
+                         send, receive) -> None:
+    """Streamed, n > 1: the choices' tokens as they arrive, each event naming its choice's index
+    (as OpenAI streams them; a chat stream opens each choice with its role); one usage event and
+    [DONE] once every choice has finished. An engine error ends the stream with an error event."""
+    texts = [TextStream(state.tokenizer, req.stop) for _ in handles]
+    sent, done, cached = [0] * len(handles), [False] * len(handles), 0
+    event, out = ChunkEncoder(req), []
+    watcher = asyncio.ensure_future(_until_gone(receive, events))
+    try:
+        if req.kind == "chat":
+            out += [event(chunk_choice(req, None, [], first=True) | {"index": i}) for i in range(len(handles))]
+        while not all(done):
+            if out and not events.ready:
+                await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+                out = []
+            item = await events.get()
+            if item is _GONE:
+                return
+            i, ev = item
+            if isinstance(ev, BaseException):
+                raise _engine_error(ev)
+            if done[i]:  # after its stop string: the cancel crossed a token already sampled
+                continue
+            sent[i] += 1
+            cached = max(cached, ev.cached_tokens)
+            text, offset = texts[i], len(texts[i].text)
+            piece = text.push(ev.token, ev.finish_reason, sent[i] >= req.sampling.min_tokens)
+            lp = logprobs_block(req, [(ev.token, ev.logprob, ev.top)], [offset], text.token_text, text.token_bytes)
+            finish = "stop" if text.stopped else ev.finish_reason
+            out.append(event(chunk_choice(req, piece, (ev.token,), finish, lp) | {"index": i}))
+            if text.stopped:
+                state.engine.cancel(handles[i], "stop")
+            done[i] = finish is not None
+        if req.include_usage:
+            out.append(sse(chunk_head(req) | {"choices": [], "usage": usage(prompt_tokens, sum(sent), cached)}))
+        out.append(b"data: [DONE]\n\n")
+        await send({"type": "http.response.body", "body": b"".join(out), "more_body": False})
+    except ApiError as e:
+        await send({"type": "http.response.body", "body": b"".join(out) + sse(e.body()), "more_body": False})
+    finally:
+        watcher.cancel()
+        for h in handles:
+            if not h.done:
+                state.engine.cancel(h)
 
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode

@@ -129,6 +129,55 @@ def test_n_choices_sample_with_seed_plus_i(server, tiny_engine):
     assert len(chat.choices) == 2 and chat.choices[0].message.content == chat.choices[1].message.content
 
 
+def test_n_choices_streamed_interleave_by_index(server, tiny_engine):
+    """Streamed n > 1: each choice's events, told apart by index, give what a request alone with
+    seed + i gives, with its own stop string and finish; one usage event counts them all; chat
+    opens each choice with its role."""
+    from runtime.sampling import SamplingParams
+
+    prompt = list(range(300, 324))
+    sampling = SamplingParams(temperature=0.9, top_k=40, seed=7)
+    want, _ = tiny_engine.generate([prompt] * 3, 6, sampling=sampling)
+    stream = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0.9, seed=7,
+                                              n=3, stream=True, logprobs=1,
+                                              stream_options={"include_usage": True},
+                                              extra_body={"top_k": 40, "ignore_eos": True})
+    ids, finish, text, usage = {}, {}, {}, None
+    for ev in stream:
+        if ev.usage:
+            usage = ev.usage
+        for c in ev.choices:
+            ids.setdefault(c.index, []).extend(c.model_extra["token_ids"])
+            text[c.index] = text.get(c.index, "") + c.text
+            assert len(c.logprobs.tokens) == len(c.model_extra["token_ids"])
+            finish[c.index] = c.finish_reason or finish.get(c.index)
+    assert [ids[i] for i in range(3)] == want and finish == {0: "length", 1: "length", 2: "length"}
+    assert usage.prompt_tokens == 24 and usage.completion_tokens == 18
+    # A stop string ends its own choice only: the text up to it, finish "stop".
+    assert len(text[1]) >= 4, text  # seeded: the same text every run
+    stop = text[1][2:4]
+    stream = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0.9,
+                                              seed=7, n=3, stream=True, stop=[stop],
+                                              extra_body={"top_k": 40, "ignore_eos": True})
+    got, why = {}, {}
+    for ev in stream:
+        for c in ev.choices:
+            got[c.index] = got.get(c.index, "") + c.text
+            why[c.index] = c.finish_reason or why.get(c.index)
+    assert got[1] == text[1][:text[1].index(stop)] and why[1] == "stop"
+    for i in (0, 2):
+        assert got[i] == (text[i][:text[i].index(stop)] if stop in text[i] else text[i])
+    chat = server.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=3, temperature=0, n=2, stream=True)
+    roles, content = {}, {}
+    for ev in chat:
+        for c in ev.choices:
+            roles[c.index] = roles.get(c.index) or c.delta.role
+            content[c.index] = content.get(c.index, "") + (c.delta.content or "")
+    assert roles == {0: "assistant", 1: "assistant"} and content[0] == content[1]
+    assert server.wait_idle()["qwen3_moe_kv_pages_used"] == 0
+
+
 def test_models_and_health(server):
     assert [m.id for m in server.client.models.list().data] == [MODEL]
     assert httpx.get(server.url + "/health").json() == {"status": "ready"}
@@ -208,9 +257,12 @@ def test_logprobs(server):
     assert all(abs(max(t.values()) - x) < 1e-5 for t, x in zip(lp.top_logprobs, lp.token_logprobs))
 
 
-def test_disconnect_mid_stream_frees_pages(server):
+@pytest.mark.parametrize("n", [1, 3])
+def test_disconnect_mid_stream_frees_pages(server, n):
+    server.wait_idle()
+    cancelled = finished(server, "cancelled")
     body = {"model": MODEL, "prompt": [3, 4, 5], "max_tokens": 200, "temperature": 0, "stream": True,
-            "ignore_eos": True}
+            "ignore_eos": True, "n": n}
     with httpx.Client(timeout=60) as http:
         with http.stream("POST", server.url + "/v1/completions", json=body) as r:
             lines = r.iter_lines()
@@ -218,7 +270,7 @@ def test_disconnect_mid_stream_frees_pages(server):
             assert any(line.startswith("data:") for line in got)
             assert server.metrics()["qwen3_moe_kv_pages_used"] > 0
     server.wait_idle()
-    assert server.metrics().get('qwen3_moe_requests_finished_total{reason="cancelled"}', 0) >= 1
+    assert finished(server, "cancelled") - cancelled == n  # every choice of it
 
 
 @pytest.mark.parametrize("body,status,param", [
@@ -229,7 +281,7 @@ def test_disconnect_mid_stream_frees_pages(server):
     ({"prompt": [1, 2, 999999]}, 400, "prompt"),
     ({"prompt": [1] * 250, "max_tokens": 16}, 400, "max_tokens"),
     ({"model": "gpt-4"}, 404, "model"),
-    ({"n": 2, "stream": True}, 400, "n"),
+    ({"n": 17}, 400, "n"),
     ({"n": 0}, 400, "n"),
     ({"logit_bias": {"5": 10}}, 400, "logit_bias"),
     ({"frobnicate": True}, 400, "frobnicate"),
