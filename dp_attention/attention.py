@@ -12,7 +12,8 @@ On CPU this is the serving path, and its cost is reading the KV cache: the pages
 gathered into a dense block before the dot products. So queries are grouped into tiles: up to
 `q_tile` consecutive tokens of one sequence (a batch packs each sequence's tokens contiguously), and
 each tile gathers its sequence's pages once. A 256-token prefill chunk reads its context 256 / q_tile
-times instead of once per token; a decode token is a tile of its own. Within a tile, a causal mask
+times instead of once per token; a decode token is a tile of its own, also in a step it shares with
+prefill chunks (decoders and chunks are tiled apart). Within a tile, a causal mask
 per query row. The context is walked in blocks of pages with an online softmax, so memory is one
 block per tile; blocks past the furthest tile are skipped, and pages past a tile's own length are
 read from the reserved page (one page, hot in cache) instead of the sequence's.
@@ -75,8 +76,8 @@ def q_tile_rows(tokens: int, seqs: int) -> int:
     """Query rows per tile for a bucket of `tokens` and `seqs` per group. 1 when the bucket is
     decode-shaped (tokens <= seqs): a tile per token, no empty rows. Otherwise a power of two, the
     larger of tokens per sequence and tokens / 16, at most MAX_Q_TILE: a prefill chunk then reads
-    its context once per 8-16 tokens, while a decode token that shares the step wastes only the
-    tile's empty rows of arithmetic, not reads. Static: it shapes the executable."""
+    its context once per 8-16 tokens (decoders sharing the step keep tiles of one row: see
+    `attend`). Static: it shapes the executable."""
     if tokens <= seqs:
         return 1
     want = min(MAX_Q_TILE, max(tokens // max(seqs, 1), tokens // 16))
@@ -95,16 +96,19 @@ class QueryTiles:
     seq: jax.Array  # [NT] the tile's sequence slot
 
 
-def query_tiles(batch: PagedBatch, tokens: int, rows_per_tile: int) -> QueryTiles:
+def query_tiles(batch: PagedBatch, tokens: int, rows_per_tile: int, only=None, most: int | None = None) -> QueryTiles:
     """Cut each sequence's rows into tiles. A sequence of n tokens makes ceil(n / R) tiles, so
-    there are at most T/R + S of them, and never more than T (each holds a real token)."""
+    there are at most T/R + S of them, and never more than T (each holds a real token).
+    `only` [S] bool: tile those sequences only; `most`: a smaller static bound on their tiles."""
     S = batch.page_table.shape[0]
     R = rows_per_tile
     count = jnp.zeros(S, jnp.int32).at[batch.seq_index].add(batch.valid.astype(jnp.int32))
     first_row = jnp.cumsum(count) - count
+    if only is not None:
+        count = jnp.where(only, count, 0)
     tiles = (count + R - 1) // R
     tiles_end = jnp.cumsum(tiles)
-    nt = min(tokens, -(-tokens // R) + S)
+    nt = min(tokens, -(-tokens // R) + S, most or tokens)
     t = jnp.arange(nt)
     seq = jnp.minimum(jnp.searchsorted(tiles_end, t, side="right"), S - 1)
     start = first_row[seq] + (t - (tiles_end[seq] - tiles[seq])) * R
@@ -173,15 +177,34 @@ class NativeAttentionBackend:
         self.quant = quant
 
     def attend(self, q, k_new, v_new, kv, layer, batch: PagedBatch):
-        """q [T, nq, hd], k_new/v_new [T, nkv, hd] -> (out [T, nq, hd], kv with this layer written)."""
+        """q [T, nq, hd], k_new/v_new [T, nkv, hd] -> (out [T, nq, hd], kv with this layer written).
+
+        In a step that mixes prefill chunks with decoders, the decoders (sequences with one token
+        here) get tiles of one row and the chunks tiles of `q_tile` rows: a decoder in a tile of
+        16 rows would waste 15 rows of arithmetic and take a chunk slot of its own."""
         kv = write_kv(kv, layer, batch, k_new, v_new, self.quant)
-        k_scale, v_scale = self.quant.scales(layer) if self.quant is not None else (None, None)
-        page_size, two_kv = kv.shape[2], kv.shape[3]
-        nkv = two_kv // 2
         T, nq, hd = q.shape
-        g = nq // nkv  # q head j uses kv head j // g
-        S, pages_per_seq = batch.page_table.shape
-        tiles = query_tiles(batch, T, self.q_tile or q_tile_rows(T, S))
+        S = batch.page_table.shape[0]
+        nkv = kv.shape[3] // 2
+        qs = q.reshape(T, nkv, nq // nkv, hd).astype(jnp.float32) * (hd ** -0.5)
+        if self.quant is not None:  # K's scale rides on the queries, V's on the output (kv_cache.py)
+            qs = qs * self.quant.scales(layer)[0]
+        out = jnp.zeros((T, nq, hd), q.dtype)
+        R = self.q_tile or q_tile_rows(T, S)
+        if R == 1:
+            return self._attend(qs, out, kv, layer, batch, query_tiles(batch, T, 1)), kv
+        count = jnp.zeros(S, jnp.int32).at[batch.seq_index].add(batch.valid.astype(jnp.int32))
+        single = count == 1
+        out = self._attend(qs, out, kv, layer, batch, query_tiles(batch, T, 1, single, most=S))
+        out = self._attend(qs, out, kv, layer, batch, query_tiles(batch, T, R, ~single))
+        return out, kv
+
+    def _attend(self, qs, out, kv, layer, batch: PagedBatch, tiles: QueryTiles):
+        """Attend the tiles' queries (qs [T, nkv, g, hd], scaled) and write their rows of out."""
+        page_size = kv.shape[2]
+        T, nkv, g, hd = qs.shape
+        nq = nkv * g
+        pages_per_seq = batch.page_table.shape[1]
         NT, R = tiles.rows.shape
         per_chunk = max(1, min(NT, self.TILE_ROWS_PER_CHUNK // R))
         chunks = -(-NT // per_chunk)
@@ -198,20 +221,17 @@ class NativeAttentionBackend:
         rows, real, seq, pos = rows[order], real[order], seq[order], pos[order]
         pages = jnp.pad(batch.page_table, ((0, 0), (0, blocks * block - pages_per_seq)))
         pages = pages[seq]  # [chunks * per_chunk, blocks * block]
-        qs = q.reshape(T, nkv, g, hd).astype(jnp.float32) * (hd ** -0.5)
-        if self.quant is not None:  # K's scale rides on the queries, V's on the output (kv_cache.py)
-            qs = qs * k_scale
+        v_scale = self.quant.scales(layer)[1] if self.quant is not None else None
 
         def chunk(c, out):
             take = lambda a: lax.dynamic_slice_in_dim(a, c * per_chunk, per_chunk, axis=0)  # noqa: E731
             r = take(rows)
             qt = qs[r].transpose(0, 2, 3, 1, 4).reshape(per_chunk, nkv, g * R, hd)
             o = _attend_tiles(qt, take(pos), take(pages), kv, layer, block, hd)
-            o = o if self.quant is None else o * v_scale
+            o = o if v_scale is None else o * v_scale
             o = o.reshape(per_chunk, nkv, g, R, hd).transpose(0, 3, 1, 2, 4).reshape(per_chunk * R, nq, hd)
             dest = jnp.where(take(real), r, T).reshape(-1)  # empty slots go nowhere
             return out.at[dest].set(o.astype(out.dtype), mode="drop")
 
         real_tiles = jnp.sum(jnp.any(tiles.real, axis=1))  # real tiles sort first
-        out = lax.fori_loop(0, (real_tiles + per_chunk - 1) // per_chunk, chunk, jnp.zeros((T, nq, hd), q.dtype))
-        return out, kv
+        return lax.fori_loop(0, (real_tiles + per_chunk - 1) // per_chunk, chunk, out)

@@ -74,6 +74,20 @@ def test_each_real_row_is_in_exactly_one_tile(chunk_lens, tokens, rows):
         assert (seq_of_row[in_tile] == int(tiles.seq[t])).all()
 
 
+def test_decoders_and_chunks_tile_apart():
+    """A step mixing decoders with prefill chunks tiles each set on its own: one-row tiles for the
+    decoders, wider ones for the chunks, every real row in exactly one of the two."""
+    chunk_lens = [5, 1, 9, 1, 1]
+    batch, _ = ragged_batch(np.random.default_rng(1), 32, 8, chunk_lens)
+    single = np.zeros(8, bool)
+    single[[1, 3, 4]] = True
+    ones = query_tiles(batch, 32, 1, jnp.asarray(single), most=8)
+    wide = query_tiles(batch, 32, 4, jnp.asarray(~single))
+    rows = lambda t: np.asarray(t.rows)[np.asarray(t.real)].tolist()  # noqa: E731
+    assert sorted(rows(ones)) == [5, 15, 16] and ones.rows.shape == (8, 1)
+    assert sorted(rows(wide)) == list(range(5)) + list(range(6, 15))
+
+
 def test_tile_rows_follow_the_bucket():
     assert q_tile_rows(64, 64) == 1  # all decode: a tile per token
     assert q_tile_rows(256, 8) == 16  # prefill-shaped: capped
