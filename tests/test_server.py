@@ -301,6 +301,10 @@ def test_not_json_and_unknown_route(server):
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     r = httpx.get(server.url + "/v2/whatever")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = httpx.get(server.url + "/v1/chat/completions")
+    assert r.status_code == 405 and "POST" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/completions", content=b" " * (33 << 20), timeout=60)
+    assert r.status_code == 413 and "MiB" in r.json()["error"]["message"]
 
 
 def test_queue_full_429_and_sigterm_drains(tiny_artifact):
