@@ -1,9 +1,9 @@
 """`python -m runtime serve ARTIFACT`: an OpenAI-compatible HTTP server over one engine loop.
 
 FastAPI and uvicorn (what vLLM and SGLang use) and prometheus-client are imported here only, so
-`import runtime` stays slim. The two generation routes are answered straight from uvicorn (`api`),
-the rest (health, metrics, models) through FastAPI. The server answers /health with 503 while the artifact loads; once it
-is ready, every request is validated, tokenized with the checkpoint's tokenizer (copied into the
+`import runtime` stays slim; the two generation routes are answered straight from uvicorn (`api`),
+the rest (health, metrics, models) through FastAPI. The server answers /health with 503 while the
+artifact loads; once it is ready, every request is validated, tokenized with the checkpoint's tokenizer (copied into the
 artifact), and handed to the engine loop, which batches it with whatever else is running. Tokens
 stream back as they are sampled; text is detokenized incrementally (never half a character) and
 cut at the first stop string.
