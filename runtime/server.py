@@ -3,10 +3,10 @@
 FastAPI and uvicorn (what vLLM and SGLang use) and prometheus-client are imported here only, so
 `import runtime` stays slim; the two generation routes are answered straight from uvicorn (`api`),
 the rest (health, metrics, models) through FastAPI. The server answers /health with 503 while the
-artifact loads; once it is ready, every request is validated, tokenized with the checkpoint's tokenizer (copied into the
-artifact), and handed to the engine loop, which batches it with whatever else is running. Tokens
-stream back as they are sampled; text is detokenized incrementally (never half a character) and
-cut at the first stop string.
+artifact loads; once it is ready, every request is validated, tokenized with the checkpoint's
+tokenizer (copied into the artifact), and handed to the engine loop, which batches it with
+whatever else is running. Tokens stream back as they are sampled; text is detokenized
+incrementally (never half a character) and cut at the first stop string.
 
 What a fleet relies on: a client that goes away, streamed or not, has its request cancelled at the
 next step and its KV pages freed. An engine that fails is seen at once: every open request ends
