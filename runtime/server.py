@@ -276,12 +276,8 @@ async def serve(http: Connection, state: ServerState, req: Request):
     prompt = await prompt_ids(state, req)
     if not req.stream:
         return JSONResponse(await serve_choices(http, state, req, prompt))
-    if req.n > 1:
-        handles, events = submit_choices(state, req, prompt)
-        return EventStream(functools.partial(stream_choices, state, req, handles, events, len(prompt)))
-    handle, events = submit(state, req, prompt)
-    return EventStream(functools.partial(stream, state, req, handle, events, TextStream(state.tokenizer, req.stop),
-                                         len(prompt)))
+    handles, events = submit_choices(state, req, prompt)
+    return EventStream(functools.partial(stream, state, req, handles, events, len(prompt)))
 
 
 async def serve_choices(http: Connection, state: ServerState, req: Request, prompt: list[int]) -> dict:
@@ -337,8 +333,8 @@ async def _choice(state: ServerState, req: Request, handle, events) -> tuple[dic
 
 
 def submit_choices(state: ServerState, req: Request, prompt: list[int]):
-    """Streamed, n > 1: one engine request per choice (choice i with seed + i), all putting their
-    events, tagged (i, event), in one queue. A refused submission cancels those already queued."""
+    """Streamed: one engine request per choice (choice i with seed + i), all putting their events,
+    tagged (i, event), in one queue. A refused submission cancels those already queued."""
     events, handles = Events(), []
     try:
         for i in range(req.n):
@@ -462,11 +458,17 @@ async def _until_gone(receive, events: "Events") -> None:
     events.put(_GONE)
 
 
-async def stream(state: ServerState, req: Request, handle, events: "Events", text: TextStream, prompt_tokens: int,
+async def stream(state: ServerState, req: Request, handles: list, events: "Events", prompt_tokens: int,
                  send, receive) -> None:
     """Write a streamed request's events as its tokens arrive: one write per batch of tokens at
-    hand (one token, unless the client lags), the last token with [DONE] and the end of the body."""
-    sent, cached = 0, 0
+    hand (one token, unless the client lags), the last token with [DONE] and the end of the body.
+    `events` holds (choice index, event) of the request's n engine requests (n > 1: choices
+    interleaved, each event naming its index as OpenAI streams them, each choice with its own
+    stop strings and finish; a chat stream opens every choice with its role); one usage event
+    counts them all. An engine error ends the stream with an error event."""
+    n = len(handles)
+    texts = [TextStream(state.tokenizer, req.stop) for _ in handles]
+    sent, done, left, cached = [0] * n, [False] * n, n, 0
     event = ChunkEncoder(req)
     plain = req.logprobs is None  # a token's event from the encoder's template
     min_tokens = req.sampling.min_tokens
@@ -474,63 +476,11 @@ async def stream(state: ServerState, req: Request, handle, events: "Events", tex
     watcher = asyncio.ensure_future(_until_gone(receive, events))
     try:
         if req.kind == "chat":  # the role comes first, as OpenAI streams it
-            await send({"type": "http.response.body", "body": event(chunk_choice(req, None, [], first=True)),
-                        "more_body": True})
-        while True:  # `tokens()` inlined: an async generator's resume costs per token on this path
-            ev = await events.get()
-            if ev is _GONE:
-                return
-            if isinstance(ev, BaseException):
-                raise _engine_error(ev)
-            sent += 1
-            if ev.cached_tokens > cached:
-                cached = ev.cached_tokens
-            if plain:
-                piece = text.push(ev.token, ev.finish_reason, sent >= min_tokens)
-                out.append(event.token(piece, ev.token, "stop" if text.stopped else ev.finish_reason))
-            else:
-                offset = len(text.text)
-                piece = text.push(ev.token, ev.finish_reason, sent >= min_tokens)
-                lp = logprobs_block(req, [(ev.token, ev.logprob, ev.top)], [offset], text.token_text,
-                                    text.token_bytes)
-                out.append(event(chunk_choice(req, piece, (ev.token,), "stop" if text.stopped else ev.finish_reason,
-                                              lp)))
-            if text.stopped:
-                state.engine.cancel(handle, "stop")
-                break
-            if ev.finish_reason is not None:
-                break
-            if not events.ready:  # the last goes with [DONE]
+            out += [event(chunk_choice(req, None, [], first=True) | {"index": i}) for i in range(n)]
+        while left:  # `tokens()` inlined: an async generator's resume costs per token on this path
+            if out and not events.ready:  # what is at hand goes now; the last goes with [DONE]
                 await send({"type": "http.response.body", "body": b"".join(out) if len(out) > 1 else out[0],
                             "more_body": True})
-                out = []
-        if req.include_usage:
-            out.append(sse(chunk_head(req) | {"choices": [], "usage": usage(prompt_tokens, sent, cached)}))
-        out.append(b"data: [DONE]\n\n")
-        await send({"type": "http.response.body", "body": b"".join(out), "more_body": False})
-    except ApiError as e:  # the engine failed: an error event, then the stream closes
-        await send({"type": "http.response.body", "body": b"".join(out) + sse(e.body()), "more_body": False})
-    finally:
-        watcher.cancel()
-        if not handle.done:
-            state.engine.cancel(handle)  # the client went away mid-stream: free its pages now
-
-
-async def stream_choices(state: ServerState, req: Request, handles: list, events: "Events", prompt_tokens: int,
-                         send, receive) -> None:
-    """Streamed, n > 1: the choices' tokens as they arrive, each event naming its choice's index
-    (as OpenAI streams them; a chat stream opens each choice with its role); one usage event and
-    [DONE] once every choice has finished. An engine error ends the stream with an error event."""
-    texts = [TextStream(state.tokenizer, req.stop) for _ in handles]
-    sent, done, cached = [0] * len(handles), [False] * len(handles), 0
-    event, out = ChunkEncoder(req), []
-    watcher = asyncio.ensure_future(_until_gone(receive, events))
-    try:
-        if req.kind == "chat":
-            out += [event(chunk_choice(req, None, [], first=True) | {"index": i}) for i in range(len(handles))]
-        while not all(done):
-            if out and not events.ready:
-                await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
                 out = []
             item = await events.get()
             if item is _GONE:
@@ -541,26 +491,35 @@ async def stream_choices(state: ServerState, req: Request, handles: list, events
             if done[i]:  # after its stop string: the cancel crossed a token already sampled
                 continue
             sent[i] += 1
-            cached = max(cached, ev.cached_tokens)
-            text, offset = texts[i], len(texts[i].text)
-            piece = text.push(ev.token, ev.finish_reason, sent[i] >= req.sampling.min_tokens)
-            lp = logprobs_block(req, [(ev.token, ev.logprob, ev.top)], [offset], text.token_text, text.token_bytes)
-            finish = "stop" if text.stopped else ev.finish_reason
-            out.append(event(chunk_choice(req, piece, (ev.token,), finish, lp) | {"index": i}))
+            if ev.cached_tokens > cached:
+                cached = ev.cached_tokens
+            text = texts[i]
+            if plain:
+                piece = text.push(ev.token, ev.finish_reason, sent[i] >= min_tokens)
+                out.append(event.token(piece, ev.token, "stop" if text.stopped else ev.finish_reason, i))
+            else:
+                offset = len(text.text)
+                piece = text.push(ev.token, ev.finish_reason, sent[i] >= min_tokens)
+                lp = logprobs_block(req, [(ev.token, ev.logprob, ev.top)], [offset], text.token_text,
+                                    text.token_bytes)
+                choice = chunk_choice(req, piece, (ev.token,), "stop" if text.stopped else ev.finish_reason, lp)
+                out.append(event(choice | {"index": i}))
             if text.stopped:
                 state.engine.cancel(handles[i], "stop")
-            done[i] = finish is not None
+            if text.stopped or ev.finish_reason is not None:
+                done[i] = True
+                left -= 1
         if req.include_usage:
             out.append(sse(chunk_head(req) | {"choices": [], "usage": usage(prompt_tokens, sum(sent), cached)}))
         out.append(b"data: [DONE]\n\n")
         await send({"type": "http.response.body", "body": b"".join(out), "more_body": False})
-    except ApiError as e:
+    except ApiError as e:  # the engine failed: an error event, then the stream closes
         await send({"type": "http.response.body", "body": b"".join(out) + sse(e.body()), "more_body": False})
     finally:
         watcher.cancel()
         for h in handles:
             if not h.done:
-                state.engine.cancel(h)
+                state.engine.cancel(h)  # the client went away mid-stream: free its pages now
 
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
@@ -579,21 +538,23 @@ class ChunkEncoder:
 
     def __init__(self, req: Request):
         self.head = b"data: %s,\"choices\":[" % _encode(chunk_head(req))[:-1].encode()
-        text = b'{"index":0,"delta":{"content":' if req.kind == "chat" else b'{"index":0,"text":'
+        self._text_key = b',"delta":{"content":' if req.kind == "chat" else b',"text":'
         close = b"}" if req.kind == "chat" else b""
-        self._before_text = self.head + text
+        self._before_text = {}  # per choice index
         self._after_text = close + b',"logprobs":null,"finish_reason":'
         self._finish = {None: b"null"}
 
     def __call__(self, choice: dict) -> bytes:
         return b"%s%s]}\n\n" % (self.head, _encode(choice).encode())
 
-    def token(self, text: str, token: int, finish_reason: str | None) -> bytes:
+    def token(self, text: str, token: int, finish_reason: str | None, index: int = 0) -> bytes:
         finish = self._finish.get(finish_reason)
         if finish is None:
             finish = self._finish[finish_reason] = _encode(finish_reason).encode()
-        return b'%s%s%s%s,"token_ids":[%d]}]}\n\n' % (self._before_text, _string(text).encode(), self._after_text,
-                                                      finish, token)
+        before = self._before_text.get(index)
+        if before is None:
+            before = self._before_text[index] = b'%s{"index":%d%s' % (self.head, index, self._text_key)
+        return b'%s%s%s%s,"token_ids":[%d]}]}\n\n' % (before, _string(text).encode(), self._after_text, finish, token)
 
 
 async def prompt_ids(state: ServerState, req: Request) -> list[int]:
