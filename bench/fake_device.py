@@ -37,6 +37,7 @@ class SleepingDevice:
         self.step_s, self.token = step_s, token
         self._free_at = 0.0  # when the device is done with everything launched so far
         self.idle: list[tuple[float, float]] = []  # per launch: (when, how long the device had waited for the host)
+        self.arrivals: list[float] = []  # when each request reached the engine loop (set by `main`'s launcher)
         self.steps = 0
 
     @property
@@ -70,7 +71,7 @@ class SleepingDevice:
         return self.fetch(self.dispatch(bucket, batch))
 
     def timings(self) -> dict:
-        return {"steps": self.steps, "repeats": self.repeats, "idle": self.idle}
+        return {"steps": self.steps, "repeats": self.repeats, "idle": self.idle, "arrivals": self.arrivals}
 
 
 def plain_token(artifact) -> int:
@@ -98,9 +99,20 @@ def main(argv: list[str]) -> int:
     from runtime.cli import main as runtime_main
 
     def load(path, **_):
-        """Runs in the engine process (forked by the server), which writes the timings when it ends."""
+        """Runs in the engine process (forked by the server), which writes the timings when it ends.
+        Every request the engine loop takes is timed on arrival (perf_counter: the system's
+        monotonic clock, the same in every process), so that a benchmark can replay the arrivals."""
+        from runtime.engine_loop import EngineLoop
+
         device = sleeping_device(path, step_ms, pages)
         multiprocessing.util.Finalize(device, write, args=(device,), exitpriority=1)
+        submit = EngineLoop.submit
+
+        def timed_submit(self, *args, **kwargs):
+            device.arrivals.append(time.perf_counter())
+            return submit(self, *args, **kwargs)
+
+        EngineLoop.submit = timed_submit
         return device
 
     def write(device):
