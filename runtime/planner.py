@@ -93,14 +93,26 @@ class Planner:
         """
         hit = self.pages.lookup(g, r)
         total = r.num_pages if self.kv == "reserve" else self.pages.pages_for(r.known)
-        # On demand, leave a page of headroom per running request: each will want one soon, and
-        # admitting into a group that must preempt at once only wastes a prefill.
-        headroom = 0 if self.kv == "reserve" else len(group)
+        headroom = 0 if self.kv == "reserve" else self._headroom(group)
         if self.pages.available(g) < total - len(hit.pages) + hit.idle + headroom:
             return None
         uncached = r.known - len(hit.pages) * self.pages.page_size
         cost = uncached + sum(x.pending for x in group)
         return (cost, self.pages.held[g], g), g, hit, total
+
+    def _headroom(self, group: list) -> int:
+        """On demand: the pages a group's running requests will take within the next page_size
+        tokens, left free at admission (admitting into a group that must preempt at once only
+        wastes a prefill). A request that may sample at most page_size more tokens is not
+        counted: within those steps it ends and frees every page it holds, more than the one it
+        could still take. Counting one page for every running request instead held admissions
+        back whenever the group's requests were out of step with each other (their ends free
+        pages one request at a time): on the sleeping device, 256 streams of 32 tokens on the
+        default pool took 120 steps arriving at once and 128-138 arriving over 10-100 ms; now
+        117-120 for all of them, with as many preemptions."""
+        ps, pages_for = self.pages.page_size, self.pages.pages_for
+        return sum(max(0, pages_for(r.known + ps) - len(r.pages)) for r in group
+                   if not r.complete and r.max_new - len(r.generated) - r.owed > ps)
 
     def make_room(self, queue: list, active: list[list]) -> int:
         """Before planning (KV on demand): every decoder gets the page its next token needs, and a

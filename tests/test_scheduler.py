@@ -451,6 +451,27 @@ def test_kv_on_demand_preempts_and_changes_no_token(sampling, Fake):
     assert reserved == outs and rstats["preemptions"] == 0 and rstats["steps"] > stats["steps"]
 
 
+@pytest.mark.parametrize("a_new, b_waits", [(2, False), (6, True)])
+def test_admission_keeps_pages_only_for_requests_that_go_on(a_new, b_waits):
+    """On demand, a group keeps free the pages its running requests will take within the next
+    page_size tokens, except for a request that may sample at most page_size more: it ends
+    within those steps and frees its pages. So a queued request that fits beside a request about
+    to end is admitted at once, not after it; beside one that goes on (and will want a page), it
+    waits. Outputs equal the reference either way, and every page comes back."""
+    ex = FakeExecutor(dp=1, page_size=4, num_pages=1 + 3, pages_per_seq=4, ladder=(4, 8, 16), max_seqs=4)
+    sched = Scheduler(ex)
+    prompts = [list(range(1, 8)), [3, 4, 5]]  # 7 tokens (2 pages), then 3 (1 page: the last free one)
+    a, b = sched.submit(prompts[0], a_new), sched.submit(prompts[1], 2)
+    sched.step()
+    assert a.group == 0 and (b.group == -1) == b_waits
+    if not b_waits:
+        assert b.generated  # prefilled in the same step as a
+    while sched.busy:
+        sched.step()
+    assert [a.generated, b.generated] == [reference(prompts[:1], a_new)[0], reference(prompts[1:], 2)[0]]
+    assert sched.pages_used == 0 and sorted(sched.free_pages[0]) == [1, 2, 3]
+
+
 def test_measured_step_times_size_prefill_to_the_bucket():
     """With each executable's step time known (a fixed cost plus one per padded token), a 40-token
     prompt is prefilled as 32 + 8 tokens, not padded to 64; outputs are unchanged and fewer tokens
