@@ -50,6 +50,7 @@ import numpy as np
 from bench.common import ROOT, write_result
 from bench.peer_checkpoint import make_checkpoint, make_prompts
 from bench.peer_driver import machine_cpu_seconds, tree_cpu_seconds
+from runtime.format import read_manifest
 
 CHECKPOINT = ROOT / "artifacts" / "peer-checkpoint"
 ARTIFACT = ROOT / "artifacts" / "peer-qwen3-moe"
@@ -366,6 +367,14 @@ def build(prompts, max_tokens: int, meshes: list[str], seed: int) -> None:
     print(f"artifact {ARTIFACT.relative_to(ROOT)} ready ({time.perf_counter() - t0:.0f} s; a no-op when current)")
 
 
+def process_devices(mesh: str, meshes: list[str]) -> int:
+    """The virtual CPU devices of the process that serves `mesh` (runtime/cli.py `_set_device_count`)."""
+    section = read_manifest(ARTIFACT).fastload.get("cpu")
+    if section is not None and mesh in (section.mesh_processes or ()):
+        return devices_for([mesh])
+    return devices_for(meshes)
+
+
 def devices_for(meshes: list[str]) -> int:
     return max(int(d) * int(t) for d, t in (m.split("x") for m in meshes))
 
@@ -375,9 +384,11 @@ def run(args, save=None) -> dict:
     warmup = make_prompts(1, 16, 16, args.seed + 1)[0]
     meshes = args.meshes.split(",")
     build(prompts, args.max_tokens, meshes, args.seed)
-    ours_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-                # as `python -m runtime` sets it: the artifact's largest mesh in virtual CPU devices
-                "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_for(meshes)}"}
+    base_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    # as `python -m runtime --mesh M` sets it: M's devices where the build compiled M for such a
+    # process (every mesh smaller than the largest, on CPU), else the largest mesh's
+    ours_envs = {m: base_env | {"XLA_FLAGS": f"--xla_force_host_platform_device_count={process_devices(m, meshes)}"}
+                 for m in meshes}
     preload = vllm_preload(args.vllm_python) if args.vllm_preload else []
     print(f"vLLM's LD_PRELOAD: {':'.join(preload) or 'nothing'}")
     v_env = vllm_env(preload)
@@ -402,7 +413,7 @@ def run(args, save=None) -> dict:
         print(f"round {r + 1}/{args.rounds}  (load average {os.getloadavg()[0]:.2f})", flush=True)
         for m in meshes:
             attempt(f"ours_offline_{m}", lambda m=m: offline(
-                "ours", sys.executable, {**base, "artifact": str(ARTIFACT), "mesh": m}, ours_env,
+                "ours", sys.executable, {**base, "artifact": str(ARTIFACT), "mesh": m}, ours_envs[m],
                 f"r{r}-ours-offline-{m}", args.timeout), offline_line)
         attempt("vllm_offline", lambda: offline(
             "vllm", args.vllm_python, {**base, "checkpoint": str(CHECKPOINT), "vllm_args": v_args}, v_env,
@@ -413,7 +424,7 @@ def run(args, save=None) -> dict:
             port = free_port()
             attempt(f"ours_serve_{m}", lambda m=m, port=port: serve(
                 "ours", [sys.executable, "-m", "runtime", "serve", str(ARTIFACT), "--mesh", m, "--port", str(port)],
-                port, ours_env, prompts, warmup, args.max_tokens, f"r{r}-ours-serve-{m}", args.timeout), serve_line)
+                port, ours_envs[m], prompts, warmup, args.max_tokens, f"r{r}-ours-serve-{m}", args.timeout), serve_line)
         port = free_port()
         attempt("vllm_serve", lambda: serve(
             "vllm", vllm_serve_cmd(args.vllm_python, port, v_args), port, v_env, prompts, warmup, args.max_tokens,

@@ -16,6 +16,9 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -510,16 +513,49 @@ def _build_into(tmp: Path, cfg: BuildConfig, source: ModelSource, cache: CacheSh
     manifest = dataclasses.replace(manifest, meshes=_measured_memory(cfg, manifest.meshes, manifest.executables, memory,
                                                                     manifest.kv_dtype, cache.num_pages))
     if cfg.fast_load and any(here.values()):
+        again = _compile_in_mesh_processes(tmp, manifest, fast_dir, cfg.jobs, report) if platform == "cpu" else ()
         files = tuple(sorted(f.relative_to(tmp).as_posix() for f in fast_dir.rglob("*") if f.is_file()))
         manifest = dataclasses.replace(manifest, fastload={platform: fmt.FastLoadEntry(
             jax_version=jax.__version__, jaxlib_version=jax.lib.__version__, files=files,
-            process_devices=len(jax.devices()))})
+            process_devices=len(jax.devices()), mesh_processes=again or None)})
     tokenizer, original_max_length = _copy_tokenizer(tmp, source, cache.pages_per_seq * cache.page_size)
     manifest = dataclasses.replace(manifest, tokenizer=tokenizer, tokenizer_model_max_length=original_max_length)
     if cfg.tf_savedmodel:
         manifest = dataclasses.replace(manifest, tf_savedmodel=write_savedmodel(tmp, manifest, model, cfg.meshes,
                                                                                 cfg.platforms))
     return _checksum(tmp, manifest)
+
+
+DEVICE_COUNT = re.compile(r"--xla_force_host_platform_device_count=\d+")
+
+
+def _compile_in_mesh_processes(tmp: Path, manifest: fmt.Manifest, fast_dir: Path, jobs: int, report) -> tuple[str, ...]:
+    """Each CPU mesh smaller than this process compiled again, into the same fast-load cache, in a
+    child process holding just its devices (export/mesh_compile.py says why); the meshes done."""
+    local = len(jax.devices())
+    meshes = [m for m in manifest.meshes if m.compiled_here and m.devices < local]
+    if not meshes:
+        return ()
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=tmp.parent, delete=False) as f:
+        json.dump(manifest.to_json(), f)
+    package_root = str(Path(__file__).resolve().parents[1])
+    try:
+        for m in meshes:
+            t0 = time.perf_counter()
+            flags = DEVICE_COUNT.sub("", os.environ.get("XLA_FLAGS", ""))
+            env = os.environ | {"XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={m.devices}".strip(),
+                                "PYTHONPATH": os.pathsep.join(filter(None, [package_root,
+                                                                            os.environ.get("PYTHONPATH")]))}
+            done = subprocess.run([sys.executable, "-m", "export.mesh_compile", str(tmp), f.name, m.name,
+                                   str(fast_dir), str(jobs)], env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise BuildError(f"compiling mesh {m.name} in a process of {m.devices} devices for fast-load failed "
+                                 f"(exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+            report.note(f"mesh {m.name}: compiled again in a process of {m.devices} device{'s' * (m.devices > 1)}, which serving it "
+                        f"alone starts ({time.perf_counter() - t0:.1f} s)")
+    finally:
+        os.unlink(f.name)
+    return tuple(m.name for m in meshes)
 
 
 def _entry(cfg: BuildConfig, shape: MeshShape, bucket: Bucket, cache: CacheShape, here: bool) -> fmt.ExecutableEntry:

@@ -73,6 +73,10 @@ class Reporter:
     def timed(self, mesh, bucket) -> None:
         self._advance("timed", f"{mesh} {bucket.name}")
 
+    def note(self, text: str) -> None:
+        """One line beside the bars (printed above them while they run)."""
+        self.console.print(text)
+
     def summary(self, out: Path, manifest: Manifest) -> None:
         if self.progress:
             self.progress.stop()

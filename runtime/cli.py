@@ -185,11 +185,16 @@ def _check_generate(args, checked: _Checked) -> _Checked:
     return checked
 
 
-def _set_device_count(manifest, processes: int) -> None:
-    """Virtual CPU devices for this process's share of the artifact's largest mesh."""
+def _set_device_count(manifest, processes: int, mesh: str | None = None) -> None:
+    """Virtual CPU devices for this process's share of the artifact's largest mesh; in one process,
+    just the asked-for mesh's devices when the build compiled its executables for such a process
+    (a mesh runs slower beside virtual devices it does not use)."""
     if DEVICE_FLAG in os.environ.get("XLA_FLAGS", ""):
         return
     need = max((m.devices for m in manifest.meshes), default=8)
+    section = manifest.fastload.get("cpu")
+    if processes == 1 and mesh is not None and section is not None and mesh in (section.mesh_processes or ()):
+        need = next(m.devices for m in manifest.meshes if m.name == mesh)
     per_process = -(-need // processes)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {DEVICE_FLAG}={max(per_process, 1)}").strip()
 
@@ -216,7 +221,7 @@ def main(argv=None) -> int:
         return _fail(f"--max-queue must be >= 1 and --port in 1..65535, got {args.max_queue} and {args.port}")
     if cluster is not None and not distributed.is_worker():
         return distributed.supervise(argv, cluster)
-    _set_device_count(checked.manifest, cluster.num_processes if cluster else 1)
+    _set_device_count(checked.manifest, cluster.num_processes if cluster else 1, getattr(args, "mesh", None))
     if cluster is not None:
         distributed.redirect_results()
         if not _serves_http(args, cluster):  # the HTTP process joins through its engine process

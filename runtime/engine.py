@@ -393,8 +393,9 @@ def compilation_cache_at(directory: Path | None, write: bool = False):
         compilation_cache.reset_cache()
 
 
-def _fast_load_dir(root: Path, manifest: fmt.Manifest, platform: str) -> tuple[Path | None, str]:
-    """A private copy of the fast-load cache if it matches this platform and jax exactly."""
+def _fast_load_dir(root: Path, manifest: fmt.Manifest, platform: str, mesh=None) -> tuple[Path | None, str]:
+    """A private copy of the fast-load cache if it matches this platform and jax exactly, and holds
+    `mesh`'s executables (a MeshEntry; None: the whole section) for this process's device count."""
     section = manifest.fastload.get(platform)
     if not section:
         return None, f"no fast-load section for {platform}"
@@ -402,9 +403,11 @@ def _fast_load_dir(root: Path, manifest: fmt.Manifest, platform: str) -> tuple[P
         return None, (f"fast-load built with jax {section.jax_version}, this is {jax.__version__}; "
                       f"compiling the portable exports instead")
     here = len(jax.devices(platform))
-    if section.process_devices is not None and section.process_devices != here:
-        fix = (f"XLA_FLAGS=--xla_force_host_platform_device_count={section.process_devices}" if platform == "cpu"
-               else "`python -m export warm` on a host like this one")
+    if not section.serves(mesh, here):
+        counts = [section.process_devices] + ([mesh.devices] if mesh is not None and mesh.name in
+                                              (section.mesh_processes or ()) else [])
+        fix = (" or ".join(f"XLA_FLAGS=--xla_force_host_platform_device_count={n}" for n in counts)
+               if platform == "cpu" else "`python -m export warm` on a host like this one")
         return None, (f"fast-load compiled in a process with {section.process_devices} {platform} devices, this one "
                       f"has {here} (XLA keys its cache by the host's device topology): compiling the portable "
                       f"exports instead; run with {fix} to load without compiling")
@@ -437,7 +440,7 @@ def load(path: str | Path, *, mesh: str | None = None, devices=None, jobs: int =
     engine.load_weights()
     engine.reset_cache()
 
-    cache_dir, note = _fast_load_dir(root, manifest, platform) if fast_load else (None, "fast-load disabled")
+    cache_dir, note = _fast_load_dir(root, manifest, platform, chosen) if fast_load else (None, "fast-load disabled")
     hits_before = _the_counter().cache_hits
     try:
         with compilation_cache_at(cache_dir):

@@ -531,7 +531,9 @@ class FastLoadEntry(Record):
     `meshes` and `executables` say what `export warm` compiled (a build's own section lacks them).
     `process_devices`: how many devices the compiling process had. XLA keys its cache by the host's
     whole device topology, so a process with another count misses every entry (older sections
-    lack it)."""
+    lack it). `mesh_processes`: meshes whose executables were compiled again in a process holding
+    just that mesh's devices, so a process of that size finds them too (a mesh runs slower in a
+    process with more virtual CPU devices than it uses)."""
 
     jax_version: str = field(STR)
     jaxlib_version: str = field(STR)
@@ -539,6 +541,14 @@ class FastLoadEntry(Record):
     meshes: tuple[str, ...] | None = field(list_of(STR), omit_none=True, default=None)
     executables: int | None = field(INT, omit_none=True, default=None)
     process_devices: int | None = field(INT, omit_none=True, default=None)
+    mesh_processes: tuple[str, ...] | None = field(list_of(STR), omit_none=True, default=None)
+
+    def serves(self, mesh, devices: int) -> bool:
+        """Whether a process with `devices` devices finds `mesh`'s executables (a MeshEntry, or None
+        for any mesh) in this section."""
+        if self.process_devices is None or devices == self.process_devices:
+            return True
+        return mesh is not None and mesh.name in (self.mesh_processes or ()) and devices == mesh.devices
 
 
 @dataclasses.dataclass(**RECORD)

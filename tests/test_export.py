@@ -305,13 +305,28 @@ def test_artifact_without_a_recorded_layout_loads_as_width_split(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_every_mesh_of_a_build_loads_from_its_fast_load_entries(tmp_path):
-    """A build of two meshes ships each one's executables, compiled once at build: loading either
-    compiles nothing. (Each mesh's compile pass shares the section with the meshes before it.)"""
+def test_every_mesh_of_a_build_loads_from_its_fast_load_entries(tmp_path, monkeypatch):
+    """A build of two meshes ships each one's executables, compiled at build: loading either
+    compiles nothing, in this process (8 devices) and in a process holding just that mesh's
+    devices, which is the process the runtime starts to serve one mesh alone (a mesh runs slower
+    beside virtual devices it does not use)."""
+    from runtime.cli import _set_device_count
+
     out = build_artifact(tmp_path / "two", ladder=(4,), modes=("max_len",),
                          meshes=(MeshShape(1, 1), MeshShape(2, 1)))
     m = fmt.read_manifest(out)
-    assert len(m.fastload["cpu"].files) == len(m.executables) == 2
+    section = m.fastload["cpu"]
+    assert section.process_devices == len(jax.devices()) == 8 and section.mesh_processes == ("1x1", "2x1")
+    assert len(section.files) == 2 * len(m.executables) == 4  # each compiled for both topologies
     for name in ("1x1", "2x1"):
         engine = load(out, mesh=name)
         assert engine.load_info.fast_load_hits == len(engine.buckets) == 1, engine.load_info
+    code = ("import json, jax; from runtime.engine import load; e = load(%r, mesh='1x1'); "
+            "print(json.dumps([len(jax.devices()), e.load_info.fast_load_hits, e.compiles_after_load]))") % str(out)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    assert r.returncode == 0 and json.loads(r.stdout.splitlines()[-1]) == [1, 1, 0], r.stdout + r.stderr
+    for mesh, devices in (("1x1", 1), ("2x1", 2), (None, 2)):  # no mesh asked: the largest's devices
+        monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")  # other flags are kept
+        _set_device_count(m, 1, mesh)
+        assert os.environ["XLA_FLAGS"] == f"--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count={devices}"
