@@ -50,7 +50,7 @@ import numpy as np
 from bench.common import ROOT, write_result
 from bench.peer_checkpoint import make_checkpoint, make_prompts
 from bench.peer_driver import machine_cpu_seconds, tree_cpu_seconds
-from runtime.format import read_manifest
+from runtime.format import ArtifactError, read_manifest
 
 CHECKPOINT = ROOT / "artifacts" / "peer-checkpoint"
 ARTIFACT = ROOT / "artifacts" / "peer-qwen3-moe"
@@ -368,8 +368,12 @@ def build(prompts, max_tokens: int, meshes: list[str], seed: int) -> None:
 
 
 def process_devices(mesh: str, meshes: list[str]) -> int:
-    """The virtual CPU devices of the process that serves `mesh` (runtime/cli.py `_set_device_count`)."""
-    section = read_manifest(ARTIFACT).fastload.get("cpu")
+    """The virtual CPU devices of the process that serves `mesh` (runtime/cli.py `_set_device_count`);
+    the largest mesh's while there is no artifact to ask (a dry run)."""
+    try:
+        section = read_manifest(ARTIFACT).fastload.get("cpu")
+    except ArtifactError:
+        return devices_for(meshes)
     if section is not None and mesh in (section.mesh_processes or ()):
         return devices_for([mesh])
     return devices_for(meshes)
