@@ -368,15 +368,12 @@ def build(prompts, max_tokens: int, meshes: list[str], seed: int) -> None:
 
 
 def process_devices(mesh: str, meshes: list[str]) -> int:
-    """The virtual CPU devices of the process that serves `mesh` (runtime/cli.py `_set_device_count`);
+    """The virtual CPU devices of the process that serves `mesh`, as `python -m runtime` picks them;
     the largest mesh's while there is no artifact to ask (a dry run)."""
     try:
-        section = read_manifest(ARTIFACT).fastload.get("cpu")
+        return read_manifest(ARTIFACT).cpu_devices_for(mesh)
     except ArtifactError:
         return devices_for(meshes)
-    if section is not None and mesh in (section.mesh_processes or ()):
-        return devices_for([mesh])
-    return devices_for(meshes)
 
 
 def devices_for(meshes: list[str]) -> int:

@@ -495,7 +495,8 @@ def fake_step(args) -> None:
                      "load_average_before": load_avg, "load_average_after": os.getloadavg()[0]},
         "loop_alone": {str(n): v for n, v in alone.items()}, "server": {str(n): v for n, v in served.items()},
         "loop_alone_server_arrivals": {str(n): v for n, v in replayed.items()},
-        "ratio": ratio, "ratio_same_arrivals": served[hi]["tok_s"] / replayed[hi]["tok_s"] if hi in replayed else None, "api_cpu_ms_per_request": per_request * 1e3, "api_cpu_us_per_token": per_token * 1e6,
+        "ratio": ratio, "ratio_same_arrivals": served[hi]["tok_s"] / replayed[hi]["tok_s"] if hi in replayed else None,
+        "api_cpu_ms_per_request": per_request * 1e3, "api_cpu_us_per_token": per_token * 1e6,
         "send_cpu_us": send, "api_cpu_us_per_token_less_one_send": net, "server_exit_code": exit_code})
 
 

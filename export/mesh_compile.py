@@ -1,7 +1,7 @@
 """One mesh's executables compiled into a fast-load cache, in a process holding just that mesh's devices.
 
 XLA keys its compilation cache by the host's whole device topology, and on CPU a mesh runs slower
-in a process with more virtual devices than it uses (the peer workload's 1x1 steps took 15-35%
+in a process with more virtual devices than it uses (the peer workload's 1x1 steps took 5-35%
 longer beside 7 idle devices). The build's own process holds the largest mesh's devices; for each
 smaller CPU mesh it runs this module in a child process of that mesh's size (`XLA_FLAGS` set by the
 parent), which compiles the mesh's exports exactly as the runtime's loader does, into the same

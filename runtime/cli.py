@@ -191,10 +191,7 @@ def _set_device_count(manifest, processes: int, mesh: str | None = None) -> None
     (a mesh runs slower beside virtual devices it does not use)."""
     if DEVICE_FLAG in os.environ.get("XLA_FLAGS", ""):
         return
-    need = max((m.devices for m in manifest.meshes), default=8)
-    section = manifest.fastload.get("cpu")
-    if processes == 1 and mesh is not None and section is not None and mesh in (section.mesh_processes or ()):
-        need = next(m.devices for m in manifest.meshes if m.name == mesh)
+    need = manifest.cpu_devices_for(mesh if processes == 1 else None)
     per_process = -(-need // processes)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {DEVICE_FLAG}={max(per_process, 1)}").strip()
 

@@ -650,3 +650,13 @@ class Manifest(Record):
 
     def executables_of(self, mesh: str) -> list[ExecutableEntry]:
         return [e for e in self.executables if e.mesh == mesh]
+
+    def cpu_devices_for(self, mesh: str | None) -> int:
+        """The virtual CPU devices of one process serving `mesh` (None: the largest mesh): just its
+        own where the build compiled it for such a process (fast-load `mesh_processes`), else the
+        largest mesh's, the count the fast-load section was compiled with."""
+        section = self.fastload.get("cpu")
+        entry = self.mesh(mesh) if mesh is not None else None
+        if entry is not None and section is not None and mesh in (section.mesh_processes or ()):
+            return entry.devices
+        return max((m.devices for m in self.meshes), default=8)

@@ -109,10 +109,10 @@ class Planner:
         back whenever the group's requests were out of step with each other (their ends free
         pages one request at a time): on the sleeping device, 256 streams of 32 tokens on the
         default pool took 120 steps arriving at once and 128-138 arriving over 10-100 ms; now
-        117-120 for all of them, with as many preemptions."""
+        117-121 for all of them, with as many preemptions."""
         ps, pages_for = self.pages.page_size, self.pages.pages_for
         return sum(max(0, pages_for(r.known + ps) - len(r.pages)) for r in group
-                   if not r.complete and r.max_new - len(r.generated) - r.owed > ps)
+                   if r.max_new - len(r.generated) - r.owed > ps)  # tokens it may still sample
 
     def make_room(self, queue: list, active: list[list]) -> int:
         """Before planning (KV on demand): every decoder gets the page its next token needs, and a
