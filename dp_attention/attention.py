@@ -17,6 +17,11 @@ prefill chunks (decoders and chunks are tiled apart). Within a tile, a causal ma
 per query row. The context is walked in blocks of pages with an online softmax, so memory is one
 block per tile; blocks past the furthest tile are skipped, and pages past a tile's own length are
 read from the reserved page (one page, hot in cache) instead of the sequence's.
+
+With `kernel=True` (artifacts built with `--attention cpu`) the decoders' rows go to a C++ kernel
+instead (runtime.cpu_kernel): it reads each key and value in place, where the tiles above must
+gather them into a copy first, and a decode step's attention is mostly those copies. Prefill chunks
+keep the tiles: their dots are where XLA's matrix kernels beat a scalar loop.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from runtime import cpu_kernel
 
 TRASH_PAGE = 0
 BLOCK_TOKENS = 128  # context positions per attention block (rounded to whole pages)
@@ -170,11 +177,15 @@ class NativeAttentionBackend:
 
     TILE_ROWS_PER_CHUNK = 32
 
-    def __init__(self, block_tokens: int = BLOCK_TOKENS, q_tile: int | None = None, quant=None):
-        """quant: a kv_cache.KvQuant for an 8-bit cache, None for a cache in the build dtype."""
+    def __init__(self, block_tokens: int = BLOCK_TOKENS, q_tile: int | None = None, quant=None, kernel: bool = False):
+        """quant: a kv_cache.KvQuant for an 8-bit cache, None for a cache in the build dtype.
+        kernel: decoders through the C++ kernel (float32 caches on CPU only; see the module)."""
+        if kernel and quant is not None:
+            raise ValueError("the CPU attention kernel reads a float32 cache, not an 8-bit one")
         self.block_tokens = block_tokens
         self.q_tile = q_tile
         self.quant = quant
+        self.kernel = kernel
 
     def attend(self, q, k_new, v_new, kv, layer, batch: PagedBatch):
         """q [T, nq, hd], k_new/v_new [T, nkv, hd] -> (out [T, nq, hd], kv with this layer written).
@@ -192,10 +203,15 @@ class NativeAttentionBackend:
         out = jnp.zeros((T, nq, hd), q.dtype)
         R = self.q_tile or q_tile_rows(T, S)
         if R == 1:
+            if self.kernel:
+                return _kernel_attend(qs, kv, layer, batch, batch.valid).astype(q.dtype), kv
             return self._attend(qs, out, kv, layer, batch, query_tiles(batch, T, 1)), kv
         count = jnp.zeros(S, jnp.int32).at[batch.seq_index].add(batch.valid.astype(jnp.int32))
         single = count == 1
-        out = self._attend(qs, out, kv, layer, batch, query_tiles(batch, T, 1, single, most=S))
+        if self.kernel:
+            out = _kernel_attend(qs, kv, layer, batch, batch.valid & single[batch.seq_index]).astype(q.dtype)
+        else:
+            out = self._attend(qs, out, kv, layer, batch, query_tiles(batch, T, 1, single, most=S))
         out = self._attend(qs, out, kv, layer, batch, query_tiles(batch, T, R, ~single))
         return out, kv
 
@@ -235,3 +251,15 @@ class NativeAttentionBackend:
 
         real_tiles = jnp.sum(jnp.any(tiles.real, axis=1))  # real tiles sort first
         return lax.fori_loop(0, (real_tiles + per_chunk - 1) // per_chunk, chunk, out)
+
+
+def _kernel_attend(qs, kv, layer, batch: PagedBatch, run):
+    """qs [T, nkv, g, hd] (scaled) -> [T, nkv * g, hd] float32 from the C++ kernel; rows where `run`
+    is false are zero."""
+    if kv.dtype != jnp.float32:
+        raise ValueError(f"the CPU attention kernel reads a float32 KV cache, got {kv.dtype}")
+    cpu_kernel.register()  # the executable must find it by name when it is compiled
+    T, nkv, g, hd = qs.shape
+    call = jax.ffi.ffi_call(cpu_kernel.TARGET, jax.ShapeDtypeStruct((T, nkv * g, hd), jnp.float32))
+    return call(qs.reshape(T, nkv * g, hd), kv, jnp.asarray(layer, jnp.int32).reshape(1), batch.positions,
+                batch.seq_index, run, batch.page_table)

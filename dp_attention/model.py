@@ -579,16 +579,17 @@ def run_layers(cfg: ModelConfig, w: Weights, x, kv, paged: PagedBatch, backend, 
 
 # ------------------------------------------------------------------------------- the step
 
-ATTENTION_BACKENDS = ("native", "fa")
+ATTENTION_BACKENDS = ("native", "fa", "cpu")
 
 
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
     """How a step is built, beyond its bucket.
 
-    attention: "native" (pure JAX, runs everywhere) or "fa" (the Pallas ragged paged attention
-    kernel, TPU only; `fa_kernel` swaps in another function of the kernel's signature, e.g. the
-    pure-JAX reference for tests). tpu_generation picks the kernel's tuned block sizes.
+    attention: "native" (pure JAX, runs everywhere), "cpu" (native, its decoders through a C++
+    kernel: CPU only, float32 caches) or "fa" (the Pallas ragged paged attention kernel, TPU only;
+    `fa_kernel` swaps in another function of the kernel's signature, e.g. the pure-JAX reference
+    for tests). tpu_generation picks the kernel's tuned block sizes.
     """
 
     dense_reference: bool = False  # all-experts MoE: the test and build reference, never served
@@ -613,8 +614,8 @@ class StepOptions:
             raise ValueError(f"KV cache of dtype {kv.dtype} but the step was built for "
                              f"{want or 'a cache in the build dtype'}: pass kv_quant for an 8-bit cache, and a "
                              f"cache of its dtype")
-        if self.attention == "native":
-            return NativeAttentionBackend(quant=self.kv_quant)
+        if self.attention in ("native", "cpu"):
+            return NativeAttentionBackend(quant=self.kv_quant, kernel=self.attention == "cpu")
         _, _, page_size, two_kv, hd = kv.shape
         tokens, pages_per_seq = batch.positions.shape[0], batch.page_table.shape[1]
         blocks = block_sizes(self.tpu_generation, dtype, kv.dtype, q_heads, two_kv // 2, hd, page_size, tokens,

@@ -36,6 +36,7 @@ from dp_attention.kv_cache import KV_CACHE_CHOICES, KvQuant, cache_dtype, is_qua
 from dp_attention.model import BATCH_SPECS, CACHE_SPEC, OUTPUT_SPECS, WIRE_SPECS, jit_wire_step
 from dp_attention.ragged import TPU_DEVICE_KINDS
 from dp_attention.weights import QUANTIZE, SCALE
+from runtime import cpu_kernel
 from runtime import engine as rt_engine
 from runtime import format as fmt
 from runtime.batching import pack, wire_shapes
@@ -82,7 +83,8 @@ class BuildConfig:
     tf_savedmodel: bool = False  # also write a TF SavedModel for TensorFlow Serving (1x1 builds only)
     logprobs: int = DEFAULT_LOGPROBS  # top-N logprobs every executable returns per sequence
     executables_only: bool = False  # no weights, no probes: exports (and their costs) from config.json alone
-    attention: str | None = None  # "fa" (the Pallas kernel, TPU only) or "native"; default: fa for tpu builds
+    attention: str | None = None  # "fa" (the Pallas kernel, TPU only), "native", or "cpu" (native with the C++
+    # decode kernel, runtime.cpu_kernel: CPU, float32); default: fa for tpu builds
     tpu_generation: str | None = None  # v5e, v5p, v6e: the chip the kernels are lowered and tuned for, and whose
     # HBM the build checks the artifact fits (default v5e for tpu builds)
     expert_layout: str | None = None  # a name of dp_attention.weights.EXPERT_LAYOUTS; None/"auto": chosen per mesh
@@ -92,6 +94,15 @@ class BuildConfig:
     @property
     def attention_backend(self) -> str:
         return self.attention or ("fa" if self.platforms == ("tpu",) else "native")
+
+    def default_attention(self, model) -> str:
+        """--attention when none was given: the TPU kernel for TPU builds; the C++ kernel for CPU
+        builds with a float32 cache where this host can compile it; else native."""
+        if self.attention is not None:
+            return self.attention
+        if self.platforms == ("cpu",) and self.kv_dtype(model.dtype) == "float32" and cpu_kernel.available():
+            return "cpu"
+        return self.attention_backend
 
     @property
     def hbm_generation(self) -> str | None:
@@ -176,7 +187,7 @@ def default_out(model_name: str) -> Path:
 def _source_fingerprint() -> str:
     h = hashlib.sha256()
     for pkg in ("dp_attention", "export", "runtime"):
-        for f in sorted((PACKAGE_ROOT / pkg).glob("*.py")):
+        for f in sorted([*(PACKAGE_ROOT / pkg).glob("*.py"), *(PACKAGE_ROOT / pkg).glob("kernels/*.cc")]):
             h.update(f.name.encode() + f.read_bytes())
     return h.hexdigest()
 
@@ -268,7 +279,11 @@ def export_one(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShape, b
                          kv_quant=build.kv_quant(cfg))
     context = jax.sharding.use_abstract_mesh(mesh) if isinstance(mesh, AbstractMesh) else contextlib.nullcontext()
     with context:
-        return bytes(jax.export.export(step, platforms=build.platforms)(weights, kv, wire).serialize())
+        # The CPU kernel is a custom call jax.export does not know to be stable: its contract is ours
+        # (runtime.cpu_kernel.TARGET names its version), and the runtime registers it before loading.
+        checks = [jax.export.DisabledSafetyCheck.custom_call(cpu_kernel.TARGET)] if attention == "cpu" else []
+        return bytes(jax.export.export(step, platforms=build.platforms, disabled_checks=checks)(weights, kv, wire)
+                     .serialize())
 
 
 def _analysis(compiled) -> fmt.Cost:
@@ -340,8 +355,11 @@ def _probe(tmp: Path, engine, bucket: Bucket, probe, source: ModelSource, refere
 
 def build(cfg: BuildConfig, report: Reporter | None = None) -> Path:
     report = report or Reporter(quiet=True)
-    if cfg.attention not in (None, "fa", "native"):
-        raise BuildError(f"--attention {cfg.attention!r}: expected fa or native")
+    if cfg.attention not in (None, "fa", "native", "cpu"):
+        raise BuildError(f"--attention {cfg.attention!r}: expected fa, native or cpu")
+    if cfg.attention == "cpu" and cfg.platforms != ("cpu",):
+        raise BuildError(f"--attention cpu is a C++ kernel for CPU executables: build it for --platform cpu alone, "
+                         f"not {','.join(cfg.platforms)} (use --attention native for other platforms)")
     if cfg.attention_backend == "fa" and cfg.platforms != ("tpu",):
         raise BuildError(f"--attention fa is the Pallas TPU kernel: build it for --platform tpu alone, not "
                          f"{','.join(cfg.platforms)} (use --attention native for other platforms)")
@@ -361,7 +379,9 @@ def build(cfg: BuildConfig, report: Reporter | None = None) -> Path:
     source = open_model(cfg.model, cfg.dtype, weights=not cfg.executables_only)
     model = source.config
     out = Path(cfg.out) if cfg.out else default_out(model.name)
+    cfg = dataclasses.replace(cfg, attention=cfg.default_attention(model))
     _check_kv_heads(cfg, model)
+    _check_cpu_kernel(cfg, model)
     cache = cfg.cache(model)
     if cache.num_pages - 1 < cache.pages_per_seq:
         raise BuildError(f"the KV cache holds {cache.num_pages} pages per group (page 0 reserved), fewer than one "
@@ -411,6 +431,21 @@ def build(cfg: BuildConfig, report: Reporter | None = None) -> Path:
         raise
     report.summary(out, manifest)
     return out
+
+
+def _check_cpu_kernel(cfg: BuildConfig, model) -> None:
+    """--attention cpu: the kernel reads a float32 cache and is compiled here, before any export."""
+    if cfg.attention_backend != "cpu":
+        return
+    kv = cfg.kv_dtype(model.dtype)
+    if kv != "float32":
+        raise BuildError(f"--attention cpu reads a float32 KV cache; this build's is {kv} (--dtype {model.dtype}, "
+                         f"--kv-cache-dtype {cfg.kv_cache_dtype}): build with --dtype float32 and --kv-cache-dtype "
+                         f"auto, or --attention native")
+    try:
+        cpu_kernel.register()
+    except cpu_kernel.KernelUnavailable as e:
+        raise BuildError(f"--attention cpu: {e}") from None
 
 
 def _check_kv_heads(cfg: BuildConfig, model) -> None:

@@ -24,6 +24,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Mesh, NamedSharding
 from safetensors import safe_open
 
+from . import cpu_kernel
 from . import format as fmt
 from .batching import WIRE_SHARDED_AS, advance_ints, from_sampled, to_wire, wire_layout, wire_shapes
 from .buckets import Bucket
@@ -325,6 +326,11 @@ class Engine:
         return jax.jit(call, donate_argnums=(1,)).lower(*self.abstract_args(bucket)).compile()
 
     def compile_all(self, jobs: int):
+        if self.manifest.attention == "cpu":  # its executables call the C++ kernel by name
+            try:
+                cpu_kernel.register()
+            except cpu_kernel.KernelUnavailable as e:
+                raise fmt.ArtifactError(f"{self.root}: built with --attention cpu: {e}") from None
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             for bucket, compiled in zip(self.buckets, pool.map(self.compile_one, self.buckets)):
                 self.install(bucket, compiled)

@@ -1,6 +1,7 @@
-"""The native backend's tiled attention against the ragged kernel's own reference, on random ragged
-batches: every tile size and block size must give each real token the same output, whatever mix of
-chunked prefill and decode a group holds, and padding rows must come out zero."""
+"""The native backend's tiled attention, and its C++ kernel for decoders, against the ragged kernel's
+own reference, on random ragged batches: every tile size and block size must give each real token
+the same output, whatever mix of chunked prefill and decode a group holds, and padding rows must
+come out zero."""
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +41,7 @@ def reference(q, kv, layer, batch: PagedBatch, kv_lens):
     return np.asarray(out)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=16, deadline=None)
 @given(st.data())
 def test_tiled_attention_equals_the_kernel_reference(data):
     seqs = data.draw(st.integers(1, 5), label="seqs")
@@ -48,13 +49,14 @@ def test_tiled_attention_equals_the_kernel_reference(data):
     tokens = data.draw(st.sampled_from([t for t in (8, 16, 32, 64) if t >= sum(chunk_lens)]), label="tokens")
     q_tile = data.draw(st.sampled_from([None, 1, 2, 4, 8]), label="q_tile")
     block_tokens = data.draw(st.sampled_from([PAGE, 2 * PAGE, PAGES_PER_SEQ * PAGE]), label="block_tokens")
+    kernel = data.draw(st.booleans(), label="kernel")  # the decoders' rows through the C++ kernel
     rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 16), label="seed"))
     batch, kv_lens = ragged_batch(rng, tokens, seqs, chunk_lens)
     q = jnp.asarray(rng.standard_normal((tokens, NQ, HD)), jnp.float32)
     k_new, v_new = (jnp.asarray(rng.standard_normal((tokens, NKV, HD)), jnp.float32) for _ in range(2))
     kv = jnp.asarray(rng.standard_normal((LAYERS, NUM_PAGES, PAGE, 2 * NKV, HD)), jnp.float32)
 
-    backend = NativeAttentionBackend(block_tokens=block_tokens, q_tile=q_tile)
+    backend = NativeAttentionBackend(block_tokens=block_tokens, q_tile=q_tile, kernel=kernel)
     attend = jax.jit(lambda q, k, v, kv, fields: backend.attend(q, k, v, kv, 1, PagedBatch(*fields)))
     out, kv = attend(q, k_new, v_new, kv, (batch.positions, batch.seq_index, batch.valid, batch.page_table))
     real = int(sum(chunk_lens))
