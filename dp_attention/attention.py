@@ -18,10 +18,10 @@ per query row. The context is walked in blocks of pages with an online softmax, 
 block per tile; blocks past the furthest tile are skipped, and pages past a tile's own length are
 read from the reserved page (one page, hot in cache) instead of the sequence's.
 
-With `kernel=True` (artifacts built with `--attention cpu`) the decoders' rows go to a C++ kernel
-instead (runtime.cpu_kernel): it reads each key and value in place, where the tiles above must
-gather them into a copy first, and a decode step's attention is mostly those copies. Prefill chunks
-keep the tiles: their dots are where XLA's matrix kernels beat a scalar loop.
+With `kernel=True` (artifacts built with `--attention cpu`) a C++ kernel attends instead
+(runtime.cpu_kernel): the same tiles, but each key and value read in place, where the code above
+must gather them into a copy first (a decode step's attention is mostly those copies), and the
+tiles shared by the host's cores.
 """
 
 from __future__ import annotations
@@ -200,18 +200,15 @@ class NativeAttentionBackend:
         qs = q.reshape(T, nkv, nq // nkv, hd).astype(jnp.float32) * (hd ** -0.5)
         if self.quant is not None:  # K's scale rides on the queries, V's on the output (kv_cache.py)
             qs = qs * self.quant.scales(layer)[0]
+        if self.kernel:
+            return _kernel_attend(qs, kv, layer, batch).astype(q.dtype), kv
         out = jnp.zeros((T, nq, hd), q.dtype)
         R = self.q_tile or q_tile_rows(T, S)
         if R == 1:
-            if self.kernel:
-                return _kernel_attend(qs, kv, layer, batch, batch.valid).astype(q.dtype), kv
             return self._attend(qs, out, kv, layer, batch, query_tiles(batch, T, 1)), kv
         count = jnp.zeros(S, jnp.int32).at[batch.seq_index].add(batch.valid.astype(jnp.int32))
         single = count == 1
-        if self.kernel:
-            out = _kernel_attend(qs, kv, layer, batch, batch.valid & single[batch.seq_index]).astype(q.dtype)
-        else:
-            out = self._attend(qs, out, kv, layer, batch, query_tiles(batch, T, 1, single, most=S))
+        out = self._attend(qs, out, kv, layer, batch, query_tiles(batch, T, 1, single, most=S))
         out = self._attend(qs, out, kv, layer, batch, query_tiles(batch, T, R, ~single))
         return out, kv
 
@@ -253,13 +250,13 @@ class NativeAttentionBackend:
         return lax.fori_loop(0, (real_tiles + per_chunk - 1) // per_chunk, chunk, out)
 
 
-def _kernel_attend(qs, kv, layer, batch: PagedBatch, run):
-    """qs [T, nkv, g, hd] (scaled) -> [T, nkv * g, hd] float32 from the C++ kernel; rows where `run`
-    is false are zero."""
+def _kernel_attend(qs, kv, layer, batch: PagedBatch):
+    """qs [T, nkv, g, hd] (scaled) -> [T, nkv * g, hd] float32 from the C++ kernel; padding rows are
+    zero. It tiles the rows itself (up to 16 consecutive rows of one sequence)."""
     if kv.dtype != jnp.float32:
         raise ValueError(f"the CPU attention kernel reads a float32 KV cache, got {kv.dtype}")
     cpu_kernel.register()  # the executable must find it by name when it is compiled
     T, nkv, g, hd = qs.shape
     call = jax.ffi.ffi_call(cpu_kernel.TARGET, jax.ShapeDtypeStruct((T, nkv * g, hd), jnp.float32))
     return call(qs.reshape(T, nkv * g, hd), kv, jnp.asarray(layer, jnp.int32).reshape(1), batch.positions,
-                batch.seq_index, run, batch.page_table)
+                batch.seq_index, batch.valid, batch.page_table)

@@ -16,6 +16,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -27,6 +28,8 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kMaxTileRows = 16;  // consecutive rows of one sequence that share one read of K/V
+constexpr int64_t kKeyBlock = 16;     // keys transposed at a time for a tile's scores (one AVX-512 vector)
+constexpr int64_t kRowsAtOnce = 4;    // query vectors scored together against a transposed block
 
 inline float Dot(const float* a, const float* b, int64_t n) {
   float s = 0.f;
@@ -40,28 +43,95 @@ inline void Axpy(float a, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
+// exp(x) for the softmax's x <= 0, to about one ulp (a Cody-Waite reduction to |r| <= ln2/2 and a
+// degree-6 polynomial), in plain arithmetic so that a loop of it vectorizes; 0 below -87.
+inline float SoftmaxExp(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::floor(x * 1.44269504f + 0.5f);
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
 struct Shapes {
   int64_t T, nq, hd, P, ps, nkv, hdc, g, S, pps;
 };
+
+// One query row, every head: a dot per key, all heads of a slot read together.
+void DecodeScores(const Shapes& d, const float* q, int64_t n, const std::vector<const float*>& slot, float* scores) {
+  const int64_t max_ctx = d.pps * d.ps;
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t head = 0; head < d.nq; ++head)
+      scores[head * max_ctx + j] = Dot(q + head * d.hd, slot[j] + 2 * (head / d.g) * d.hdc, d.hd);
+}
+
+// Rows [t, t + R) against kv head h's keys, kKeyBlock keys at a time: the block is transposed once
+// ([hd][kKeyBlock], `kt`) so each query row's scores for it are kKeyBlock lanes of one vector
+// (broadcast-multiply-add over hd) instead of kKeyBlock dot products that each end in a reduction.
+void TileScores(const Shapes& d, const float* Q, const int32_t* pos, int64_t t, int64_t R, int64_t n,
+                const std::vector<const float*>& slot, int64_t h, std::vector<float>& kt, float* scores) {
+  const int64_t max_ctx = d.pps * d.ps, k_off = 2 * h * d.hdc;
+  for (int64_t jb = 0; jb < n; jb += kKeyBlock) {
+    const int64_t nb = std::min(kKeyBlock, n - jb);
+    for (int64_t jj = 0; jj < kKeyBlock; ++jj) {
+      const float* k = jj < nb ? slot[jb + jj] + k_off : nullptr;
+      for (int64_t i = 0; i < d.hd; ++i) kt[i * kKeyBlock + jj] = k ? k[i] : 0.f;
+    }
+    // Query vectors (row, head of this kv head) kRowsAtOnce at a time: independent chains of
+    // multiply-adds, each kt row loaded once for all of them. Rows past their position compute
+    // scores nobody reads.
+    const int64_t vectors = R * d.g;
+    for (int64_t v0 = 0; v0 < vectors; v0 += kRowsAtOnce) {
+      const int64_t nv = std::min(kRowsAtOnce, vectors - v0);
+      int32_t reach = 0;
+      for (int64_t v = v0; v < v0 + nv; ++v) reach = std::max(reach, pos[t + v / d.g]);
+      if (jb > reach) continue;
+      const float* q[kRowsAtOnce];
+      for (int64_t v = 0; v < kRowsAtOnce; ++v) {
+        const int64_t vv = v0 + std::min(v, nv - 1), r = vv / d.g, head = h * d.g + vv % d.g;
+        q[v] = Q + ((t + r) * d.nq + head) * d.hd;
+      }
+      float acc[kRowsAtOnce][kKeyBlock] = {};
+      for (int64_t i = 0; i < d.hd; ++i) {
+        const float* row = kt.data() + i * kKeyBlock;
+        for (int64_t v = 0; v < kRowsAtOnce; ++v) {
+          const float qi = q[v][i];
+#pragma omp simd
+          for (int64_t jj = 0; jj < kKeyBlock; ++jj) acc[v][jj] += qi * row[jj];
+        }
+      }
+      for (int64_t v = 0; v < nv; ++v) {
+        const int64_t r = (v0 + v) / d.g, head = h * d.g + (v0 + v) % d.g;
+        std::copy(acc[v], acc[v] + nb, scores + (r * d.nq + head) * max_ctx + jb);
+      }
+    }
+  }
+}
 
 // One tile: rows [t, t + R) of one sequence (its pages), seeing keys 0..n-1 at most. Each pass
 // walks the context in order, all heads of a slot at once, so a page is read as one run of bytes.
 void AttendTile(const Shapes& d, const float* Q, const float* KV, const int32_t* pos, const int32_t* pages,
                 int64_t t, int64_t R, int64_t n, std::vector<float>& scores, std::vector<const float*>& slot,
-                float* O) {
+                std::vector<float>& kt, float* O) {
   const int64_t stride = d.nkv * 2 * d.hdc, max_ctx = d.pps * d.ps, qrows = R * d.nq;
   for (int64_t j = 0; j < n; ++j) {
     const int64_t page = std::clamp<int64_t>(pages[j / d.ps], 0, d.P - 1);
     slot[j] = KV + (page * d.ps + j % d.ps) * stride;
   }
   // scores[(r * nq + head) * max_ctx + j]: query head `head` = h * g + gi reads kv head h.
-  for (int64_t j = 0; j < n; ++j) {
-    for (int64_t r = 0; r < R; ++r) {
-      if (j > pos[t + r]) continue;
-      const float* q = Q + (t + r) * d.nq * d.hd;
-      for (int64_t head = 0; head < d.nq; ++head)
-        scores[(r * d.nq + head) * max_ctx + j] = Dot(q + head * d.hd, slot[j] + 2 * (head / d.g) * d.hdc, d.hd);
-    }
+  if (R == 1) {
+    DecodeScores(d, Q + t * d.nq * d.hd, n, slot, scores.data());
+  } else {
+    for (int64_t h = 0; h < d.nkv; ++h) TileScores(d, Q, pos, t, R, n, slot, h, kt, scores.data());
   }
   std::vector<float> inv(qrows);
   for (int64_t r = 0; r < R; ++r) {
@@ -69,9 +139,11 @@ void AttendTile(const Shapes& d, const float* Q, const float* KV, const int32_t*
     for (int64_t head = 0; head < d.nq; ++head) {
       float* s = scores.data() + (r * d.nq + head) * max_ctx;
       float m = -INFINITY, sum = 0.f;
+#pragma omp simd reduction(max : m)
       for (int64_t j = 0; j <= last; ++j) m = std::max(m, s[j]);
+#pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j <= last; ++j) {
-        s[j] = std::exp(s[j] - m);
+        s[j] = SoftmaxExp(s[j] - m);
         sum += s[j];
       }
       inv[r * d.nq + head] = 1.f / sum;
@@ -102,10 +174,11 @@ struct Work {
   void Run() {
     std::vector<float> scores(kMaxTileRows * d.nq * d.pps * d.ps);
     std::vector<const float*> slot(d.pps * d.ps);
+    std::vector<float> kt(d.hd * kKeyBlock);
     const int64_t count = tiles.size();
     for (int64_t i; (i = next.fetch_add(1)) < count; done.fetch_add(1, std::memory_order_release)) {
       auto [t, R, seq, n] = tiles[i];
-      AttendTile(d, Q, KV, pos, table + seq * d.pps, t, R, n, scores, slot, O);
+      AttendTile(d, Q, KV, pos, table + seq * d.pps, t, R, n, scores, slot, kt, O);
     }
   }
 };
