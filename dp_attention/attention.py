@@ -257,6 +257,6 @@ def _kernel_attend(qs, kv, layer, batch: PagedBatch):
         raise ValueError(f"the CPU attention kernel reads a float32 KV cache, got {kv.dtype}")
     cpu_kernel.register()  # the executable must find it by name when it is compiled
     T, nkv, g, hd = qs.shape
-    call = jax.ffi.ffi_call(cpu_kernel.TARGET, jax.ShapeDtypeStruct((T, nkv * g, hd), jnp.float32))
+    call = jax.ffi.ffi_call(cpu_kernel.ATTENTION, jax.ShapeDtypeStruct((T, nkv * g, hd), jnp.float32))
     return call(qs.reshape(T, nkv * g, hd), kv, jnp.asarray(layer, jnp.int32).reshape(1), batch.positions,
                 batch.seq_index, batch.valid, batch.page_table)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from runtime import cpu_kernel
 from runtime.contract import SAMPLED, WIRE_APART, Bucket, advance_ints, wire_layout
 
 from .attention import NativeAttentionBackend, PagedBatch
@@ -493,7 +494,17 @@ def experts_gmm(w: MoeWeights, x, pairs: RoutedPairs, first, total: int, generat
     return jnp.zeros((N, H), jnp.float32).at[token].add(out)
 
 
-EXPERT_KERNELS = ("tiles", "gmm", "gmm-interpret", "by-platform")
+EXPERT_KERNELS = ("tiles", "cpu", "gmm", "gmm-interpret", "by-platform")
+
+
+def experts_cpu_kernel(stack: MoeWeights, index, x, pairs: RoutedPairs):
+    """CPU: experts_by_expert's sums from the C++ kernel (runtime.cpu_kernel), which reads each
+    pair's token row and each expert's weights in place and shares chunks of pairs among the host's
+    cores. float32 weights only (an int8 stack takes the loop)."""
+    cpu_kernel.register()  # the executable must find it by name when it is compiled
+    call = jax.ffi.ffi_call(cpu_kernel.EXPERTS, jax.ShapeDtypeStruct(x.shape, jnp.float32))
+    return call(x, stack.gate, stack.up, stack.down, jnp.asarray(index, jnp.int32).reshape(1), pairs.token,
+                pairs.weight.astype(jnp.float32), pairs.counts.astype(jnp.int32))
 
 
 def routed_experts(shard: ExpertShard, kernel: str, generation: str | None, cfg: ModelConfig, stack: MoeWeights,
@@ -501,7 +512,7 @@ def routed_experts(shard: ExpertShard, kernel: str, generation: str | None, cfg:
     """This device's share (its experts, its columns) of every routed pair over the global tokens
     x [N, H] -> float32 [N, H] partial sums.
 
-    kernel: "tiles" (the CPU loop), "gmm" (the Pallas TPU kernel), "gmm-interpret" (the same kernel
+    kernel: "tiles" (the CPU loop), "cpu" (the C++ kernel, float32 weights), "gmm" (the Pallas TPU kernel), "gmm-interpret" (the same kernel
     interpreted, tests on CPU) or "by-platform" (ragged_dot on TPU, tiles elsewhere: multi-platform
     exports). `stack` holds every MoE layer; `index` picks this one (the CPU loop slices each
     expert from the stack, never the whole layer)."""
@@ -515,7 +526,9 @@ def routed_experts(shard: ExpertShard, kernel: str, generation: str | None, cfg:
         mine = local_pairs(pairs, first, local, total)
         # The CPU loop sees float32 tokens, so it computes and accumulates in float32 (XLA:CPU
         # computes a bfloat16 dot on float32 copies anyway).
-        if kernel == "tiles":
+        if kernel == "cpu" and not isinstance(stack.gate, QArray) and stack.gate.dtype == jnp.float32:
+            return experts_cpu_kernel(stack, index, x.astype(jnp.float32), mine)
+        if kernel in ("tiles", "cpu"):
             return experts_by_expert(stack, index, x.astype(jnp.float32), mine)
         return lax.platform_dependent(
             stack, index, x, mine,

@@ -83,8 +83,8 @@ class BuildConfig:
     tf_savedmodel: bool = False  # also write a TF SavedModel for TensorFlow Serving (1x1 builds only)
     logprobs: int = DEFAULT_LOGPROBS  # top-N logprobs every executable returns per sequence
     executables_only: bool = False  # no weights, no probes: exports (and their costs) from config.json alone
-    attention: str | None = None  # "fa" (the Pallas kernel, TPU only), "native", or "cpu" (native with the C++
-    # decode kernel, runtime.cpu_kernel: CPU, float32); default: fa for tpu builds
+    attention: str | None = None  # "fa" (the Pallas kernel, TPU only), "native", or "cpu" (the C++ kernels of
+    # runtime.cpu_kernel for attention and, unquantized, the experts: CPU, float32); default: default_attention
     tpu_generation: str | None = None  # v5e, v5p, v6e: the chip the kernels are lowered and tuned for, and whose
     # HBM the build checks the artifact fits (default v5e for tpu builds)
     expert_layout: str | None = None  # a name of dp_attention.weights.EXPERT_LAYOUTS; None/"auto": chosen per mesh
@@ -115,7 +115,9 @@ class BuildConfig:
         a CPU branch of lax.platform_dependent, so only a TPU-only export gets it."""
         if self.platforms == ("tpu",):
             return "gmm"
-        return "by-platform" if "tpu" in self.platforms else "tiles"
+        if "tpu" in self.platforms:
+            return "by-platform"
+        return "cpu" if self.attention_backend == "cpu" and self.quantize == "none" else "tiles"
 
     def specs(self, model, shape: MeshShape) -> dict:
         return weight_specs(model, shape, self.expert_layout, self.quantize, self.quantize_lm_head)
@@ -187,7 +189,7 @@ def default_out(model_name: str) -> Path:
 def _source_fingerprint() -> str:
     h = hashlib.sha256()
     for pkg in ("dp_attention", "export", "runtime"):
-        for f in sorted([*(PACKAGE_ROOT / pkg).glob("*.py"), *(PACKAGE_ROOT / pkg).glob("kernels/*.cc")]):
+        for f in sorted([*(PACKAGE_ROOT / pkg).glob("*.py"), *(PACKAGE_ROOT / pkg).glob("kernels/*")]):
             h.update(f.name.encode() + f.read_bytes())
     return h.hexdigest()
 
@@ -279,9 +281,11 @@ def export_one(cfg, shape: MeshShape, mesh, bucket: Bucket, cache: CacheShape, b
                          kv_quant=build.kv_quant(cfg))
     context = jax.sharding.use_abstract_mesh(mesh) if isinstance(mesh, AbstractMesh) else contextlib.nullcontext()
     with context:
-        # The CPU kernel is a custom call jax.export does not know to be stable: its contract is ours
-        # (runtime.cpu_kernel.TARGET names its version), and the runtime registers it before loading.
-        checks = [jax.export.DisabledSafetyCheck.custom_call(cpu_kernel.TARGET)] if attention == "cpu" else []
+        # The CPU kernels are custom calls jax.export does not know to be stable: their contracts are
+        # ours (each name in runtime.cpu_kernel.TARGETS carries its version), and the runtime
+        # registers them before loading.
+        checks = ([jax.export.DisabledSafetyCheck.custom_call(t) for t in cpu_kernel.TARGETS] if attention == "cpu"
+                  else [])
         return bytes(jax.export.export(step, platforms=build.platforms, disabled_checks=checks)(weights, kv, wire)
                      .serialize())
 

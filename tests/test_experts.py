@@ -151,13 +151,15 @@ class _Routing:
     norm_topk_prob = True
 
 
+@pytest.mark.parametrize("kernel,I", [("tiles", 8), ("cpu", 8), ("cpu", 40)])
 @pytest.mark.parametrize("skew", ["uniform", "one expert", "two experts"])
-def test_the_cpu_expert_loop_equals_every_expert_on_every_token(skew):
-    """Any routing fits the loop's shapes: all pairs on one expert, empty experts, padding rows."""
-    from dp_attention.model import dense_experts, experts_by_expert, sort_pairs
+def test_the_cpu_expert_loop_equals_every_expert_on_every_token(skew, kernel, I):
+    """Any routing fits the loop's shapes: all pairs on one expert (more than one chunk of the C++
+    kernel's), empty experts, padding rows; widths under one vector and past whole vectors."""
+    from dp_attention.model import dense_experts, experts_by_expert, experts_cpu_kernel, sort_pairs
 
     rng = np.random.default_rng(1)
-    L, E, H, I, N = 2, 6, 16, 8, 24
+    L, E, H, N = 2, 6, 16, 48
     router = rng.normal(size=(L, H, E))
     if skew != "uniform":
         favoured = [3] if skew == "one expert" else [0, 5]
@@ -170,6 +172,6 @@ def test_the_cpu_expert_loop_equals_every_expert_on_every_token(skew):
         pairs = sort_pairs(_Routing, stack.router[index], x, valid)
         if skew == "one expert":
             assert int(pairs.counts[3]) == N - 5 and int(jnp.sum(pairs.counts == 0)) >= 1
-        got = jax.jit(experts_by_expert)(stack, index, x, pairs)
+        got = jax.jit(experts_by_expert if kernel == "tiles" else experts_cpu_kernel)(stack, index, x, pairs)
         want = dense_experts(ExpertShard(), _Routing, stack, index, x, valid)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-4)

@@ -21,6 +21,7 @@
 #include <thread>
 #include <vector>
 
+#include "common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -41,25 +42,6 @@ inline float Dot(const float* a, const float* b, int64_t n) {
 inline void Axpy(float a, const float* x, float* y, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
-
-// exp(x) for the softmax's x <= 0, to about one ulp (a Cody-Waite reduction to |r| <= ln2/2 and a
-// degree-6 polynomial), in plain arithmetic so that a loop of it vectorizes; 0 below -87.
-inline float SoftmaxExp(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504f + 0.5f);
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
 }
 
 struct Shapes {
@@ -143,7 +125,7 @@ void AttendTile(const Shapes& d, const float* Q, const float* KV, const int32_t*
       for (int64_t j = 0; j <= last; ++j) m = std::max(m, s[j]);
 #pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j <= last; ++j) {
-        s[j] = SoftmaxExp(s[j] - m);
+        s[j] = dp_kernels::Exp(s[j] - m);
         sum += s[j];
       }
       inv[r * d.nq + head] = 1.f / sum;
@@ -161,28 +143,6 @@ void AttendTile(const Shapes& d, const float* Q, const float* KV, const int32_t*
   }
 }
 
-// Tiles cut from the rows that run, shared by the threads that take them one at a time. Held by
-// shared_ptr: a helper the pool starts late finds no tile left and touches nothing else.
-struct Work {
-  Shapes d;
-  const float *Q, *KV;
-  const int32_t *pos, *table;
-  float* O;
-  std::vector<std::array<int64_t, 4>> tiles;  // first row, rows, sequence, keys seen
-  std::atomic<int64_t> next{0}, done{0};
-
-  void Run() {
-    std::vector<float> scores(kMaxTileRows * d.nq * d.pps * d.ps);
-    std::vector<const float*> slot(d.pps * d.ps);
-    std::vector<float> kt(d.hd * kKeyBlock);
-    const int64_t count = tiles.size();
-    for (int64_t i; (i = next.fetch_add(1)) < count; done.fetch_add(1, std::memory_order_release)) {
-      auto [t, R, seq, n] = tiles[i];
-      AttendTile(d, Q, KV, pos, table + seq * d.pps, t, R, n, scores, slot, kt, O);
-    }
-  }
-};
-
 ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kv,
                           ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> positions,
                           ffi::Buffer<ffi::S32> seq_index, ffi::Buffer<ffi::PRED> run,
@@ -193,22 +153,19 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
     return ffi::Error::InvalidArgument("dp_paged_attention: q [T, nq, hd], kv [L, P, page_size, 2*nkv, hdc >= hd] "
                                        "and page_table [S, pages] expected, nq a multiple of nkv");
   }
-  auto work = std::make_shared<Work>();
-  Work& w = *work;
-  w.d = Shapes{qd[0], qd[1], qd[2], kd[1], kd[2], kd[3] / 2, kd[4], qd[1] / (kd[3] / 2), pd[0], pd[1]};
-  const Shapes& d = w.d;
+  Shapes d{qd[0], qd[1], qd[2], kd[1], kd[2], kd[3] / 2, kd[4], qd[1] / (kd[3] / 2), pd[0], pd[1]};
   const int64_t L = kd[0], max_ctx = d.pps * d.ps;
   const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, L - 1);
-  w.Q = q.typed_data();
-  w.KV = kv.typed_data() + l * d.P * d.ps * d.nkv * 2 * d.hdc;
-  w.table = page_table.typed_data();
-  w.O = out->typed_data();
-  std::fill(w.O, w.O + d.T * d.nq * d.hd, 0.f);
+  const float* Q = q.typed_data();
+  const float* KV = kv.typed_data() + l * d.P * d.ps * d.nkv * 2 * d.hdc;
+  const int32_t* table = page_table.typed_data();
+  float* O = out->typed_data();
+  std::fill(O, O + d.T * d.nq * d.hd, 0.f);
   const int32_t* seq = seq_index.typed_data();
   const bool* go = run.typed_data();
-  std::vector<int32_t> clipped(positions.typed_data(), positions.typed_data() + d.T);
-  for (auto& p : clipped) p = std::clamp<int32_t>(p, 0, max_ctx - 1);
-  w.pos = clipped.data();
+  std::vector<int32_t> pos(positions.typed_data(), positions.typed_data() + d.T);
+  for (auto& p : pos) p = std::clamp<int32_t>(p, 0, max_ctx - 1);
+  std::vector<std::array<int64_t, 4>> tiles;  // first row, rows, sequence, keys seen
   for (int64_t t = 0; t < d.T;) {
     if (!go[t]) {
       ++t;
@@ -216,16 +173,24 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
     }
     int64_t end = t;
     int32_t reach = 0;
-    while (end < d.T && end - t < kMaxTileRows && go[end] && seq[end] == seq[t]) reach = std::max(reach, clipped[end++]);
-    w.tiles.push_back({t, end - t, std::clamp<int64_t>(seq[t], 0, d.S - 1), reach + 1});
+    while (end < d.T && end - t < kMaxTileRows && go[end] && seq[end] == seq[t]) reach = std::max(reach, pos[end++]);
+    tiles.push_back({t, end - t, std::clamp<int64_t>(seq[t], 0, d.S - 1), reach + 1});
     t = end;
   }
   // One core reads the cache at a fraction of the memory's bandwidth: the pool's threads share the
-  // tiles (decode steps are many tiles of similar size), this thread among them.
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), w.tiles.size()) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
-  w.Run();
-  while (w.done.load(std::memory_order_acquire) < static_cast<int64_t>(w.tiles.size())) std::this_thread::yield();
+  // tiles (a decode step's are many and alike), each with scratch of its own.
+  const int64_t workers = dp_kernels::Workers(pool, tiles.size());
+  std::vector<std::vector<float>> scores(workers), kt(workers);
+  std::vector<std::vector<const float*>> slot(workers);
+  dp_kernels::ParallelFor(pool, tiles.size(), [&](int64_t w, int64_t i) {
+    if (scores[w].empty()) {
+      scores[w].resize(kMaxTileRows * d.nq * max_ctx);
+      kt[w].resize(d.hd * kKeyBlock);
+      slot[w].resize(max_ctx);
+    }
+    auto [t, R, s, n] = tiles[i];
+    AttendTile(d, Q, KV, pos.data(), table + s * d.pps, t, R, n, scores[w], slot[w], kt[w], O);
+  });
   return ffi::Error::Success();
 }
 
