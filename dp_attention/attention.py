@@ -255,7 +255,7 @@ def _kernel_attend(qs, kv, layer, batch: PagedBatch):
     zero. It tiles the rows itself (up to 16 consecutive rows of one sequence)."""
     if kv.dtype != jnp.float32:
         raise ValueError(f"the CPU attention kernel reads a float32 KV cache, got {kv.dtype}")
-    cpu_kernel.register()  # the executable must find it by name when it is compiled
+    cpu_kernel.prepare()  # built meanwhile; registered before compiling (runtime.cpu_kernel.register)
     T, nkv, g, hd = qs.shape
     call = jax.ffi.ffi_call(cpu_kernel.ATTENTION, jax.ShapeDtypeStruct((T, nkv * g, hd), jnp.float32))
     return call(qs.reshape(T, nkv * g, hd), kv, jnp.asarray(layer, jnp.int32).reshape(1), batch.positions,

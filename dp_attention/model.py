@@ -501,7 +501,7 @@ def experts_cpu_kernel(stack: MoeWeights, index, x, pairs: RoutedPairs):
     """CPU: experts_by_expert's sums from the C++ kernel (runtime.cpu_kernel), which reads each
     pair's token row and each expert's weights in place and shares chunks of pairs among the host's
     cores. float32 weights only (an int8 stack takes the loop)."""
-    cpu_kernel.register()  # the executable must find it by name when it is compiled
+    cpu_kernel.prepare()  # built meanwhile; registered before compiling (runtime.cpu_kernel.register)
     call = jax.ffi.ffi_call(cpu_kernel.EXPERTS, jax.ShapeDtypeStruct(x.shape, jnp.float32))
     return call(x, stack.gate, stack.up, stack.down, jnp.asarray(index, jnp.int32).reshape(1), pairs.token,
                 pairs.weight.astype(jnp.float32), pairs.counts.astype(jnp.int32))

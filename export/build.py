@@ -446,10 +446,12 @@ def _check_cpu_kernel(cfg: BuildConfig, model) -> None:
         raise BuildError(f"--attention cpu reads a float32 KV cache; this build's is {kv} (--dtype {model.dtype}, "
                          f"--kv-cache-dtype {cfg.kv_cache_dtype}): build with --dtype float32 and --kv-cache-dtype "
                          f"auto, or --attention native")
-    try:
-        cpu_kernel.register()
-    except cpu_kernel.KernelUnavailable as e:
-        raise BuildError(f"--attention cpu: {e}") from None
+    if not cpu_kernel.available():
+        try:
+            cpu_kernel.build()  # raises the one-line reason
+        except cpu_kernel.KernelUnavailable as e:
+            raise BuildError(f"--attention cpu: {e}") from None
+    cpu_kernel.prepare()  # compiles while the exports trace; the first compile of an executable waits for it
 
 
 def _check_kv_heads(cfg: BuildConfig, model) -> None:

@@ -60,10 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--logprobs", type=int, default=8, metavar="N",
                    help="top-N log-probabilities every step returns per sequence (default 8)")
     b.add_argument("--attention", choices=["fa", "native", "cpu"], default=None,
-                   help="fa: the Pallas ragged paged attention kernel (TPU); native: pure JAX; cpu: native with "
-                        "decode attention in a C++ kernel built with this host's compiler (CPU, float32; the "
-                        "serving host needs a C++ compiler too) (default: fa for --platform tpu; cpu for a CPU build with a "
-                        "float32 cache where a C++ compiler is found; native otherwise)")
+                   help="fa: the Pallas ragged paged attention kernel (TPU); native: pure JAX; cpu: attention and "
+                        "(unquantized) MoE experts in C++ kernels built with this host's compiler (CPU, float32; "
+                        "the serving host needs a C++ compiler too) (default: fa for --platform tpu; cpu for a CPU "
+                        "build with a float32 cache where a C++ compiler is found; native otherwise)")
     b.add_argument("--tpu-generation", choices=["v5e", "v5p", "v6e"], default=None,
                    help="the TPU the exports are lowered and tuned for, and whose HBM (v5e 16 GiB, v5p 95 GiB, "
                         "v6e 32 GiB) the build checks they fit (default v5e); the runtime checks it")

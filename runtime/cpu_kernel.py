@@ -14,6 +14,7 @@ module as it does runtime.contract.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import hashlib
 import os
@@ -35,6 +36,7 @@ CACHE_ENV = "QWEN3_MOE_AOT_KERNEL_CACHE"  # where compiled kernels are kept (def
 
 _lock = threading.Lock()
 _registered = False
+_building: concurrent.futures.Future | None = None
 
 
 class KernelUnavailable(RuntimeError):
@@ -73,7 +75,9 @@ def library_path() -> Path:
 
 
 def build() -> Path:
-    """Compile the kernels unless this exact build is cached; returns the shared library's path."""
+    """Compile the kernels unless this exact build is cached; returns the shared library's path.
+    Each source compiles in a process of its own, at once, then they link: a first build's wait is
+    its slowest file's."""
     import jax
 
     out = library_path()
@@ -85,19 +89,31 @@ def build() -> Path:
         raise KernelUnavailable(f"the CPU kernels (runtime/kernels/) need a C++ compiler: {tried}; install one, or "
                                 f"build the artifact with --attention native")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)  # compile aside, rename into place: atomic
-    os.close(fd)
-    try:
-        done = subprocess.run([cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", *(str(KERNELS / n) for n in SOURCES),
-                               "-o", tmp], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise KernelUnavailable(f"compiling {KERNELS} with {cxx} failed (exit {done.returncode}):\n"
-                                    f"{done.stderr.strip()[-2000:]}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with tempfile.TemporaryDirectory(dir=out.parent) as work:  # compile aside, rename into place: atomic
+        objects = [str(Path(work) / f"{name}.o") for name in SOURCES]
+        jobs = [subprocess.Popen([cxx, *FLAGS, "-c", f"-I{jax.ffi.include_dir()}", str(KERNELS / name), "-o", obj],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                for name, obj in zip(SOURCES, objects)]
+        linked = Path(work) / out.name
+        steps = [(j.args, j.wait(), j.stderr.read()) for j in jobs]
+        if all(code == 0 for _, code, _ in steps):
+            link = subprocess.run([cxx, *FLAGS, *objects, "-o", str(linked)], capture_output=True, text=True)
+            steps.append((link.args, link.returncode, link.stderr))
+        for args, code, err in steps:
+            if code != 0:
+                raise KernelUnavailable(f"building the CPU kernels failed: `{' '.join(args)}` exited {code}:\n"
+                                        f"{err.strip()[-2000:]}")
+        os.replace(linked, out)
     return out
+
+
+def prepare() -> None:
+    """Start building the kernels in the background (a build's exports need no kernel, its
+    compiles do): register() then waits for it."""
+    global _building
+    with _lock:
+        if _building is None and not _registered:
+            _building = concurrent.futures.ThreadPoolExecutor(1).submit(build)
 
 
 def register() -> None:
@@ -108,7 +124,7 @@ def register() -> None:
             return
         import jax
 
-        library = ctypes.CDLL(str(build()))
+        library = ctypes.CDLL(str(_building.result() if _building is not None else build()))
         for target, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
         _registered = True

@@ -314,6 +314,11 @@ class Engine:
 
     def compile_one(self, bucket: Bucket) -> jax.stages.Compiled:
         """Deserialize one portable export and compile it for these devices (the cache donated)."""
+        if self.manifest.attention == "cpu":  # its executables call the C++ kernels by name
+            try:
+                cpu_kernel.register()
+            except cpu_kernel.KernelUnavailable as e:
+                raise fmt.ArtifactError(f"{self.root}: built with --attention cpu: {e}") from None
         entry = self.entries[bucket]
         path = fmt.resolve(self.root, entry.file)
         try:
@@ -326,11 +331,6 @@ class Engine:
         return jax.jit(call, donate_argnums=(1,)).lower(*self.abstract_args(bucket)).compile()
 
     def compile_all(self, jobs: int):
-        if self.manifest.attention == "cpu":  # its executables call the C++ kernel by name
-            try:
-                cpu_kernel.register()
-            except cpu_kernel.KernelUnavailable as e:
-                raise fmt.ArtifactError(f"{self.root}: built with --attention cpu: {e}") from None
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             for bucket, compiled in zip(self.buckets, pool.map(self.compile_one, self.buckets)):
                 self.install(bucket, compiled)

@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ref_ragged_paged_attention
 
 from dp_attention.attention import NativeAttentionBackend, PagedBatch, q_tile_rows, query_tiles
+from runtime import cpu_kernel
 
 NQ, NKV, HD, PAGE, PAGES_PER_SEQ, NUM_PAGES, LAYERS = 4, 2, 8, 4, 8, 48, 2
 
@@ -57,6 +58,7 @@ def test_tiled_attention_equals_the_kernel_reference(data):
     kv = jnp.asarray(rng.standard_normal((LAYERS, NUM_PAGES, PAGE, 2 * NKV, HD)), jnp.float32)
 
     backend = NativeAttentionBackend(block_tokens=block_tokens, q_tile=q_tile, kernel=kernel)
+    cpu_kernel.register()  # what the runtime does before it compiles an executable that calls it
     attend = jax.jit(lambda q, k, v, kv, fields: backend.attend(q, k, v, kv, 1, PagedBatch(*fields)))
     out, kv = attend(q, k_new, v_new, kv, (batch.positions, batch.seq_index, batch.valid, batch.page_table))
     real = int(sum(chunk_lens))

@@ -157,7 +157,9 @@ def test_the_cpu_expert_loop_equals_every_expert_on_every_token(skew, kernel, I)
     """Any routing fits the loop's shapes: all pairs on one expert (more than one chunk of the C++
     kernel's), empty experts, padding rows; widths under one vector and past whole vectors."""
     from dp_attention.model import dense_experts, experts_by_expert, experts_cpu_kernel, sort_pairs
+    from runtime import cpu_kernel
 
+    cpu_kernel.register()  # what the runtime does before it compiles an executable that calls it
     rng = np.random.default_rng(1)
     L, E, H, N = 2, 6, 16, 48
     router = rng.normal(size=(L, H, E))

@@ -4,7 +4,9 @@
 // (a dynamic slice feeding a dot is materialised), gathers the pairs' token rows into a copy, and
 // runs every dot on one core. Here each pair's token row and each expert's weights are read where
 // they lie, rows of pairs are multiplied a register tile at a time, and chunks of pairs are shared
-// by the pool's threads. Semantics are dp_attention.model.experts_by_expert's:
+// by the pool's threads. Each pair's output row is summed into its token's in pair order, on one
+// thread, after the chunks: the result is the same bits however the chunks were shared out.
+// Semantics are dp_attention.model.experts_by_expert's:
 //   y[token[p]] += weight[p] * down_e(silu(x[token[p]] gate_e) * (x[token[p]] up_e))
 // over the pairs p of each local expert e, which come sorted by expert from row 0, counts[e] each.
 //
@@ -82,7 +84,7 @@ void MatMul(const float* const* a, int64_t rows, int64_t K, const float* b, int6
 }
 
 struct Scratch {
-  std::vector<float> gate, up, down, y;  // y: this worker's partial sums (worker 0 writes the result)
+  std::vector<float> gate, up;
   std::vector<const float*> rows_in, h_rows;
   std::vector<float*> gate_out, up_out, down_out;
 };
@@ -116,22 +118,28 @@ ffi::Error Experts(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     for (int64_t r = 0; r < count; r += kChunkRows) chunks.push_back({e, start + r, std::min(kChunkRows, count - r)});
     start += count;
   }
-  const int64_t workers = dp_kernels::Workers(pool, chunks.size());
+  const int64_t workers = dp_kernels::Workers(pool, chunks.size()), pairs = chunks.empty() ? 0 : [&] {
+    auto [e, first, rows] = chunks.back();
+    return first + rows;
+  }();
+  std::vector<float> out(pairs * H);  // each pair's weighted output row
   std::vector<Scratch> scratch(workers);
   dp_kernels::ParallelFor(pool, chunks.size(), [&](int64_t w, int64_t i) {
     Scratch& s = scratch[w];
     if (s.gate.empty()) {
-      s.gate.resize(kChunkRows * I), s.up.resize(kChunkRows * I), s.down.resize(kChunkRows * H);
+      s.gate.resize(kChunkRows * I), s.up.resize(kChunkRows * I);
       s.rows_in.resize(kChunkRows), s.h_rows.resize(kChunkRows);
       s.gate_out.resize(kChunkRows), s.up_out.resize(kChunkRows), s.down_out.resize(kChunkRows);
       for (int64_t r = 0; r < kChunkRows; ++r) {
         s.gate_out[r] = s.gate.data() + r * I, s.up_out[r] = s.up.data() + r * I;
-        s.h_rows[r] = s.gate_out[r], s.down_out[r] = s.down.data() + r * H;
+        s.h_rows[r] = s.gate_out[r];
       }
-      if (w > 0) s.y.assign(N * H, 0.f);
     }
     auto [e, first, rows] = chunks[i];
-    for (int64_t r = 0; r < rows; ++r) s.rows_in[r] = X + std::clamp<int64_t>(tok[first + r], 0, N - 1) * H;
+    for (int64_t r = 0; r < rows; ++r) {
+      s.rows_in[r] = X + std::clamp<int64_t>(tok[first + r], 0, N - 1) * H;
+      s.down_out[r] = out.data() + (first + r) * H;
+    }
     MatMul(s.rows_in.data(), rows, H, G + e * H * I, I, I, s.gate_out.data());
     MatMul(s.rows_in.data(), rows, H, U + e * H * I, I, I, s.up_out.data());
     float* h = s.gate.data();  // silu(gate) * up, in place of gate
@@ -139,20 +147,18 @@ ffi::Error Experts(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 #pragma omp simd
     for (int64_t j = 0; j < rows * I; ++j) h[j] = h[j] / (1.f + dp_kernels::Exp(-h[j])) * u[j];
     MatMul(s.h_rows.data(), rows, I, D + e * I * H, H, H, s.down_out.data());
-    float* out = w == 0 ? Y : s.y.data();
     for (int64_t r = 0; r < rows; ++r) {
-      float* dst = out + std::clamp<int64_t>(tok[first + r], 0, N - 1) * H;
-      const float* src = s.down_out[r];
+      float* row = s.down_out[r];
       const float c = wt[first + r];
 #pragma omp simd
-      for (int64_t j = 0; j < H; ++j) dst[j] += c * src[j];
+      for (int64_t j = 0; j < H; ++j) row[j] *= c;
     }
   });
-  for (int64_t w = 1; w < workers; ++w) {
-    if (scratch[w].y.empty()) continue;  // took no chunk
-    const float* src = scratch[w].y.data();
+  for (int64_t p = 0; p < pairs; ++p) {
+    float* dst = Y + std::clamp<int64_t>(tok[p], 0, N - 1) * H;
+    const float* src = out.data() + p * H;
 #pragma omp simd
-    for (int64_t j = 0; j < N * H; ++j) Y[j] += src[j];
+    for (int64_t j = 0; j < H; ++j) dst[j] += src[j];
   }
   return ffi::Error::Success();
 }
