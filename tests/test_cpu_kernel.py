@@ -68,3 +68,14 @@ def test_the_compiled_kernel_is_reused(tmp_path, monkeypatch):
     stamp = first.stat().st_mtime_ns
     assert cpu_kernel.build() == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [first.name]  # no temp file left behind
+
+
+def test_the_kernel_benchmark_runs_every_case(tmp_path):
+    """bench/cpu_kernels.py, as bench/README.md runs it, at one call per version: five cases, each
+    kernel's output equal to the XLA version's."""
+    r = subprocess.run([sys.executable, "-m", "bench.cpu_kernels", "--rounds", "1", "--repeats", "1"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith(("attention", "experts"))]
+    assert len(rows) == 5, r.stdout
+    assert all(float(row.split()[-1]) < 1e-4 for row in rows), r.stdout  # max |diff| column
