@@ -314,10 +314,28 @@ def sort_pairs(cfg: ModelConfig, router_w, x, valid) -> RoutedPairs:
     weights, experts = route(cfg, router_w, x)
     pair_token = jnp.arange(N * k) // k
     key = jnp.where(valid[pair_token], experts.reshape(-1), E)
-    order = jnp.argsort(key, stable=True)
+    order = stable_order(key, E + 1)
     counts = jnp.zeros(E + 1, jnp.int32).at[key].add(1)[:E]
     weight = jnp.where(key < E, weights.reshape(-1), 0)[order]
     return RoutedPairs(pair_token[order], weight, counts)
+
+
+COUNTING_SORT_BUCKETS = 32  # up to this many keys a counting sort beats XLA:CPU's argsort (4,096 pairs:
+# 0.21 against 0.47 ms; 129 keys over 8,192 pairs: 1.8 against 1.1 ms)
+
+
+def stable_order(key, buckets: int):
+    """jnp.argsort(key, stable=True) for integer keys in [0, buckets). With few buckets, by counting:
+    a pair's place is the pairs of smaller keys plus the earlier pairs of its own, O(pairs x
+    buckets) adds instead of a comparison sort, which XLA:CPU runs slowly (and every device of a
+    mesh sorts all of a step's pairs)."""
+    if buckets > COUNTING_SORT_BUCKETS:
+        return jnp.argsort(key, stable=True)
+    onehot = (key[:, None] == jnp.arange(buckets)).astype(jnp.int32)  # [M, buckets]
+    before_mine = jnp.cumsum(onehot, axis=0) - onehot  # earlier pairs of each key
+    counts = onehot.sum(axis=0)
+    place = (jnp.cumsum(counts) - counts)[key] + jnp.take_along_axis(before_mine, key[:, None], axis=1)[:, 0]
+    return jnp.zeros_like(key).at[place].set(jnp.arange(key.shape[0], dtype=key.dtype), unique_indices=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -659,11 +677,24 @@ def device_step(cfg: ModelConfig, bucket: Bucket, opts: StepOptions, shard: Expe
     last = rms_norm(x[b["last_index"]], w.final_norm, cfg.rms_norm_eps)  # [S, H]
     with jax.named_scope("projections"):
         logits = qdot(last, w.lm_head)
-    logits = lax.all_gather(logits, "tensor", axis=1, tiled=True).astype(jnp.float32)
-    logits = jnp.where(jnp.arange(logits.shape[1]) < cfg.vocab_size, logits, -jnp.inf)
     position = paged.positions[b["last_index"]] + 1  # of the token being sampled
-    with jax.named_scope("sampling"):
-        out = sample(logits, {k: b[k] for k in SAMPLING_INPUTS}, position, opts.num_logprobs)
+    params = {k: b[k] for k in SAMPLING_INPUTS}
+    S, tp = logits.shape[0], lax.axis_size("tensor")
+    if tp > 1 and S % tp == 0 and not opts.with_logits:
+        # The group's tensor devices each sample a tp-th of its sequences, not all of them: the
+        # vocabulary shards trade places with the sequences' (one all-to-all of the logits'
+        # size, as the all-gather below moves), and the small sampled outputs are gathered back.
+        logits = lax.all_to_all(logits, "tensor", 0, 1, tiled=True).astype(jnp.float32)  # [S/tp, V]
+        mine = lax.axis_index("tensor") * (S // tp) + jnp.arange(S // tp)
+        logits = jnp.where(jnp.arange(logits.shape[1]) < cfg.vocab_size, logits, -jnp.inf)
+        with jax.named_scope("sampling"):
+            out = sample(logits, {k: v[mine] for k, v in params.items()}, position[mine], opts.num_logprobs)
+        out = {k: lax.all_gather(v, "tensor", axis=0, tiled=True) for k, v in out.items()}
+    else:
+        logits = lax.all_gather(logits, "tensor", axis=1, tiled=True).astype(jnp.float32)
+        logits = jnp.where(jnp.arange(logits.shape[1]) < cfg.vocab_size, logits, -jnp.inf)
+        with jax.named_scope("sampling"):
+            out = sample(logits, params, position, opts.num_logprobs)
     if opts.with_logits:
         out["logits"] = logits[:, :cfg.vocab_size]
     carry = b["prev_tokens"].shape[0]

@@ -177,3 +177,16 @@ def test_the_cpu_expert_loop_equals_every_expert_on_every_token(skew, kernel, I)
         got = jax.jit(experts_by_expert if kernel == "tiles" else experts_cpu_kernel)(stack, index, x, pairs)
         want = dense_experts(ExpertShard(), _Routing, stack, index, x, valid)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-4)
+
+
+@pytest.mark.parametrize("pairs,buckets,spread", [(1, 5, "random"), (96, 17, "random"), (96, 17, "one key"),
+                                                  (4096, 17, "random"), (300, 129, "random")])
+def test_pairs_sort_as_a_stable_argsort_does(pairs, buckets, spread):
+    """The counting sort of routed pairs (few experts) and the argsort it stands in for (many)
+    give the same permutation: ties keep their order, so every expert's rows are its tokens in order."""
+    from dp_attention.model import stable_order
+
+    rng = np.random.default_rng(pairs + buckets)
+    key = rng.integers(0, buckets, pairs) if spread == "random" else np.full(pairs, buckets - 1)
+    got = jax.jit(stable_order, static_argnums=1)(jnp.asarray(key, jnp.int32), buckets)
+    assert np.asarray(got).tolist() == np.argsort(key, kind="stable").tolist()
