@@ -1,6 +1,6 @@
 """The contract between the model's step and the runtime: what both sides must agree on, and
-nothing else, so that the model (dp_attention) imports no runtime code but this module, and the
-runtime no model code at all.
+nothing else, so that the model (dp_attention) imports no runtime code but this module (and
+runtime.cpu_kernel, the CPU kernels' names and loader), and the runtime no model code at all.
 
 - `Bucket` (and its `PaddingMode`): every static shape of one executable.
 - The wire: how a step's host inputs are packed into the few arrays an executable takes

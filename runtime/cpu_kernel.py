@@ -6,10 +6,10 @@ each expert's weights out of the layer stack before its dots, and runs the dots 
 kernels read the cache, the tokens and the weights where they lie and share their work among the
 intra-op pool's threads, through XLA's FFI, so an executable calls them by name (TARGETS) like any
 op. The model's step calls them (dp_attention.attention, dp_attention.model); the runtime registers
-them before it compiles or fast-loads an executable that does. It is compiled on first use with the host's C++
-compiler, for this CPU, into a cache keyed by everything the binary depends on; a process holds it
-once. The standard library, numpy-free: `import runtime` stays slim, and the model may import this
-module as it does runtime.contract.
+them before it compiles or fast-loads an executable that does. They are compiled on first use with
+the host's C++ compiler, for this CPU, into a cache keyed by everything the binary depends on, and
+loaded once a process. The standard library only: `import runtime` stays slim, and the model may
+import this module as it does runtime.contract.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ _building: concurrent.futures.Future | None = None
 
 
 class KernelUnavailable(RuntimeError):
-    """The kernel cannot be built here (no C++ compiler, or it failed)."""
+    """The kernels cannot be built here (no C++ compiler, or it failed)."""
 
 
 def compiler() -> str | None:
