@@ -83,8 +83,14 @@ class JitExecutor:
         specs = weight_specs(self.cfg, shape)
         c = manifest.cache
         cache, carry = CacheShape(c.num_pages, c.page_size, c.pages_per_seq), self._engine.carry.shape[1]
-        # The same packed inputs the artifact's executables take, so both sides pay the same transfers.
-        self._jit = lambda b: jit_wire_step(self.cfg, b, self._engine.mesh, specs, cache, carry)
+        # The same packed inputs the artifact's executables take, so both sides pay the same transfers,
+        # and the same attention and expert kernels (an int8 stack takes the XLA loop either way).
+        kernels = {"attention": manifest.attention, "experts": "cpu" if manifest.attention == "cpu" else "tiles"}
+        if manifest.attention == "cpu":
+            from runtime import cpu_kernel
+
+            cpu_kernel.register()
+        self._jit = lambda b: jit_wire_step(self.cfg, b, self._engine.mesh, specs, cache, carry, **kernels)
         if warm:
             self.buckets = list(self._engine.buckets)
             warm_one = lambda b: self._jit(b).lower(*self._engine.abstract_args(b)).compile()  # noqa: E731
