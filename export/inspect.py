@@ -30,6 +30,7 @@ def describe(root: Path, m: fmt.Manifest | None = None) -> dict:
         "weights_included": m.weights_included,
         "weight_quantization": m.weight_quantization.to_json() if m.weight_quantization else None,
         "logprobs": m.logprobs,
+        "attention": m.attention,
         "tf_savedmodel": list(m.tf_savedmodel.signatures) if m.tf_savedmodel else None,
         "fastload": {p: {"jax_version": s.jax_version, "files": len(s.files)} for p, s in m.fastload.items()},
         "files": len(m.files),
@@ -81,6 +82,11 @@ def _print(directory: str, m: fmt.Manifest) -> None:
     if (q := m.weight_quantization) is not None:
         print(f"weights: {q.dtype} {q.granularity} ({len(q.weights)} weights, embedding and lm_head "
               f"{q.dtype if q.lm_head else m.dtype})")
+    print(f"attention: {m.attention}" + {
+        "cpu": " (attention and unquantized experts in the package's C++ CPU kernels: a serving host needs a C++ "
+               "compiler)",
+        "fa": f" (the Pallas TPU kernel, for {m.tpu_device_kind or 'its TPU'})",
+        "native": " (pure JAX)"}.get(m.attention, ""))
     kv = m.kv_cache
     print(f"KV cache: {m.cache.num_pages} pages of {m.cache.page_size} tokens per group, {m.kv_dtype}"
           + ("" if kv is None else f", per-layer scales K {_scales(kv.k_scale)} V {_scales(kv.v_scale)} "

@@ -21,6 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_float32_cpu_builds_default_to_the_kernel(tiny_artifact, monkeypatch):
     assert cpu_kernel.available(), "no C++ compiler on this host: the suite's artifacts would not use the kernel"
     assert fmt.read_manifest(tiny_artifact).attention == "cpu"
+    shown = subprocess.run([sys.executable, "-m", "export", "inspect", str(tiny_artifact)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert "attention: cpu (" in shown.stdout and "C++ compiler" in shown.stdout, shown.stdout + shown.stderr
     tiny = PRESETS["qwen3-moe-tiny"]
     assert BuildConfig(model="qwen3-moe-tiny").default_attention(tiny) == "cpu"
     assert BuildConfig(model="qwen3-moe-tiny", kv_cache_dtype="int8").default_attention(tiny) == "native"
