@@ -179,7 +179,7 @@ class NativeAttentionBackend:
 
     def __init__(self, block_tokens: int = BLOCK_TOKENS, q_tile: int | None = None, quant=None, kernel: bool = False):
         """quant: a kv_cache.KvQuant for an 8-bit cache, None for a cache in the build dtype.
-        kernel: decoders through the C++ kernel (float32 caches on CPU only; see the module)."""
+        kernel: every row through the C++ kernel (float32 caches on CPU only; see the module)."""
         if kernel and quant is not None:
             raise ValueError("the CPU attention kernel reads a float32 cache, not an 8-bit one")
         self.block_tokens = block_tokens

@@ -530,8 +530,8 @@ def routed_experts(shard: ExpertShard, kernel: str, generation: str | None, cfg:
     """This device's share (its experts, its columns) of every routed pair over the global tokens
     x [N, H] -> float32 [N, H] partial sums.
 
-    kernel: "tiles" (the CPU loop), "cpu" (the C++ kernel, float32 weights), "gmm" (the Pallas TPU kernel), "gmm-interpret" (the same kernel
-    interpreted, tests on CPU) or "by-platform" (ragged_dot on TPU, tiles elsewhere: multi-platform
+    kernel: "tiles" (the CPU loop), "cpu" (the C++ kernel; an int8 stack takes the loop), "gmm" (the
+    Pallas TPU kernel), "gmm-interpret" (the same kernel interpreted, tests on CPU) or "by-platform" (ragged_dot on TPU, tiles elsewhere: multi-platform
     exports). `stack` holds every MoE layer; `index` picks this one (the CPU loop slices each
     expert from the stack, never the whole layer)."""
     with jax.named_scope("experts"):
@@ -617,8 +617,8 @@ ATTENTION_BACKENDS = ("native", "fa", "cpu")
 class StepOptions:
     """How a step is built, beyond its bucket.
 
-    attention: "native" (pure JAX, runs everywhere), "cpu" (native, its decoders through a C++
-    kernel: CPU only, float32 caches) or "fa" (the Pallas ragged paged attention kernel, TPU only;
+    attention: "native" (pure JAX, runs everywhere), "cpu" (the native tiles in a C++ kernel, CPU
+    only, float32 caches; runtime.cpu_kernel) or "fa" (the Pallas ragged paged attention kernel, TPU only;
     `fa_kernel` swaps in another function of the kernel's signature, e.g. the pure-JAX reference
     for tests). tpu_generation picks the kernel's tuned block sizes.
     """

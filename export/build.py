@@ -438,7 +438,8 @@ def build(cfg: BuildConfig, report: Reporter | None = None) -> Path:
 
 
 def _check_cpu_kernel(cfg: BuildConfig, model) -> None:
-    """--attention cpu: the kernel reads a float32 cache and is compiled here, before any export."""
+    """--attention cpu: the kernels read a float32 cache and must compile here (they do so in the
+    background while the exports trace)."""
     if cfg.attention_backend != "cpu":
         return
     kv = cfg.kv_dtype(model.dtype)
@@ -451,7 +452,7 @@ def _check_cpu_kernel(cfg: BuildConfig, model) -> None:
             cpu_kernel.build()  # raises the one-line reason
         except cpu_kernel.KernelUnavailable as e:
             raise BuildError(f"--attention cpu: {e}") from None
-    cpu_kernel.prepare()  # compiles while the exports trace; the first compile of an executable waits for it
+    cpu_kernel.prepare()  # the first compile of an executable waits for it
 
 
 def _check_kv_heads(cfg: BuildConfig, model) -> None:

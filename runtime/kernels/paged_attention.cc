@@ -103,8 +103,8 @@ void TileScores(const Shapes& d, const float* Q, const int32_t* pos, int64_t t, 
 // walks the context in order, all heads of a slot at once, so a page is read as one run of bytes.
 void AttendTile(const Shapes& d, const float* Q, const float* KV, const int32_t* pos, const int32_t* pages,
                 int64_t t, int64_t R, int64_t n, std::vector<float>& scores, std::vector<const float*>& slot,
-                std::vector<float>& kt, float* O) {
-  const int64_t stride = d.nkv * 2 * d.hdc, max_ctx = d.pps * d.ps, qrows = R * d.nq;
+                std::vector<float>& kt, std::vector<float>& inv, float* O) {
+  const int64_t stride = d.nkv * 2 * d.hdc, max_ctx = d.pps * d.ps;
   for (int64_t j = 0; j < n; ++j) {
     const int64_t page = std::clamp<int64_t>(pages[j / d.ps], 0, d.P - 1);
     slot[j] = KV + (page * d.ps + j % d.ps) * stride;
@@ -115,7 +115,6 @@ void AttendTile(const Shapes& d, const float* Q, const float* KV, const int32_t*
   } else {
     for (int64_t h = 0; h < d.nkv; ++h) TileScores(d, Q, pos, t, R, n, slot, h, kt, scores.data());
   }
-  std::vector<float> inv(qrows);
   for (int64_t r = 0; r < R; ++r) {
     const int64_t last = std::min<int64_t>(pos[t + r], n - 1);
     for (int64_t head = 0; head < d.nq; ++head) {
@@ -180,16 +179,17 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
   // One core reads the cache at a fraction of the memory's bandwidth: the pool's threads share the
   // tiles (a decode step's are many and alike), each with scratch of its own.
   const int64_t workers = dp_kernels::Workers(pool, tiles.size());
-  std::vector<std::vector<float>> scores(workers), kt(workers);
+  std::vector<std::vector<float>> scores(workers), kt(workers), inv(workers);
   std::vector<std::vector<const float*>> slot(workers);
   dp_kernels::ParallelFor(pool, tiles.size(), [&](int64_t w, int64_t i) {
     if (scores[w].empty()) {
       scores[w].resize(kMaxTileRows * d.nq * max_ctx);
       kt[w].resize(d.hd * kKeyBlock);
+      inv[w].resize(kMaxTileRows * d.nq);
       slot[w].resize(max_ctx);
     }
     auto [t, R, s, n] = tiles[i];
-    AttendTile(d, Q, KV, pos.data(), table + s * d.pps, t, R, n, scores[w], slot[w], kt[w], O);
+    AttendTile(d, Q, KV, pos.data(), table + s * d.pps, t, R, n, scores[w], slot[w], kt[w], inv[w], O);
   });
   return ffi::Error::Success();
 }
