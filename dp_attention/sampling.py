@@ -38,6 +38,15 @@ def uniform(seed, position):
     return (h >> 8).astype(jnp.float32) * jnp.float32(2.0 ** -24)
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (the first index of the largest value, of the first NaN if
+    any), as a max and a min: two plain reductions XLA:CPU vectorizes, where argmax's paired
+    (value, index) reduction runs element by element (64 x 4,096 logits: ~0.19 ms against 0.64)."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    hit = (x == top) | jnp.isnan(x)
+    return jnp.min(jnp.where(hit, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1]), axis=-1)
+
+
 def _sample_filtered(logits, temperature, top_k, top_p, seed, position):
     """Temperature, then top-k, then the top-p nucleus, then one inverse-CDF draw; per row."""
     S, V = logits.shape
@@ -62,7 +71,7 @@ def sample(logits: jax.Array, params: dict, position: jax.Array, num_logprobs: i
     """logits [S, V] float32 (padding columns already -inf), params {name: [S]}, position [S] (of the
     token being sampled) -> {"tokens", "logprobs" [S]; "top_ids", "top_logprobs" [S, N]}."""
     logprobs = jax.nn.log_softmax(logits, axis=-1)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = first_argmax(logits)
     temperature = params["temperature"]
     # The sort over the vocabulary is only paid for when some sequence of the step samples.
     tokens = lax.cond(

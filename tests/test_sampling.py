@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dp_attention.sampling import sample
+from dp_attention.sampling import first_argmax, sample
 
 LOGITS = np.array([1.0, 3.0, 2.0, 0.5, 2.9], np.float32)
 
@@ -40,6 +40,20 @@ def test_temperature_zero_is_argmax_with_logprobs():
     assert out["top_ids"][0].tolist() == [1, 4, 2]
     tie = np.array([0.0, 5.0, 5.0, 1.0, 0.0], np.float32)
     assert draw(tie, temperature=0.0)["tokens"].tolist() == [1]  # ties go to the lower id
+
+
+def test_first_argmax_is_numpys_argmax():
+    """Random rows, ties at the top, rows of -inf and rows with NaN (argmax's answer: the first NaN)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 300)).astype(np.float32)
+    x[1, [7, 200]] = x[1].max() + 1  # a tie: the lower index
+    x[2] = -np.inf
+    x[3, [40, 9]] = np.nan
+    x[4, :] = 0.0
+    x[5, 299] = np.inf
+    x[6] = np.round(x[6])  # many ties below the top
+    for rows in (x, x[:1], x[:, :1]):
+        assert np.asarray(jax.jit(first_argmax)(jnp.asarray(rows))).tolist() == np.argmax(rows, axis=-1).tolist()
 
 
 @pytest.mark.parametrize("kwargs", [dict(top_k=1), dict(top_p=0.01), dict(top_k=2, top_p=0.5)])
