@@ -32,7 +32,7 @@ def write_result(name: str, data: dict) -> Path:
             "when": time.strftime("%Y-%m-%d %H:%M:%S"), **data}
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=1) + "\n")
-    print(f"wrote {path.relative_to(ROOT)}")
+    print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return path
 
 

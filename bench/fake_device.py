@@ -3,7 +3,8 @@
 `python -m bench.fake_device STEP_MS STATS_JSON PAGES serve ARTIFACT [serve options]` is `python -m
 runtime serve` with the artifact's executables replaced by `SleepingDevice`: the scheduler, the
 engine loop and the whole HTTP side are the real ones, the artifact's buckets, cache geometry and
-tokenizer too; only the step is a sleep. PAGES: the pool per DP group (0: the artifact's), so that
+tokenizer too; only the step is a sleep. STEP_MS is one time for every step, or a table of one
+per bucket (a JSON file as bench/stand_in.py writes it: each bucket's `device_ms`). PAGES: the pool per DP group (0: the artifact's), so that
 a benchmark can take the scheduler's pool pressure out of what it measures. When the engine
 process ends it writes the device's timings to STATS_JSON.
 """
@@ -23,7 +24,7 @@ class SleepingDevice:
     before it are done (one device, steps in order); reading its outputs waits for that. Every
     sampled token is `token`, so nothing ends before max_tokens."""
 
-    def __init__(self, manifest, mesh_entry, step_s: float, token: int, pages: int = 0):
+    def __init__(self, manifest, mesh_entry, step_s: "float | dict[str, float]", token: int, pages: int = 0):
         from runtime.engine import LoadInfo
 
         cache = manifest.cache
@@ -34,6 +35,10 @@ class SleepingDevice:
         self.step_seconds = self.bucket_cost = None
         self.compiles_after_load, self.repeats, self.transfers = 0, 0, {}
         self.load_info = LoadInfo(mesh_entry.name, len(self.buckets), False, 0, 0.0, "sleeping device")
+        if isinstance(step_s, dict):
+            missing = sorted(b.name for b in self.buckets if b.name not in step_s)
+            if missing:
+                raise ValueError(f"the step-time table has no time for buckets {missing} of mesh {mesh_entry.name}")
         self.step_s, self.token = step_s, token
         self._free_at = 0.0  # when the device is done with everything launched so far
         self.idle: list[tuple[float, float]] = []  # per launch: (when, how long the device had waited for the host)
@@ -50,7 +55,8 @@ class SleepingDevice:
         now = time.perf_counter()
         if self.steps:
             self.idle.append((now, max(0.0, now - self._free_at)))
-        self._free_at = max(now, self._free_at) + self.step_s
+        self._free_at = max(now, self._free_at) + (
+            self.step_s[bucket.name] if isinstance(self.step_s, dict) else self.step_s)
         self.steps += 1
         return bucket, self._free_at
 
@@ -83,18 +89,33 @@ def plain_token(artifact) -> int:
     return next(t for t in range(100, 10**6) if t not in eos)
 
 
-def sleeping_device(artifact, step_ms: float, pages: int = 0) -> SleepingDevice:
+def step_times(step_ms: "float | str") -> "tuple[str | None, float | dict[str, float]]":
+    """(mesh, seconds) from STEP_MS: a number of milliseconds for every step (any mesh), or a
+    bench/stand_in.py table (a JSON file) of per-bucket times measured on one mesh."""
+    try:
+        return None, float(step_ms) / 1e3
+    except ValueError:
+        with open(step_ms) as f:
+            table = json.load(f)
+        return table["mesh"], {name: row["device_ms"] / 1e3 for name, row in table["buckets"].items()}
+
+
+def sleeping_device(artifact, step_ms: "float | str", pages: int = 0) -> SleepingDevice:
     from pathlib import Path
 
     from runtime.format import read_manifest
 
     manifest = read_manifest(artifact)
-    mesh = max(manifest.meshes, key=lambda m: m.devices)
-    return SleepingDevice(manifest, mesh, step_ms / 1e3, plain_token(Path(artifact)), pages)
+    mesh_name, seconds = step_times(step_ms)
+    mesh = max(manifest.meshes, key=lambda m: m.devices) if mesh_name is None else manifest.mesh(mesh_name)
+    if mesh is None:
+        raise ValueError(f"{step_ms}: times for mesh {mesh_name}, which {artifact} does not have "
+                         f"(it has {', '.join(m.name for m in manifest.meshes)})")
+    return SleepingDevice(manifest, mesh, seconds, plain_token(Path(artifact)), pages)
 
 
 def main(argv: list[str]) -> int:
-    step_ms, stats_path, pages, rest = float(argv[0]), argv[1], int(argv[2]), argv[3:]
+    step_ms, stats_path, pages, rest = argv[0], argv[1], int(argv[2]), argv[3:]
     import runtime.engine_proc
     from runtime.cli import main as runtime_main
 

@@ -123,15 +123,54 @@ def test_run_interleaves_rounds_records_failures_and_saves(monkeypatch):
                 "itl_ms_p50": 1.0, "tpot_ms_p50": 1.0, "tokens_per_event": 1.0, "completed": 2, "requests": 2,
                 "server_cpu_seconds": 1.0, "machine_cpu_seconds": 1.0, "compiles_after_load": 0}
 
+    def stand_in_serve(mesh, port, env, prompts, warmup, args, tag):
+        row = serve("ours", None, port, env, prompts, warmup, 1, tag, 1)
+        return {**row, "outputs": [[9]] * 2, "ttft_ms_p50": 0.5}  # the sleeping device's tokens
+
     monkeypatch.setattr(peer, "build", lambda *a: None)
     monkeypatch.setattr(peer, "offline", offline)
     monkeypatch.setattr(peer, "serve", serve)
+    monkeypatch.setattr(peer, "stand_in_serve", stand_in_serve)
+    monkeypatch.setattr(peer.os, "cpu_count", lambda: 2)  # 2x4's 8 devices share 2 cores: its stand-in runs
     saved = []
     args = argparse.Namespace(prompts=2, max_tokens=1, seed=0, rounds=2, meshes="1x1,2x4", no_serving=False,
                               vllm_python="python", vllm_preload=False, vllm_memory_utilization=0.2, timeout=10)
     out = peer.run(args, save=saved.append)
-    assert order[:6] == ["r0-ours-offline-1x1", "r0-ours-offline-2x4", "r0-vllm-offline", "r0-ours-serve-1x1",
-                         "r0-ours-serve-2x4", "r0-vllm-serve"] and order[6] == "r1-ours-offline-1x1"
+    assert order[:7] == ["r0-ours-offline-1x1", "r0-ours-offline-2x4", "r0-vllm-offline", "r0-ours-serve-1x1",
+                         "r0-ours-serve-2x4", "r0-stand-in-serve-2x4", "r0-vllm-serve"]
+    assert order[7] == "r1-ours-offline-1x1"
     assert [s["rounds_done"] for s in saved] == [1] and out["rounds_done"] == 2
     assert [f["round"] for f in out["failures"]] == [1, 2] and "vllm_serve" not in out["sides"]
     assert out["goals"]["tokens identical to vLLM's"] and out["goals"]["zero compiles after load"]
+    # the stand-in's tokens are the sleeping device's: no agreement is asked of them, no goal is theirs
+    assert "stand_in_serve_2x4" not in out["agreement"] and "stand_in_serve_2x4" in out["sides"]
+
+
+def test_stand_in_times_every_bucket_and_the_sleeping_device_sleeps_them(tiny_engine, tiny_artifact, tmp_path):
+    import json
+    import time
+
+    from bench.fake_device import sleeping_device
+    from bench.stand_in import measure
+
+    table = measure(tiny_engine, make_prompts(6, 4, 40, seed=0), 3, rounds=1)
+    assert "run" not in vars(tiny_engine)  # the engine's own run again
+    assert (table["mesh"], table["devices"]) == ("2x4", 8)
+    assert set(table["buckets"]) == {b.name for b in tiny_engine.buckets}  # the rest timed on their probes
+    for row in table["buckets"].values():
+        assert row["steps"] >= 1 and row["cpu_ms"] > 0 and row["device_ms"] == pytest.approx(row["cpu_ms"] / 8)
+    big, small = max(tiny_engine.buckets), min(tiny_engine.buckets)
+    path = tmp_path / "steps.json"
+    path.write_text(json.dumps({**table, "buckets": {n: {**r, "device_ms": 1e4 if n == big.name else 3e3}
+                                                      for n, r in table["buckets"].items()}}))
+    device = sleeping_device(tiny_artifact, str(path))
+    t0 = time.perf_counter()
+    _, first = device.dispatch(big, None)
+    _, second = device.dispatch(small, None)  # runs once the first is done
+    assert first - t0 == pytest.approx(10.0, abs=0.5) and second - first == pytest.approx(3.0)
+    path.write_text(json.dumps({**table, "buckets": {big.name: table["buckets"][big.name]}}))
+    with pytest.raises(ValueError, match=f"no time for buckets .*{small.name}"):
+        sleeping_device(tiny_artifact, str(path))
+    path.write_text(json.dumps({**table, "mesh": "4x4"}))
+    with pytest.raises(ValueError, match="mesh 4x4, which .* does not have"):
+        sleeping_device(tiny_artifact, str(path))
