@@ -28,7 +28,7 @@ def time_raw(engine, bucket, batch, n):
     compiled, samples = engine.executable(bucket), []
     for _ in range(n):
         t0 = time.perf_counter()
-        out, engine.cache = compiled(engine.weights, engine.cache, args)
+        out, engine.stream.cache = compiled(engine.weights, engine.stream.cache, args)
         jax.block_until_ready(out)
         samples.append(time.perf_counter() - t0)
     return samples
@@ -84,7 +84,7 @@ def time_replay(engine, steps):
     jax.block_until_ready([args for _, args in placed])
     t0 = time.perf_counter()
     for compiled, args in placed:
-        out, engine.cache = compiled(engine.weights, engine.cache, args)
+        out, engine.stream.cache = compiled(engine.weights, engine.stream.cache, args)
         jax.block_until_ready(out)
     return (time.perf_counter() - t0) / len(placed)
 
@@ -98,8 +98,9 @@ def main():
     engine = load(ARTIFACT)
     m = engine.manifest.cache
     results = {}
-    for label, mode, tokens in (("decode", SUM_LEN, 4), ("prefill", MAX_LEN, 64)):
-        bucket = next(b for b in engine.buckets if b.mode == mode and b.tokens == tokens)
+    smallest = min((b for b in engine.buckets if b.mode == SUM_LEN), key=lambda b: b.tokens)
+    prefill = [b for b in engine.buckets if b.mode == MAX_LEN and b.tokens <= 64]
+    for label, bucket in (("decode", smallest), ("prefill", max(prefill, key=lambda b: b.tokens))):
         _, batch = make_probe(bucket, engine.dp, engine.vocab_size, m.page_size, m.pages_per_seq)
         for fn in (time_raw, time_runtime):  # warm both paths
             fn(engine, bucket, batch, 10)
