@@ -7,19 +7,23 @@ out in two parts:
 
 1. `measure`: the real generation of a workload on the mesh, each step run alone (not pipelined),
    timing for each bucket the step's wall time and the process's CPU time. A step's CPU time over
-   its devices is what one device's share of it costs on a core of its own: every device's work,
-   its waits in the collectives as the shared cores spent them, nothing of the other devices'.
+   its devices is what one device's share of it costs on a core of its own, for devices that share
+   the work evenly (a mesh's do: heads and experts split alike), with their waits in the
+   collectives as these cores spent them: an upper bound rather than a lower one.
 2. `python -m bench.fake_device TABLE.json ...` serves with the sleeping device taking that long
    for each bucket's step, and no host CPU: the real server, scheduler and HTTP side, on a host
    whose devices run at once.
 
     python -m bench.stand_in ARTIFACT --mesh 2x4 --out TABLE.json   # the prompts of bench/peer.py
+
+It runs in a process with the CPU devices `python -m runtime --mesh M` would give that mesh.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -72,6 +76,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    from runtime.format import read_manifest
+
+    devices = read_manifest(args.artifact).cpu_devices_for(args.mesh)
+    os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={devices}")  # before JAX loads
     from bench.peer_checkpoint import make_prompts
     from runtime.engine import load
 
