@@ -344,9 +344,11 @@ def stand_in_serve(mesh: str, port: int, env: dict, prompts, warmup, args, tag: 
     devices, using no host CPU; scheduler, engine loop and HTTP side the real ones. Its tokens are
     the sleeping device's, not the model's."""
     table = LOGS / f"{tag}-steps.json"
-    subprocess.run([sys.executable, "-m", "bench.stand_in", str(ARTIFACT), "--mesh", mesh, "--out", str(table),
-                    "--prompts", str(args.prompts), "--max-tokens", str(args.max_tokens), "--seed", str(args.seed)],
-                   cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=args.timeout)
+    done = subprocess.run([sys.executable, "-m", "bench.stand_in", str(ARTIFACT), "--mesh", mesh, "--out", str(table),
+                           "--prompts", str(args.prompts), "--max-tokens", str(args.max_tokens), "--seed",
+                           str(args.seed)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench.stand_in exited with {done.returncode}:\n{done.stderr[-3000:]}")
     cmd = [sys.executable, "-m", "bench.fake_device", str(table), str(LOGS / f"{tag}-device.json"), "0",
            "serve", str(ARTIFACT), "--mesh", mesh, "--port", str(port)]
     row = serve("ours", cmd, port, env, prompts, warmup, args.max_tokens, tag, args.timeout)
