@@ -23,11 +23,16 @@ Rounds interleave the two systems (ours, vLLM, ours, vLLM, ...); each run is a n
 run also measures startup: process start to ready (offline: the model loaded; serving: /health
 answers 200). Startup is excluded from every throughput and latency figure.
 
+A mesh with more devices than the machine has cores (2x4's 8 virtual devices on 2 cores) takes its
+steps in turns on the shared cores; its server then runs a third time on bench/stand_in.py's
+stand-in (each bucket's step sleeping for its measured CPU time over the mesh's devices: a core per
+device), to show what of its serving figures is the machine's. Its tokens are the stand-in's.
+
 Reported per side (median over rounds): offline tok/s (output tokens / generation wall time),
 serving TTFT p50 and ITL p50 (and output tok/s), startup, the ratios ours/vLLM, and token agreement:
-every one of the 64 x 64 tokens, ours (each mesh) against vLLM, offline and served. Goals (issue
-19): offline >= 1.0x vLLM on 1x1 and >= 0.5x on 2x4; TTFT p50 no worse than vLLM's; identical
-tokens; no compile after load. When vLLM is not installed, it says so and exits 0.
+every one of the 64 x 64 tokens, ours (each mesh) against vLLM, offline and served. Goals:
+offline >= 1.0x vLLM on 1x1 and >= 0.5x on 2x4; TTFT p50 no worse than vLLM's; identical tokens;
+no compile after load. When vLLM is not installed, it says so and exits 0.
 """
 
 from __future__ import annotations
