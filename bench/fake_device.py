@@ -4,8 +4,9 @@
 runtime serve` with the artifact's executables replaced by `SleepingDevice`: the scheduler, the
 engine loop and the whole HTTP side are the real ones, the artifact's buckets, cache geometry and
 tokenizer too; only the step is a sleep. STEP_MS is one time for every step, or a table of one
-per bucket (a JSON file as bench/stand_in.py writes it: each bucket's `device_ms`). PAGES: the pool per DP group (0: the artifact's), so that
-a benchmark can take the scheduler's pool pressure out of what it measures. When the engine
+per bucket (a JSON file as bench/stand_in.py writes it: each bucket's `device_ms`). PAGES: the pool
+per DP group (0: the artifact's), so that a benchmark can take the scheduler's pool pressure out of
+what it measures. When the engine
 process ends it writes the device's timings to STATS_JSON.
 """
 
@@ -20,9 +21,10 @@ import numpy as np
 
 
 class SleepingDevice:
-    """An executor with the engine's shape. A launched step runs for `step_s` once the steps
-    before it are done (one device, steps in order); reading its outputs waits for that. Every
-    sampled token is `token`, so nothing ends before max_tokens."""
+    """An executor with the engine's shape. A launched step runs for its bucket's time (`step_s`:
+    one for all, or one per bucket name) once the steps before it are done (one device, steps in
+    order); reading its outputs waits for that. Every sampled token is `token`, so nothing ends
+    before max_tokens."""
 
     def __init__(self, manifest, mesh_entry, step_s: "float | dict[str, float]", token: int, pages: int = 0):
         from runtime.engine import LoadInfo
@@ -39,7 +41,9 @@ class SleepingDevice:
             missing = sorted(b.name for b in self.buckets if b.name not in step_s)
             if missing:
                 raise ValueError(f"the step-time table has no time for buckets {missing} of mesh {mesh_entry.name}")
-        self.step_s, self.token = step_s, token
+        else:  # one time for every bucket
+            step_s = {b.name: step_s for b in self.buckets}
+        self.step_s, self.token = step_s, token  # {bucket name: seconds}
         self._free_at = 0.0  # when the device is done with everything launched so far
         self.idle: list[tuple[float, float]] = []  # per launch: (when, how long the device had waited for the host)
         self.arrivals: list[float] = []  # when each request reached the engine loop (set by `main`'s launcher)
@@ -55,8 +59,7 @@ class SleepingDevice:
         now = time.perf_counter()
         if self.steps:
             self.idle.append((now, max(0.0, now - self._free_at)))
-        self._free_at = max(now, self._free_at) + (
-            self.step_s[bucket.name] if isinstance(self.step_s, dict) else self.step_s)
+        self._free_at = max(now, self._free_at) + self.step_s[bucket.name]
         self.steps += 1
         return bucket, self._free_at
 
